@@ -1,0 +1,709 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* leakscope fd tracing: syscall tracepoints for every fd-creating and
+ * fd-releasing syscall of the traced process tree, sched tracepoints for
+ * fork/exec/exit, and the user stack of every acquisition kept in a map
+ * until the fd is released (only leaked fds' stacks are ever unwound).
+ * No kprobes and no fentry: this kernel has neither. */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "events.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define O_DIRECTORY 00200000
+#define O_CLOEXEC 02000000
+#define F_DUPFD 0
+#define F_DUPFD_CLOEXEC 1030
+#define PROT_EXEC 4
+#define EINTR 4
+#define EBADF 9
+#define EINPROGRESS 115
+#define CLOSE_RANGE_CLOEXEC 4
+#define AF_INET 2
+#define AF_INET6 10
+#define AT_BASE 7
+
+/* Set by the loader: the pid of leakscope itself. Children it forks while
+ * `spawning` is set are traced from their first instruction. */
+const volatile __u32 spawner_pid = 0;
+volatile __u32 spawning = 0;
+__u64 seq_counter = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u8);
+} traced SEC(".maps");
+
+/* Processes that forked: their children may hold copies of fds whose stack
+ * blobs must survive the parent's close; userspace frees those. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u8);
+} forked SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 32 * 1024 * 1024);
+} events SEC(".maps");
+
+struct pending {
+	__u32 sc;
+	__u32 _pad;
+	__u64 args[6];
+	char path[DETAIL_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct pending);
+} pendings SEC(".maps");
+
+struct fdkey {
+	__u32 tgid;
+	__s32 fd;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct fdkey);
+	__type(value, __u64);
+} fdseq SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct blob);
+} blobs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct blob);
+} blob_scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pending);
+} pending_scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+static __always_inline void count(__u32 which)
+{
+	__u64 *c = bpf_map_lookup_elem(&counters, &which);
+	if (c)
+		*c += 1;
+}
+
+static __always_inline int is_traced(__u32 tgid)
+{
+	return bpf_map_lookup_elem(&traced, &tgid) != NULL;
+}
+
+static __always_inline void fill_hdr(struct ev_hdr *h, __u32 type)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	h->type = type;
+	h->pid = id >> 32;
+	h->tid = (__u32)id;
+	h->_pad = 0;
+	h->time = bpf_ktime_get_ns();
+}
+
+static __always_inline struct file *fd_file(struct task_struct *task, int fd)
+{
+	struct file **fds = BPF_CORE_READ(task, files, fdt, fd);
+	unsigned int max = BPF_CORE_READ(task, files, fdt, max_fds);
+	struct file *f = NULL;
+	if (fd < 0 || (unsigned int)fd >= max)
+		return NULL;
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	return f;
+}
+
+static __always_inline void read_sock(struct file *f, struct sock_addrs *a)
+{
+	struct socket *sock = BPF_CORE_READ(f, private_data);
+	struct sock *sk = BPF_CORE_READ(sock, sk);
+	if (!sk)
+		return;
+	a->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	a->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	a->rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (a->family == AF_INET) {
+		BPF_CORE_READ_INTO(a->laddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO(a->raddr, sk, __sk_common.skc_daddr);
+	} else if (a->family == AF_INET6) {
+		BPF_CORE_READ_INTO(a->laddr, sk, __sk_common.skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO(a->raddr, sk, __sk_common.skc_v6_daddr);
+	}
+}
+
+/* Copy registers and the user stack into a new blob; returns its key, or
+ * 0 with *flags updated when that was impossible. */
+static __always_inline __u64 save_stack(__u32 refs, __u32 *flags)
+{
+	__u32 zero = 0;
+	struct blob *b = bpf_map_lookup_elem(&blob_scratch, &zero);
+	if (!b)
+		return 0;
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	b->ip = BPF_CORE_READ(regs, ip);
+	b->sp = BPF_CORE_READ(regs, sp);
+	b->bp = BPF_CORE_READ(regs, bp);
+	b->refs = refs;
+	/* Near the top of the main thread's stack a long read faults: fall
+	 * back to shorter copies (verified on this kernel). */
+	if (bpf_probe_read_user(b->data, STACK_MAX, (void *)b->sp) == 0)
+		b->len = STACK_MAX;
+	else if (bpf_probe_read_user(b->data, 4096, (void *)b->sp) == 0)
+		b->len = 4096;
+	else if (bpf_probe_read_user(b->data, 1024, (void *)b->sp) == 0)
+		b->len = 1024;
+	else if (bpf_probe_read_user(b->data, 256, (void *)b->sp) == 0)
+		b->len = 256;
+	else
+		b->len = 0;
+	if (b->len == 0)
+		*flags |= ACQ_NO_STACK;
+	/* Unique per acquisition across CPUs. */
+	__u64 seq = __sync_fetch_and_add(&seq_counter, 1) + 1;
+	if (bpf_map_update_elem(&blobs, &seq, b, BPF_NOEXIST) != 0) {
+		count(CNT_BLOB_FULL);
+		*flags |= ACQ_NO_BLOB;
+		return 0;
+	}
+	return seq;
+}
+
+static __always_inline void unref_blob(__u64 seq, __u32 tgid)
+{
+	struct blob *b = bpf_map_lookup_elem(&blobs, &seq);
+	if (!b)
+		return;
+	if (__sync_fetch_and_add(&b->refs, -1) == 1 &&
+	    !bpf_map_lookup_elem(&forked, &tgid))
+		bpf_map_delete_elem(&blobs, &seq);
+}
+
+static __always_inline void forget_fd(__u32 tgid, __s32 fd)
+{
+	struct fdkey k = { .tgid = tgid, .fd = fd };
+	__u64 *seq = bpf_map_lookup_elem(&fdseq, &k);
+	if (!seq)
+		return;
+	__u64 s = *seq;
+	bpf_map_delete_elem(&fdseq, &k);
+	unref_blob(s, tgid);
+}
+
+static __always_inline void remember_fd(__u32 tgid, __s32 fd, __u64 seq)
+{
+	struct fdkey k = { .tgid = tgid, .fd = fd };
+	forget_fd(tgid, fd); /* a stale entry the ledger already released */
+	if (seq)
+		bpf_map_update_elem(&fdseq, &k, &seq, BPF_ANY);
+}
+
+static __always_inline int on_enter(struct trace_event_raw_sys_enter *ctx, __u32 sc, int nargs)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	if (!is_traced(id >> 32))
+		return 0;
+	__u32 zero = 0;
+	struct pending *p = bpf_map_lookup_elem(&pending_scratch, &zero);
+	if (!p)
+		return 0;
+	p->sc = sc;
+	__builtin_memset(p->args, 0, sizeof(p->args));
+	if (nargs > 0)
+		p->args[0] = ctx->args[0];
+	if (nargs > 1)
+		p->args[1] = ctx->args[1];
+	if (nargs > 2)
+		p->args[2] = ctx->args[2];
+	if (nargs > 3)
+		p->args[3] = ctx->args[3];
+	if (nargs > 4)
+		p->args[4] = ctx->args[4];
+	if (nargs > 5)
+		p->args[5] = ctx->args[5];
+	p->path[0] = 0;
+	const char *path = NULL;
+	switch (sc) {
+	case SC_OPEN:
+	case SC_CREAT:
+	case SC_MEMFD_CREATE:
+		path = (const char *)ctx->args[0];
+		break;
+	case SC_OPENAT:
+	case SC_OPENAT2:
+		path = (const char *)ctx->args[1];
+		break;
+	}
+	if (path)
+		bpf_probe_read_user_str(p->path, sizeof(p->path), path);
+	if (bpf_map_update_elem(&pendings, &id, p, BPF_ANY) != 0)
+		count(CNT_PENDING_FULL);
+	return 0;
+}
+
+static __always_inline void emit_acquire(struct pending *p, __s32 fd, __s32 fd2, __u32 cloexec)
+{
+	__u32 flags = cloexec ? ACQ_CLOEXEC : 0;
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	__u64 seq = save_stack(fd2 >= 0 ? 2 : 1, &flags);
+	remember_fd(tgid, fd, seq);
+	if (fd2 >= 0)
+		remember_fd(tgid, fd2, seq);
+
+	struct ev_acquire *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_RB_DROP);
+		return;
+	}
+	fill_hdr(&e->h, EV_ACQUIRE);
+	e->fd = fd;
+	e->fd2 = fd2;
+	e->sc = p->sc;
+	e->flags = flags;
+	e->seq = seq;
+	e->dup_of = -1;
+	e->args[0] = p->args[0];
+	e->args[1] = p->args[1];
+	e->args[2] = p->args[2];
+	__builtin_memset(&e->addrs, 0, sizeof(e->addrs));
+	switch (p->sc) {
+	case SC_DUP:
+	case SC_DUP2:
+	case SC_DUP3:
+	case SC_FCNTL:
+		e->dup_of = (__s32)p->args[0];
+		break;
+	}
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct file *f = fd_file(task, fd);
+	e->mode = f ? BPF_CORE_READ(f, f_inode, i_mode) : 0;
+	if (f && (p->sc == SC_ACCEPT || p->sc == SC_ACCEPT4))
+		read_sock(f, &e->addrs);
+	__builtin_memcpy(e->detail, p->path, DETAIL_MAX);
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline void emit_release(__u32 sc, __s32 fd, __u32 first, __u32 last, __u32 flags)
+{
+	struct ev_release *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_RB_DROP);
+		return;
+	}
+	fill_hdr(&e->h, EV_RELEASE);
+	if (sc == SC_CLOSE_RANGE)
+		e->h.type = EV_CLOSE_RANGE;
+	e->fd = fd;
+	e->sc = sc;
+	e->first = first;
+	e->last = last;
+	e->flags = flags;
+	e->_pad = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline int on_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	struct pending *p = bpf_map_lookup_elem(&pendings, &id);
+	if (!p)
+		return 0;
+	long ret = ctx->ret;
+	__u32 sc = p->sc;
+	__u32 cloexec = 0;
+	int fds[2] = { -1, -1 };
+
+	switch (sc) {
+	case SC_CLOSE:
+		/* close(2): the fd is released even when an error such as EINTR
+		 * is returned; only EBADF means nothing was open. */
+		if (ret != -EBADF) {
+			forget_fd(tgid, (__s32)p->args[0]);
+			emit_release(sc, (__s32)p->args[0], 0, 0, 0);
+		}
+		goto done;
+	case SC_CLOSE_RANGE:
+		if (ret == 0)
+			emit_release(sc, -1, (__u32)p->args[0], (__u32)p->args[1], (__u32)p->args[2]);
+		goto done;
+	case SC_CONNECT:
+		if (ret == 0 || ret == -EINPROGRESS) {
+			struct ev_connect *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+			if (!e) {
+				count(CNT_RB_DROP);
+				goto done;
+			}
+			fill_hdr(&e->h, EV_CONNECT);
+			e->fd = (__s32)p->args[0];
+			e->_pad = 0;
+			__builtin_memset(&e->addrs, 0, sizeof(e->addrs));
+			struct file *f = fd_file(bpf_get_current_task_btf(), e->fd);
+			if (f)
+				read_sock(f, &e->addrs);
+			bpf_ringbuf_submit(e, 0);
+		}
+		goto done;
+	case SC_MMAP:
+		goto done; /* handled by its own exit program */
+	}
+
+	if (ret < 0)
+		goto done; /* a failed syscall acquires nothing */
+
+	switch (sc) {
+	case SC_OPEN:
+	case SC_OPENAT:
+	case SC_CREAT:
+		cloexec = (sc == SC_CREAT) ? 0 : ((sc == SC_OPEN ? p->args[1] : p->args[2]) & O_CLOEXEC);
+		break;
+	case SC_OPENAT2: {
+		__u64 how_flags = 0;
+		bpf_probe_read_user(&how_flags, sizeof(how_flags), (void *)p->args[2]);
+		cloexec = how_flags & O_CLOEXEC;
+		break;
+	}
+	case SC_OPEN_BY_HANDLE_AT:
+		cloexec = p->args[2] & O_CLOEXEC;
+		break;
+	case SC_SOCKET:
+		cloexec = p->args[1] & O_CLOEXEC;
+		break;
+	case SC_ACCEPT4:
+		cloexec = p->args[3] & O_CLOEXEC;
+		break;
+	case SC_SOCKETPAIR:
+		bpf_probe_read_user(fds, sizeof(fds), (void *)p->args[3]);
+		cloexec = p->args[1] & O_CLOEXEC;
+		break;
+	case SC_PIPE:
+	case SC_PIPE2:
+		bpf_probe_read_user(fds, sizeof(fds), (void *)p->args[0]);
+		cloexec = sc == SC_PIPE2 && (p->args[1] & O_CLOEXEC);
+		break;
+	case SC_DUP2:
+	case SC_DUP3:
+		/* dup2(2): "If the file descriptor newfd was previously open, it
+		 * is closed before being reused". dup2(fd, fd) changes nothing. */
+		if ((__s32)p->args[0] == (__s32)ret)
+			goto done;
+		forget_fd(tgid, (__s32)ret);
+		emit_release(sc, (__s32)ret, 0, 0, 0);
+		cloexec = sc == SC_DUP3 && (p->args[2] & O_CLOEXEC);
+		break;
+	case SC_FCNTL:
+		if (p->args[1] != F_DUPFD && p->args[1] != F_DUPFD_CLOEXEC)
+			goto done;
+		cloexec = p->args[1] == F_DUPFD_CLOEXEC;
+		break;
+	case SC_SIGNALFD:
+	case SC_SIGNALFD4:
+		/* signalfd(fd != -1, ...) updates an existing fd. */
+		if ((__s32)p->args[0] != -1)
+			goto done;
+		cloexec = sc == SC_SIGNALFD4 && (p->args[3] & O_CLOEXEC);
+		break;
+	case SC_EVENTFD2:
+		cloexec = p->args[1] & O_CLOEXEC;
+		break;
+	case SC_EPOLL_CREATE1:
+	case SC_INOTIFY_INIT1:
+	case SC_USERFAULTFD:
+		cloexec = p->args[0] & O_CLOEXEC;
+		break;
+	case SC_TIMERFD_CREATE:
+		cloexec = p->args[1] & O_CLOEXEC;
+		break;
+	case SC_MEMFD_CREATE:
+		cloexec = p->args[1] & 1; /* MFD_CLOEXEC */
+		break;
+	case SC_FANOTIFY_INIT:
+		cloexec = p->args[0] & 1; /* FAN_CLOEXEC */
+		break;
+	case SC_PERF_EVENT_OPEN:
+		cloexec = p->args[4] & 8; /* PERF_FLAG_FD_CLOEXEC */
+		break;
+	case SC_PIDFD_OPEN:
+	case SC_PIDFD_GETFD:
+	case SC_BPF:
+	case SC_MEMFD_SECRET:
+		cloexec = 1; /* the kernel always sets O_CLOEXEC on these */
+		break;
+	}
+
+	if (sc == SC_PIPE || sc == SC_PIPE2 || sc == SC_SOCKETPAIR)
+		emit_acquire(p, fds[0], fds[1], cloexec);
+	else
+		emit_acquire(p, (__s32)ret, -1, cloexec);
+done:
+	bpf_map_delete_elem(&pendings, &id);
+	return 0;
+}
+
+/* The kernel refuses to attach a program that reads past the tracepoint's
+ * record (EACCES), so each reads only the arguments its syscall has. */
+#define SYSCALL(name, code, nargs)                                            \
+	SEC("tracepoint/syscalls/sys_enter_" #name)                           \
+	int enter_##name(struct trace_event_raw_sys_enter *ctx)               \
+	{                                                                     \
+		return on_enter(ctx, code, nargs);                                \
+	}                                                                     \
+	SEC("tracepoint/syscalls/sys_exit_" #name)                            \
+	int exit_##name(struct trace_event_raw_sys_exit *ctx)                 \
+	{                                                                     \
+		return on_exit(ctx);                                          \
+	}
+
+SYSCALL(open, SC_OPEN, 3)
+SYSCALL(openat, SC_OPENAT, 4)
+SYSCALL(openat2, SC_OPENAT2, 4)
+SYSCALL(creat, SC_CREAT, 2)
+SYSCALL(open_by_handle_at, SC_OPEN_BY_HANDLE_AT, 3)
+SYSCALL(socket, SC_SOCKET, 3)
+SYSCALL(socketpair, SC_SOCKETPAIR, 4)
+SYSCALL(accept, SC_ACCEPT, 3)
+SYSCALL(accept4, SC_ACCEPT4, 4)
+SYSCALL(pipe, SC_PIPE, 1)
+SYSCALL(pipe2, SC_PIPE2, 2)
+SYSCALL(dup, SC_DUP, 1)
+SYSCALL(dup2, SC_DUP2, 2)
+SYSCALL(dup3, SC_DUP3, 3)
+SYSCALL(fcntl, SC_FCNTL, 3)
+SYSCALL(eventfd, SC_EVENTFD, 1)
+SYSCALL(eventfd2, SC_EVENTFD2, 2)
+SYSCALL(epoll_create, SC_EPOLL_CREATE, 1)
+SYSCALL(epoll_create1, SC_EPOLL_CREATE1, 1)
+SYSCALL(timerfd_create, SC_TIMERFD_CREATE, 2)
+SYSCALL(signalfd, SC_SIGNALFD, 3)
+SYSCALL(signalfd4, SC_SIGNALFD4, 4)
+SYSCALL(inotify_init, SC_INOTIFY_INIT, 0)
+SYSCALL(inotify_init1, SC_INOTIFY_INIT1, 1)
+SYSCALL(memfd_create, SC_MEMFD_CREATE, 2)
+SYSCALL(memfd_secret, SC_MEMFD_SECRET, 1)
+SYSCALL(pidfd_open, SC_PIDFD_OPEN, 2)
+SYSCALL(pidfd_getfd, SC_PIDFD_GETFD, 3)
+SYSCALL(fanotify_init, SC_FANOTIFY_INIT, 2)
+SYSCALL(userfaultfd, SC_USERFAULTFD, 1)
+SYSCALL(perf_event_open, SC_PERF_EVENT_OPEN, 5)
+SYSCALL(bpf, SC_BPF, 3)
+SYSCALL(close, SC_CLOSE, 1)
+SYSCALL(close_range, SC_CLOSE_RANGE, 3)
+SYSCALL(connect, SC_CONNECT, 3)
+
+/* Walk a path from a dentry up to the root, crossing mounts; components
+ * come out leaf first (bpf_d_path is not allowed in tracepoints). The walk
+ * runs under bpf_loop so the verifier checks one step, not every path. */
+struct walk {
+	struct dentry *d;
+	struct mount *mnt;
+	struct path_parts *out;
+};
+
+static long walk_step(__u64 i, void *arg)
+{
+	struct walk *w = arg;
+	struct dentry *d = w->d;
+	struct mount *mnt = w->mnt;
+	struct dentry *mnt_root = BPF_CORE_READ(mnt, mnt.mnt_root);
+	if (d == mnt_root) {
+		struct mount *mp = BPF_CORE_READ(mnt, mnt_parent);
+		if (mp == mnt)
+			return 1; /* the real root */
+		w->d = BPF_CORE_READ(mnt, mnt_mountpoint);
+		w->mnt = mp;
+		return 0;
+	}
+	struct dentry *parent = BPF_CORE_READ(d, d_parent);
+	if (d == parent)
+		return 1;
+	__u32 n = w->out->n;
+	if (n >= PATH_PARTS)
+		return 1;
+	const unsigned char *name = BPF_CORE_READ(d, d_name.name);
+	bpf_probe_read_kernel_str(w->out->part[n & (PATH_PARTS - 1)], PART_MAX, name);
+	w->out->n = n + 1;
+	w->d = parent;
+	return 0;
+}
+
+static __always_inline void read_path(const struct path *path, struct path_parts *out)
+{
+	struct vfsmount *vfsmnt = BPF_CORE_READ(path, mnt);
+	struct walk w = {
+		.d = BPF_CORE_READ(path, dentry),
+		.mnt = container_of(vfsmnt, struct mount, mnt),
+		.out = out,
+	};
+	out->n = 0;
+	bpf_loop(3 * PATH_PARTS, walk_step, &w, 0);
+}
+
+SEC("tracepoint/syscalls/sys_enter_mmap")
+int enter_mmap(struct trace_event_raw_sys_enter *ctx)
+{
+	/* Only file-backed executable mappings matter for unwinding. */
+	if (!(ctx->args[2] & PROT_EXEC) || (long)ctx->args[4] < 0)
+		return 0;
+	return on_enter(ctx, SC_MMAP, 6);
+}
+
+SEC("tracepoint/syscalls/sys_exit_mmap")
+int exit_mmap(struct trace_event_raw_sys_exit *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct pending *p = bpf_map_lookup_elem(&pendings, &id);
+	if (!p)
+		return 0;
+	long ret = ctx->ret;
+	if (p->sc == SC_MMAP && !(ret < 0 && ret >= -4095)) {
+		struct file *f = fd_file(bpf_get_current_task_btf(), (int)p->args[4]);
+		struct ev_mmap *e = f ? bpf_ringbuf_reserve(&events, sizeof(*e), 0) : NULL;
+		if (f && !e)
+			count(CNT_RB_DROP);
+		if (e) {
+			fill_hdr(&e->h, EV_MMAP);
+			e->addr = (__u64)ret;
+			e->len = p->args[1];
+			e->off = p->args[5];
+			read_path(&f->f_path, &e->path);
+			bpf_ringbuf_submit(e, 0);
+		}
+	}
+	bpf_map_delete_elem(&pendings, &id);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(on_fork, struct task_struct *parent, struct task_struct *child)
+{
+	__u32 ptgid = parent->tgid;
+	__u32 ctgid = child->tgid;
+	if (ptgid == ctgid)
+		return 0; /* a thread: same fd table, same process */
+	int spawn = spawning && ptgid == spawner_pid;
+	if (!spawn && !is_traced(ptgid))
+		return 0;
+	__u8 one = 1;
+	bpf_map_update_elem(&traced, &ctgid, &one, BPF_ANY);
+	if (!spawn)
+		bpf_map_update_elem(&forked, &ptgid, &one, BPF_ANY);
+	struct ev_fork *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_RB_DROP);
+		return 0;
+	}
+	fill_hdr(&e->h, EV_FORK);
+	e->h.pid = ptgid;
+	e->child = ctgid;
+	e->shares_files = parent->files == child->files;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_process_exec")
+int on_exec(struct trace_event_raw_sched_process_exec *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	if (!is_traced(tgid))
+		return 0;
+	struct ev_exec *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_RB_DROP);
+		return 0;
+	}
+	fill_hdr(&e->h, EV_EXEC);
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct mm_struct *mm = task->mm;
+	e->start_code = BPF_CORE_READ(mm, start_code);
+	e->at_base = 0;
+#pragma unroll
+	for (int i = 0; i < 20; i++) {
+		__u64 kv[2];
+		BPF_CORE_READ_INTO(&kv, mm, saved_auxv[i * 2]);
+		if (kv[0] == 0)
+			break;
+		if (kv[0] == AT_BASE) {
+			e->at_base = kv[1];
+			break;
+		}
+	}
+	/* begin_new_exec() already closed the close-on-exec fds: report the
+	 * fds that survived, straight from the kernel's bitmap. */
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	e->max_fds = BPF_CORE_READ(fdt, max_fds);
+	unsigned long *open = BPF_CORE_READ(fdt, open_fds);
+	__u32 words = e->max_fds / 64;
+	if (words > EXEC_FD_WORDS)
+		words = EXEC_FD_WORDS;
+	e->words = words;
+	__builtin_memset(e->open_fds, 0, sizeof(e->open_fds));
+	__u32 sz = words * 8;
+	if (sz > EXEC_FD_WORDS * 8)
+		sz = EXEC_FD_WORDS * 8;
+	if (sz)
+		bpf_probe_read_kernel(e->open_fds, sz, open);
+	struct file *exe = BPF_CORE_READ(mm, exe_file);
+	read_path(&exe->f_path, &e->path);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_process_exit")
+int on_exit_task(struct trace_event_raw_sched_process_exit *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	if (!is_traced(tgid))
+		return 0;
+	struct task_struct *task = bpf_get_current_task_btf();
+	/* Since 6.16 the tracepoint says whether the whole thread group died;
+	 * before, it fired after signal->live was decremented. */
+	int group_dead;
+	if (bpf_core_field_exists(ctx->group_dead))
+		group_dead = BPF_CORE_READ(ctx, group_dead);
+	else
+		group_dead = BPF_CORE_READ(task, signal, live.counter) == 0;
+	if (!group_dead)
+		return 0; /* other threads remain: the process lives on */
+	bpf_map_delete_elem(&traced, &tgid);
+	struct ev_exit *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_RB_DROP);
+		return 0;
+	}
+	fill_hdr(&e->h, EV_EXIT);
+	int code = BPF_CORE_READ(task, signal, group_exit_code);
+	e->code = code ? code : BPF_CORE_READ(task, exit_code);
+	e->_pad = 0;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}

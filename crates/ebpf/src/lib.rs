@@ -1,0 +1,628 @@
+//! leakscope-ebpf: the eBPF backend for fds.
+//!
+//! Input: a command to launch (or, later, pids to attach to). Output: a
+//! stream of [`leakscope_event::Event`]s for the whole process tree, from
+//! its first instruction, plus [`RawStack`]s on demand.
+//!
+//! How: syscall tracepoints for every fd-creating and fd-releasing syscall
+//! (`tracepoint/syscalls/sys_{enter,exit}_*`), `tp_btf/sched_process_fork`,
+//! `sched_process_exec` and `sched_process_exit`. At each acquisition the
+//! registers and up to 8 KiB of user stack are copied into a kernel hash
+//! map keyed by a sequence number and deleted again when the fd is closed,
+//! so only stacks of fds that stay open are ever read and unwound. Executable
+//! mappings (exec, ld.so, dlopen) are sent as [`Event::Map`] so stacks can be
+//! unwound after the process is gone. No kprobes, no fentry.
+//!
+//! ```no_run
+//! let mut tracer = leakscope_ebpf::Tracer::new(Default::default()).unwrap();
+//! let child = tracer.spawn(&mut std::process::Command::new("/bin/true")).unwrap();
+//! let mut events = Vec::new();
+//! tracer.poll(std::time::Duration::from_millis(100), &mut |e| events.push(e)).unwrap();
+//! ```
+//!
+//! It does not: unwind, symbolize, or decide what leaked.
+#![deny(missing_docs)]
+
+mod records;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::process::{Child, Command};
+use std::rc::Rc;
+use std::time::Duration;
+
+use leakscope_event::{
+    AbsAddr, Acquire, Event, Fd, FdKind, FileOffset, Mapping, Pid, RawStack, StackId, Tid, TimeNs,
+};
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBuffer, RingBufferBuilder};
+
+use records::*;
+
+#[allow(clippy::all, missing_docs, unsafe_op_in_unsafe_fn)]
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/leakscope.skel.rs"));
+}
+
+/// Errors of the eBPF backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Loading BPF programs was refused.
+    #[error(
+        "loading eBPF programs was refused ({source}); the ebpf backend needs root or \
+         CAP_BPF+CAP_PERFMON"
+    )]
+    Permission {
+        /// What libbpf said.
+        source: libbpf_rs::Error,
+    },
+    /// tracefs is missing and could not be mounted.
+    #[error(
+        "tracefs is not mounted and mounting it failed ({0}); run \
+         `mount -t tracefs tracefs /sys/kernel/tracing`"
+    )]
+    Tracefs(io::Error),
+    /// libbpf failed for another reason.
+    #[error("eBPF {what} failed")]
+    Bpf {
+        /// Which step.
+        what: &'static str,
+        /// What libbpf said.
+        #[source]
+        source: libbpf_rs::Error,
+    },
+}
+
+/// Tracer settings.
+#[derive(Debug, Clone, Default)]
+pub struct Config {}
+
+/// Stacks read back from the kernel, kept for fds whose holders outlive
+/// the kernel copy (fork, exit).
+type StackCache = HashMap<u64, RawStack>;
+
+/// A loaded and attached eBPF tracer.
+pub struct Tracer {
+    skel: skel::LeakscopeSkel<'static>,
+    ring: RingBuffer<'static>,
+    queue: Rc<RefCell<Vec<Event>>>,
+    stacks: StackCache,
+    lost_seen: [u64; 3],
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn ensure_tracefs() -> Result<(), Error> {
+    let dir = Path::new("/sys/kernel/tracing/events/syscalls");
+    if dir.exists() || Path::new("/sys/kernel/debug/tracing/events/syscalls").exists() {
+        return Ok(());
+    }
+    let src = c"tracefs";
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Tracefs(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn is_permission(e: &libbpf_rs::Error) -> bool {
+    matches!(
+        e.kind(),
+        libbpf_rs::ErrorKind::PermissionDenied
+    ) || e.to_string().contains("Operation not permitted")
+}
+
+impl Tracer {
+    /// Loads and attaches the programs. Nothing is traced until
+    /// [`Tracer::spawn`] or [`Tracer::trace_pid`].
+    pub fn new(_config: Config) -> Result<Tracer, Error> {
+        ensure_tracefs()?;
+        let open_object = Box::leak(Box::new(MaybeUninit::uninit()));
+        let builder = skel::LeakscopeSkelBuilder::default();
+        let mut open = builder.open(open_object).map_err(|source| Error::Bpf {
+            what: "open",
+            source,
+        })?;
+        if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
+            ro.spawner_pid = std::process::id();
+        }
+        let mut skel = open.load().map_err(|source| {
+            if is_permission(&source) {
+                Error::Permission { source }
+            } else {
+                Error::Bpf {
+                    what: "load",
+                    source,
+                }
+            }
+        })?;
+        skel.attach().map_err(|source| {
+            if is_permission(&source) {
+                Error::Permission { source }
+            } else {
+                Error::Bpf {
+                    what: "attach",
+                    source,
+                }
+            }
+        })?;
+        let handle = MapHandle::try_from(&skel.maps.events).map_err(|source| Error::Bpf {
+            what: "ring buffer",
+            source,
+        })?;
+        let handle: &'static MapHandle = Box::leak(Box::new(handle));
+        let queue: Rc<RefCell<Vec<Event>>> = Rc::default();
+        let q = queue.clone();
+        let base = monotonic_ns();
+        let mut builder = RingBufferBuilder::new();
+        builder
+            .add(handle, move |bytes: &[u8]| {
+                let mut q = q.borrow_mut();
+                if let Some(ev) = decode(bytes, base, &mut q) {
+                    q.push(ev);
+                }
+                0
+            })
+            .map_err(|source| Error::Bpf {
+                what: "ring buffer",
+                source,
+            })?;
+        let ring = builder.build().map_err(|source| Error::Bpf {
+            what: "ring buffer",
+            source,
+        })?;
+        Ok(Tracer {
+            skel,
+            ring,
+            queue,
+            stacks: HashMap::new(),
+            lost_seen: [0; 3],
+        })
+    }
+
+    /// Spawns `cmd` so that it is traced from its first instruction: the
+    /// kernel marks every child this process forks while spawning.
+    pub fn spawn(&mut self, cmd: &mut Command) -> io::Result<Child> {
+        self.set_spawning(1);
+        let child = cmd.spawn();
+        self.set_spawning(0);
+        child
+    }
+
+    fn set_spawning(&mut self, v: u32) {
+        if let Some(bss) = self.skel.maps.bss_data.as_deref_mut() {
+            // The BPF side reads this through the same mmap'ed page.
+            // SAFETY: plain aligned u32 store into mapped .bss.
+            unsafe { std::ptr::write_volatile(&mut bss.spawning, v) };
+        }
+    }
+
+    /// Starts tracing an already running process (its future children too).
+    pub fn trace_pid(&mut self, pid: Pid) -> Result<(), Error> {
+        self.skel
+            .maps
+            .traced
+            .update(&pid.0.to_ne_bytes(), &[1u8], MapFlags::ANY)
+            .map_err(|source| Error::Bpf {
+                what: "map update",
+                source,
+            })
+    }
+
+    /// Waits up to `timeout` for events and hands each to `sink`, in order.
+    /// Losses since the last call arrive as [`Event::Lost`].
+    pub fn poll(&mut self, timeout: Duration, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
+        self.ring.poll(timeout).map_err(|source| Error::Bpf {
+            what: "ring buffer poll",
+            source,
+        })?;
+        self.drain(sink);
+        Ok(())
+    }
+
+    /// Reads everything still in the ring buffer.
+    pub fn flush(&mut self, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
+        self.ring.consume().map_err(|source| Error::Bpf {
+            what: "ring buffer consume",
+            source,
+        })?;
+        self.drain(sink);
+        Ok(())
+    }
+
+    fn drain(&mut self, sink: &mut dyn FnMut(Event)) {
+        let events = std::mem::take(&mut *self.queue.borrow_mut());
+        for e in events {
+            sink(e);
+        }
+        let lost = self.counter(CNT_RB_DROP);
+        if lost > self.lost_seen[0] {
+            sink(Event::Lost {
+                time: TimeNs(0),
+                count: lost - self.lost_seen[0],
+            });
+            self.lost_seen[0] = lost;
+        }
+    }
+
+    fn counter(&self, which: u32) -> u64 {
+        match self
+            .skel
+            .maps
+            .counters
+            .lookup_percpu(&which.to_ne_bytes(), MapFlags::ANY)
+        {
+            Ok(Some(per_cpu)) => per_cpu
+                .iter()
+                .map(|v| u64::from_ne_bytes(v[..8].try_into().unwrap_or([0; 8])))
+                .sum(),
+            _ => 0,
+        }
+    }
+
+    /// Stacks that could not be stored because the kernel stack map was full.
+    pub fn stacks_dropped(&self) -> u64 {
+        self.counter(CNT_BLOB_FULL)
+    }
+
+    /// Syscall entries whose arguments could not be kept (their exits are lost).
+    pub fn pending_dropped(&self) -> u64 {
+        self.counter(CNT_PENDING_FULL)
+    }
+
+    /// Copies the stack of an acquisition out of the kernel into this
+    /// process and frees the kernel copy. Call it for fds whose stack must
+    /// outlive the acquiring process's own bookkeeping: copies inherited by
+    /// a fork, fds still open at exit.
+    pub fn retain_stack(&mut self, id: StackId) {
+        if id.0 == 0 || self.stacks.contains_key(&id.0) {
+            return;
+        }
+        let key = id.0.to_ne_bytes();
+        if let Ok(Some(bytes)) = self.skel.maps.blobs.lookup(&key, MapFlags::ANY) {
+            self.stacks.insert(id.0, blob_to_stack(&bytes));
+            let _ = self.skel.maps.blobs.delete(&key);
+        }
+    }
+
+    /// Forgets the kernel's record of `pid`'s fd numbers (after it exited).
+    pub fn forget_fds(&mut self, pid: Pid, fds: &[Fd]) {
+        for fd in fds {
+            let mut key = [0u8; 8];
+            key[..4].copy_from_slice(&pid.0.to_ne_bytes());
+            key[4..].copy_from_slice(&fd.0.to_ne_bytes());
+            let _ = self.skel.maps.fdseq.delete(&key);
+        }
+    }
+
+    /// The stack captured for an acquisition.
+    pub fn raw_stack(&mut self, id: StackId) -> RawStack {
+        if id.0 == 0 {
+            return RawStack::Missing("the stack map was full or the stack unreadable".into());
+        }
+        self.retain_stack(id);
+        self.stacks.get(&id.0).cloned().unwrap_or_else(|| {
+            RawStack::Missing("stack released before it could be read".into())
+        })
+    }
+}
+
+fn blob_to_stack(bytes: &[u8]) -> RawStack {
+    let Some(h) = read::<BlobHdr>(bytes) else {
+        return RawStack::Missing("short stack record".into());
+    };
+    if h.len == 0 {
+        return RawStack::Missing("the user stack was not readable".into());
+    }
+    let start = std::mem::size_of::<BlobHdr>();
+    let end = (start + h.len as usize).min(bytes.len());
+    RawStack::Copied {
+        ip: h.ip,
+        sp: h.sp,
+        bp: h.bp,
+        bytes: bytes[start..end].to_vec(),
+    }
+}
+
+fn syscall_name(sc: u32) -> &'static str {
+    SYSCALLS.get(sc as usize).copied().unwrap_or("unknown")
+}
+
+const S_IFMT: u32 = 0o170000;
+
+fn kind_of(sc: &str, mode: u32) -> FdKind {
+    let by_mode = || match mode & S_IFMT {
+        0o140000 => FdKind::Socket,
+        0o010000 => FdKind::Pipe,
+        0o040000 => FdKind::Dir,
+        0o100000 | 0o020000 | 0o060000 | 0o120000 => FdKind::File,
+        _ => FdKind::Other,
+    };
+    match sc {
+        "open" | "openat" | "openat2" | "creat" | "open_by_handle_at" => match by_mode() {
+            FdKind::Other => FdKind::File,
+            k => k,
+        },
+        "socket" | "socketpair" | "accept" | "accept4" => FdKind::Socket,
+        "pipe" | "pipe2" => FdKind::Pipe,
+        "eventfd" | "eventfd2" => FdKind::EventFd,
+        "epoll_create" | "epoll_create1" => FdKind::Epoll,
+        "timerfd_create" => FdKind::TimerFd,
+        "signalfd" | "signalfd4" => FdKind::SignalFd,
+        "inotify_init" | "inotify_init1" => FdKind::Inotify,
+        "memfd_create" | "memfd_secret" => FdKind::Memfd,
+        "pidfd_open" => FdKind::Pidfd,
+        "fanotify_init" => FdKind::Fanotify,
+        "userfaultfd" => FdKind::Userfaultfd,
+        "perf_event_open" => FdKind::PerfEvent,
+        "bpf" => FdKind::Bpf,
+        _ => by_mode(),
+    }
+}
+
+fn family_name(f: u64) -> String {
+    match f {
+        1 => "AF_UNIX".into(),
+        2 => "AF_INET".into(),
+        10 => "AF_INET6".into(),
+        16 => "AF_NETLINK".into(),
+        17 => "AF_PACKET".into(),
+        n => format!("family {n}"),
+    }
+}
+
+fn type_name(t: u64) -> String {
+    match t & 0xf {
+        1 => "stream".into(),
+        2 => "dgram".into(),
+        3 => "raw".into(),
+        5 => "seqpacket".into(),
+        n => format!("type {n}"),
+    }
+}
+
+fn endpoint(family: u16, addr: &[u8; 16], port: u16) -> String {
+    match family {
+        2 => format!("{}:{port}", Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
+        10 => format!("[{}]:{port}", Ipv6Addr::from(*addr)),
+        _ => "?".into(),
+    }
+}
+
+fn decode(bytes: &[u8], base: u64, queue: &mut Vec<Event>) -> Option<Event> {
+    let h = read::<Hdr>(bytes)?;
+    let time = TimeNs(h.time.saturating_sub(base));
+    let pid = Pid(h.pid);
+    match h.ty {
+        EV_ACQUIRE => {
+            let a = read::<records::Acquire>(bytes)?;
+            let syscall = syscall_name(a.sc);
+            let kind = kind_of(syscall, a.mode);
+            let text = cstr(&a.detail);
+            let detail = match syscall {
+                "socket" => Some(format!(
+                    "{} {}",
+                    family_name(a.args[0]),
+                    type_name(a.args[1])
+                )),
+                "socketpair" => Some(format!(
+                    "{} {} pair",
+                    family_name(a.args[0]),
+                    type_name(a.args[1])
+                )),
+                "accept" | "accept4" if a.addrs.family == 2 || a.addrs.family == 10 => {
+                    Some(format!(
+                        "{} <- {}",
+                        endpoint(a.addrs.family, &a.addrs.laddr, a.addrs.lport),
+                        endpoint(a.addrs.family, &a.addrs.raddr, a.addrs.rport)
+                    ))
+                }
+                "memfd_create" => Some(format!("memfd:{text}")),
+                "pipe" | "pipe2" => Some("read end".into()),
+                _ if !text.is_empty() => Some(text),
+                _ => None,
+            };
+            let acquire = Acquire {
+                time,
+                pid,
+                tid: Tid(h.tid),
+                fd: Fd(a.fd),
+                kind,
+                syscall: syscall.to_string(),
+                cloexec: a.flags & ACQ_CLOEXEC != 0,
+                dup_of: (a.dup_of >= 0).then_some(Fd(a.dup_of)),
+                detail,
+                stack: StackId(a.seq),
+            };
+            if a.fd2 >= 0 {
+                let mut second = acquire.clone();
+                second.fd = Fd(a.fd2);
+                if kind == FdKind::Pipe {
+                    second.detail = Some("write end".into());
+                }
+                queue.push(Event::Acquire(acquire));
+                return Some(Event::Acquire(second));
+            }
+            Some(Event::Acquire(acquire))
+        }
+        EV_RELEASE => {
+            let r = read::<Release>(bytes)?;
+            Some(Event::Release {
+                time,
+                pid,
+                fd: Fd(r.fd),
+            })
+        }
+        EV_CLOSE_RANGE => {
+            let r = read::<Release>(bytes)?;
+            const CLOSE_RANGE_CLOEXEC: u32 = 4;
+            Some(Event::CloseRange {
+                time,
+                pid,
+                first: Fd(r.first.min(i32::MAX as u32) as i32),
+                last: Fd(r.last.min(i32::MAX as u32) as i32),
+                cloexec_only: r.flags & CLOSE_RANGE_CLOEXEC != 0,
+            })
+        }
+        EV_CONNECT => {
+            let c = read::<Connect>(bytes)?;
+            (c.addrs.family == 2 || c.addrs.family == 10).then(|| Event::Describe {
+                time,
+                pid,
+                fd: Fd(c.fd),
+                detail: format!(
+                    "{} -> {}",
+                    endpoint(c.addrs.family, &c.addrs.laddr, c.addrs.lport),
+                    endpoint(c.addrs.family, &c.addrs.raddr, c.addrs.rport)
+                ),
+            })
+        }
+        EV_FORK => {
+            let f = read::<records::Fork>(bytes)?;
+            Some(Event::Fork {
+                time,
+                parent: pid,
+                child: Pid(f.child),
+                shares_table: f.shares_files != 0,
+            })
+        }
+        EV_EXEC => {
+            let e = read::<records::Exec>(bytes)?;
+            let path = e.path.join();
+            let words = e.words as usize;
+            let open_fds = (words * 64 >= e.max_fds as usize).then(|| {
+                let mut fds = Vec::new();
+                for (w, bits) in e.open_fds[..words.min(EXEC_FD_WORDS)].iter().enumerate() {
+                    for b in 0..64 {
+                        if bits & (1u64 << b) != 0 {
+                            fds.push(Fd((w * 64 + b) as i32));
+                        }
+                    }
+                }
+                fds
+            });
+            queue.push(Event::Exec {
+                time,
+                pid,
+                path: path.clone(),
+                open_fds,
+            });
+            // The kernel mapped the program and its interpreter itself: no
+            // mmap(2) to see, so derive their mappings from the ELF headers.
+            for mapping in exec_mappings(&path, e.start_code, e.at_base) {
+                queue.push(Event::Map {
+                    time,
+                    pid,
+                    mapping,
+                });
+            }
+            None
+        }
+        EV_MMAP => {
+            let m = read::<records::Mmap>(bytes)?;
+            Some(Event::Map {
+                time,
+                pid,
+                mapping: Mapping {
+                    start: AbsAddr(m.addr),
+                    end: AbsAddr(m.addr + m.len),
+                    offset: FileOffset(m.off),
+                    path: m.path.join(),
+                },
+            })
+        }
+        EV_EXIT => {
+            let x = read::<records::Exit>(bytes)?;
+            Some(Event::Exit {
+                time,
+                pid,
+                status: Some(x.code),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Executable segments of an ELF file loaded with bias `bias`.
+fn exec_segments(path: &str, bias: impl FnOnce(u64) -> u64) -> (Vec<Mapping>, Option<String>) {
+    use object::read::elf::{ElfFile64, ProgramHeader};
+    use object::Endianness;
+    let Ok(data) = std::fs::read(path) else {
+        return (Vec::new(), None);
+    };
+    let Ok(elf) = ElfFile64::<Endianness>::parse(&*data) else {
+        return (Vec::new(), None);
+    };
+    let endian = elf.endian();
+    let mut interp = None;
+    let mut loads = Vec::new();
+    for ph in elf.elf_program_headers() {
+        match ph.p_type(endian) {
+            object::elf::PT_LOAD => loads.push((
+                ph.p_vaddr(endian),
+                ph.p_memsz(endian),
+                ph.p_offset(endian),
+                ph.p_flags(endian).0,
+            )),
+            object::elf::PT_INTERP => {
+                if let Ok(Some(bytes)) = ph.interpreter(endian, &*data) {
+                    interp = Some(String::from_utf8_lossy(bytes).into_owned());
+                }
+            }
+            _ => {}
+        }
+    }
+    let min_exec = loads
+        .iter()
+        .filter(|l| l.3 & object::elf::PF_X.0 != 0)
+        .map(|l| l.0)
+        .min()
+        .unwrap_or(0);
+    let bias = bias(min_exec);
+    let page = !0xfffu64;
+    let maps = loads
+        .iter()
+        .filter(|l| l.3 & object::elf::PF_X.0 != 0)
+        .map(|&(vaddr, memsz, off, _)| Mapping {
+            start: AbsAddr(bias.wrapping_add(vaddr) & page),
+            end: AbsAddr(bias.wrapping_add(vaddr + memsz)),
+            offset: FileOffset(off & page),
+            path: path.to_string(),
+        })
+        .collect();
+    (maps, interp)
+}
+
+fn exec_mappings(path: &str, start_code: u64, at_base: u64) -> Vec<Mapping> {
+    // load_elf_binary: start_code = load_bias + lowest p_vaddr of an
+    // executable PT_LOAD.
+    let (mut maps, interp) = exec_segments(path, |min_exec| start_code.wrapping_sub(min_exec));
+    if let (Some(interp), true) = (interp, at_base != 0) {
+        // AT_BASE is the interpreter's load bias (its first p_vaddr is 0).
+        maps.extend(exec_segments(&interp, |_| at_base).0);
+    }
+    maps
+}

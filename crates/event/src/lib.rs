@@ -1,0 +1,321 @@
+//! leakscope-event: the vocabulary every stage shares.
+//!
+//! Backends (ebpf, later preload and ptrace) turn what they observe into
+//! [`Event`]s; the ledger applies them with kernel semantics; the stacks stage
+//! turns [`RawStack`]s into module-relative frames using the [`Event::Map`]
+//! records that came through the same stream. Everything here is plain data,
+//! so a recording can be replayed on another machine.
+//!
+//! ```
+//! use leakscope_event::{Event, Acquire, FdKind, Fd, Pid, Tid, StackId, TimeNs};
+//! let e = Event::Acquire(Acquire {
+//!     time: TimeNs(5), pid: Pid(7), tid: Tid(7), fd: Fd(3),
+//!     kind: FdKind::File, syscall: "openat".into(), cloexec: false, dup_of: None,
+//!     detail: Some("/etc/hosts".into()), stack: StackId(1),
+//! });
+//! assert_eq!(e.pid(), Some(Pid(7)));
+//! ```
+//!
+//! It does not: unwind, symbolize, or decide what is a leak.
+#![deny(missing_docs)]
+
+use std::fmt;
+
+macro_rules! newtype {
+    ($(#[$m:meta])* $name:ident($inner:ty)) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+        pub struct $name(pub $inner);
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+newtype!(
+    /// A process id (thread-group id in kernel terms).
+    Pid(u32)
+);
+newtype!(
+    /// A thread id.
+    Tid(u32)
+);
+newtype!(
+    /// A file descriptor number, valid within one process's fd table.
+    Fd(i32)
+);
+newtype!(
+    /// A backend-assigned handle for the stack captured at an acquisition.
+    /// The backend resolves it to a [`RawStack`] on demand, so stacks of
+    /// resources that were released never need unwinding.
+    StackId(u64)
+);
+newtype!(
+    /// Nanoseconds since tracing started (monotonic clock).
+    TimeNs(u64)
+);
+
+impl TimeNs {
+    /// Seconds as a float, for reports.
+    pub fn secs(self) -> f64 {
+        self.0 as f64 / 1e9
+    }
+}
+
+/// An address in a process's virtual address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AbsAddr(pub u64);
+
+/// An offset into an ELF file (what `/proc/PID/maps` calls the offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileOffset(pub u64);
+
+/// What kind of object an fd refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[allow(missing_docs)]
+pub enum FdKind {
+    File,
+    Dir,
+    Socket,
+    Pipe,
+    EventFd,
+    Epoll,
+    TimerFd,
+    SignalFd,
+    Inotify,
+    Memfd,
+    Pidfd,
+    Fanotify,
+    Userfaultfd,
+    PerfEvent,
+    Bpf,
+    Other,
+}
+
+impl FdKind {
+    /// Every kind, in report order.
+    pub const ALL: [FdKind; 16] = [
+        FdKind::File,
+        FdKind::Dir,
+        FdKind::Socket,
+        FdKind::Pipe,
+        FdKind::EventFd,
+        FdKind::Epoll,
+        FdKind::TimerFd,
+        FdKind::SignalFd,
+        FdKind::Inotify,
+        FdKind::Memfd,
+        FdKind::Pidfd,
+        FdKind::Fanotify,
+        FdKind::Userfaultfd,
+        FdKind::PerfEvent,
+        FdKind::Bpf,
+        FdKind::Other,
+    ];
+
+    /// The lowercase name used in reports and the JSON contract.
+    pub fn name(self) -> &'static str {
+        match self {
+            FdKind::File => "file",
+            FdKind::Dir => "dir",
+            FdKind::Socket => "socket",
+            FdKind::Pipe => "pipe",
+            FdKind::EventFd => "eventfd",
+            FdKind::Epoll => "epoll",
+            FdKind::TimerFd => "timerfd",
+            FdKind::SignalFd => "signalfd",
+            FdKind::Inotify => "inotify",
+            FdKind::Memfd => "memfd",
+            FdKind::Pidfd => "pidfd",
+            FdKind::Fanotify => "fanotify",
+            FdKind::Userfaultfd => "userfaultfd",
+            FdKind::PerfEvent => "perf_event",
+            FdKind::Bpf => "bpf",
+            FdKind::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for FdKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A resource was acquired: an fd was created by a successful syscall.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Acquire {
+    /// When the syscall returned.
+    pub time: TimeNs,
+    /// The process whose fd table now holds the fd.
+    pub pid: Pid,
+    /// The thread that made the call.
+    pub tid: Tid,
+    /// The new fd.
+    pub fd: Fd,
+    /// What it refers to.
+    pub kind: FdKind,
+    /// The syscall that created it (`openat`, `socket`, `dup2`, ...).
+    pub syscall: String,
+    /// Whether it was created close-on-exec.
+    pub cloexec: bool,
+    /// For dup(2), dup2(2), dup3(2) and fcntl(F_DUPFD): the fd it copies.
+    pub dup_of: Option<Fd>,
+    /// Path, socket family/addresses, or nothing known.
+    pub detail: Option<String>,
+    /// The acquiring stack, resolved by the backend on demand.
+    pub stack: StackId,
+}
+
+/// One executable file mapping of a traced process, as a module-map entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    /// First address of the mapping.
+    pub start: AbsAddr,
+    /// One past the last address.
+    pub end: AbsAddr,
+    /// File offset that `start` maps.
+    pub offset: FileOffset,
+    /// Path of the mapped file, as the kernel names it.
+    pub path: String,
+}
+
+/// Something a backend saw, in the order it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// An fd was created.
+    Acquire(Acquire),
+    /// An fd was released by close(2) (or dup2/dup3 replacing it).
+    Release {
+        /// When.
+        time: TimeNs,
+        /// Whose table.
+        pid: Pid,
+        /// Which fd.
+        fd: Fd,
+    },
+    /// close_range(2) over `first..=last`.
+    CloseRange {
+        /// When.
+        time: TimeNs,
+        /// Whose table.
+        pid: Pid,
+        /// First fd of the range.
+        first: Fd,
+        /// Last fd of the range (inclusive).
+        last: Fd,
+        /// CLOSE_RANGE_CLOEXEC: mark close-on-exec instead of closing.
+        cloexec_only: bool,
+    },
+    /// The close-on-exec flag of an fd changed (fcntl F_SETFD, ioctl FIOCLEX).
+    SetCloexec {
+        /// When.
+        time: TimeNs,
+        /// Whose table.
+        pid: Pid,
+        /// Which fd.
+        fd: Fd,
+        /// New value.
+        cloexec: bool,
+    },
+    /// More is known about an fd (e.g. the peer after connect(2)).
+    Describe {
+        /// When.
+        time: TimeNs,
+        /// Whose table.
+        pid: Pid,
+        /// Which fd.
+        fd: Fd,
+        /// Replacement detail text.
+        detail: String,
+    },
+    /// A new process (or thread, when `shares_table`) was created.
+    Fork {
+        /// When.
+        time: TimeNs,
+        /// Parent process.
+        parent: Pid,
+        /// New task's process id (equal to `parent` for a thread).
+        child: Pid,
+        /// CLONE_FILES: the child shares the parent's fd table.
+        shares_table: bool,
+    },
+    /// A process called execve successfully. `open_fds`, when known, lists
+    /// every fd still open after the kernel closed the close-on-exec ones.
+    Exec {
+        /// When.
+        time: TimeNs,
+        /// Which process.
+        pid: Pid,
+        /// The new program's path.
+        path: String,
+        /// Kernel truth after exec, if the backend could read it.
+        open_fds: Option<Vec<Fd>>,
+    },
+    /// An executable file was mapped (by the kernel at exec, by ld.so or dlopen).
+    Map {
+        /// When.
+        time: TimeNs,
+        /// Which process.
+        pid: Pid,
+        /// The mapping.
+        mapping: Mapping,
+    },
+    /// A whole process exited (its last thread).
+    Exit {
+        /// When.
+        time: TimeNs,
+        /// Which process.
+        pid: Pid,
+        /// Exit status as wait(2) encodes it, if known.
+        status: Option<i32>,
+    },
+    /// The backend lost events (ring buffer full, ...).
+    Lost {
+        /// When it noticed.
+        time: TimeNs,
+        /// How many.
+        count: u64,
+    },
+}
+
+impl Event {
+    /// The process an event concerns, if one.
+    pub fn pid(&self) -> Option<Pid> {
+        match self {
+            Event::Acquire(a) => Some(a.pid),
+            Event::Release { pid, .. }
+            | Event::CloseRange { pid, .. }
+            | Event::SetCloexec { pid, .. }
+            | Event::Describe { pid, .. }
+            | Event::Exec { pid, .. }
+            | Event::Map { pid, .. }
+            | Event::Exit { pid, .. } => Some(*pid),
+            Event::Fork { child, .. } => Some(*child),
+            Event::Lost { .. } => None,
+        }
+    }
+}
+
+/// The stack captured at an acquisition, before unwinding.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawStack {
+    /// Registers and a copy of the user stack starting at `sp`
+    /// (what eBPF captures); unwound later from `.eh_frame`.
+    Copied {
+        /// Instruction pointer at capture.
+        ip: u64,
+        /// Stack pointer at capture; `bytes[0]` is the byte at `sp`.
+        sp: u64,
+        /// Frame pointer register at capture (may hold anything).
+        bp: u64,
+        /// The copied stack.
+        bytes: Vec<u8>,
+    },
+    /// Already unwound in process: the ip followed by return addresses.
+    Unwound(Vec<AbsAddr>),
+    /// No stack could be captured, and why.
+    Missing(String),
+}

@@ -1,0 +1,321 @@
+//! leakscope-stacks: the unwinding stage.
+//!
+//! Input: the `Map`, `Fork` and `Exec` [`Event`]s of a stream (fed to
+//! [`ModuleMaps`]) and the [`RawStack`] of a leaked resource.
+//! Output: [`Unwound`], a list of [`RawFrame`]s, each naming the module
+//! (path, build id) and the [`FileOffset`] of its address, which is what the
+//! symbolize stage needs, even after the process is gone.
+//!
+//! Copied stacks (registers plus a copy of the stack, as eBPF captures them)
+//! are unwound with framehop from each module's `.eh_frame`, so code built
+//! without frame pointers unwinds correctly. Each module file is read once.
+//!
+//! ```
+//! use leakscope_event::{AbsAddr, Event, FileOffset, Mapping, Pid, RawStack, TimeNs};
+//! use leakscope_stacks::{ModuleMaps, Unwinder};
+//!
+//! let mut maps = ModuleMaps::new();
+//! maps.apply(&Event::Map {
+//!     time: TimeNs(0),
+//!     pid: Pid(7),
+//!     mapping: Mapping {
+//!         start: AbsAddr(0x5555_0000_1000),
+//!         end: AbsAddr(0x5555_0000_9000),
+//!         offset: FileOffset(0x1000),
+//!         path: "/nonexistent/server".into(),
+//!     },
+//! });
+//! let raw = RawStack::Unwound(vec![
+//!     AbsAddr(0x5555_0000_1234), // ip
+//!     AbsAddr(0x5555_0000_2000), // a return address
+//!     AbsAddr(0x7fff_0000_0000), // in no known module
+//! ]);
+//! let mut unwinder = Unwinder::new();
+//! let out = unwinder.unwind(&maps, Pid(7), TimeNs(5), &raw);
+//! let m = out.frames[0].module.as_ref().unwrap();
+//! assert_eq!(m.path, "/nonexistent/server");
+//! assert_eq!(m.offset, FileOffset(0x1234));
+//! assert_eq!(m.build_id, None); // the file could not be read
+//! assert!(out.frames[1].is_return_address);
+//! assert_eq!(out.frames[1].module.as_ref().unwrap().offset, FileOffset(0x2000));
+//! assert_eq!(out.frames[2].module, None);
+//! assert_eq!(out.truncated, None);
+//! ```
+//!
+//! It does not:
+//! - symbolize (that is `leakscope-symbolize`, which looks up `offset - 1`
+//!   for return addresses);
+//! - read `/proc`: module paths are taken as host paths, as the backend
+//!   reported them;
+//! - unwind on architectures other than x86_64.
+#![deny(missing_docs)]
+
+mod elf;
+mod maps;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
+use framehop::Unwinder as _;
+#[cfg(doc)]
+use leakscope_event::Event;
+use leakscope_event::{AbsAddr, FileOffset, Pid, RawStack, TimeNs};
+
+use crate::elf::{Bytes, ElfInfo};
+pub use crate::maps::ModuleMaps;
+
+/// The most frames [`Unwinder::unwind`] returns for a copied stack.
+pub const MAX_FRAMES: usize = 128;
+
+/// Where a frame's address lives, in terms that survive the process.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModuleRef {
+    /// Path of the mapped file, as the backend reported it.
+    pub path: String,
+    /// `.note.gnu.build-id` of that file in lowercase hex, if it could be read.
+    pub build_id: Option<String>,
+    /// File offset of the frame's address (not adjusted for return addresses).
+    pub offset: FileOffset,
+}
+
+/// One frame of an unwound stack, before symbolization.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RawFrame {
+    /// The address: the instruction pointer for the first frame, otherwise
+    /// a return address (the instruction after the call).
+    pub addr: AbsAddr,
+    /// Whether `addr` is a return address; symbolize `addr - 1` if so.
+    pub is_return_address: bool,
+    /// The module that held `addr` when the stack was captured.
+    pub module: Option<ModuleRef>,
+}
+
+/// The result of unwinding one stack.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Unwound {
+    /// Frames, innermost first.
+    pub frames: Vec<RawFrame>,
+    /// Why the stack may be incomplete, if it may be.
+    pub truncated: Option<String>,
+}
+
+/// The identity of one framehop module: a file mapped at some place.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ModKey {
+    path: String,
+    start: u64,
+    end: u64,
+    offset: u64,
+}
+
+type Framehop = UnwinderX86_64<Bytes>;
+
+/// When more distinct module sets than this were seen, the cached framehop
+/// unwinders are dropped and rebuilt on demand (modules stay cached).
+const MAX_CACHED_UNWINDERS: usize = 64;
+
+/// Unwinds [`RawStack`]s into [`RawFrame`]s.
+///
+/// Caches, per module path, the parsed unwind sections and build id; per
+/// placement of a module, the framehop module; and per set of modules (what
+/// one process had mapped at one time) a framehop unwinder with its rule
+/// cache. Processes forked from one parent share the set and its cache.
+#[derive(Default)]
+pub struct Unwinder {
+    /// `None`: the file could not be read; remembered so we try once.
+    elves: HashMap<String, Option<Arc<ElfInfo>>>,
+    modules: HashMap<ModKey, framehop::Module<Bytes>>,
+    unwinders: HashMap<Vec<ModKey>, (Framehop, CacheX86_64)>,
+}
+
+impl std::fmt::Debug for Unwinder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unwinder")
+            .field("files", &self.elves.len())
+            .field("modules", &self.modules.len())
+            .field("module_sets", &self.unwinders.len())
+            .finish()
+    }
+}
+
+impl Unwinder {
+    /// An unwinder with empty caches.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Unwinds `raw`, captured in `pid` at `time`, using the mappings `maps`
+    /// knew at that time.
+    pub fn unwind(&mut self, maps: &ModuleMaps, pid: Pid, time: TimeNs, raw: &RawStack) -> Unwound {
+        match raw {
+            RawStack::Missing(reason) => Unwound {
+                frames: Vec::new(),
+                truncated: Some(reason.clone()),
+            },
+            RawStack::Unwound(addrs) => Unwound {
+                frames: addrs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| self.frame(maps, pid, time, a.0, i > 0))
+                    .collect(),
+                truncated: None,
+            },
+            RawStack::Copied { ip, sp, bp, bytes } => {
+                let (addrs, truncated) = self.walk(maps, pid, time, *ip, *sp, *bp, bytes);
+                Unwound {
+                    frames: addrs
+                        .into_iter()
+                        .map(|(a, ret)| self.frame(maps, pid, time, a, ret))
+                        .collect(),
+                    truncated,
+                }
+            }
+        }
+    }
+
+    /// Runs framehop over a copied stack; returns (address, is return
+    /// address) pairs and why it stopped early, if it did.
+    #[allow(clippy::too_many_arguments)]
+    fn walk(
+        &mut self,
+        maps: &ModuleMaps,
+        pid: Pid,
+        time: TimeNs,
+        ip: u64,
+        sp: u64,
+        bp: u64,
+        bytes: &[u8],
+    ) -> (Vec<(u64, bool)>, Option<String>) {
+        let key: Vec<ModKey> = maps
+            .mappings_at(pid, time)
+            .into_iter()
+            .map(|m| ModKey {
+                path: m.path.clone(),
+                start: m.start.0,
+                end: m.end.0,
+                offset: m.offset.0,
+            })
+            .collect();
+        if !self.unwinders.contains_key(&key) {
+            if self.unwinders.len() >= MAX_CACHED_UNWINDERS {
+                self.unwinders.clear();
+            }
+            let mut fh = Framehop::new();
+            for k in &key {
+                fh.add_module(self.module(k));
+            }
+            self.unwinders.insert(key.clone(), (fh, CacheX86_64::new()));
+        }
+        let (fh, cache) = self.unwinders.get_mut(&key).expect("inserted above");
+
+        let end = sp.saturating_add(bytes.len() as u64);
+        let mut read_stack = |addr: u64| -> Result<u64, ()> {
+            let off = usize::try_from(addr.checked_sub(sp).ok_or(())?).map_err(|_| ())?;
+            let word = bytes.get(off..off.checked_add(8).ok_or(())?).ok_or(())?;
+            Ok(u64::from_le_bytes(word.try_into().map_err(|_| ())?))
+        };
+        let mut it = fh.iter_frames(
+            ip,
+            UnwindRegsX86_64::new(ip, sp, bp),
+            cache,
+            &mut read_stack,
+        );
+        let mut out = Vec::new();
+        let truncated = loop {
+            match it.next() {
+                Ok(Some(_)) if out.len() == MAX_FRAMES => {
+                    break Some(format!("stopped after {MAX_FRAMES} frames"));
+                }
+                Ok(Some(frame)) => out.push((frame.address(), frame.is_return_address())),
+                Ok(None) => break None,
+                Err(framehop::Error::CouldNotReadStack(addr)) => {
+                    break Some(format!(
+                        "stack copy ends at {end:#x} ({} bytes from sp), \
+                         the next frame needs {addr:#x}",
+                        bytes.len()
+                    ))
+                }
+                Err(e) => break Some(format!("unwinding stopped: {e}")),
+            }
+        };
+        (out, truncated)
+    }
+
+    /// The framehop module for `k`, built on first use.
+    fn module(&mut self, k: &ModKey) -> framehop::Module<Bytes> {
+        if let Some(m) = self.modules.get(k) {
+            return m.clone();
+        }
+        let m = match self.elf(&k.path) {
+            Some(elf) => framehop::Module::new(
+                k.path.clone(),
+                k.start..k.end,
+                elf.base_avma(k.start, k.offset),
+                elf.section_info(),
+            ),
+            // No unwind info: framehop falls back to frame pointers here.
+            None => framehop::Module::new(
+                k.path.clone(),
+                k.start..k.end,
+                k.start.wrapping_sub(k.offset),
+                framehop::ExplicitModuleSectionInfo::<Bytes>::default(),
+            ),
+        };
+        self.modules.insert(k.clone(), m.clone());
+        m
+    }
+
+    /// The parsed file at `path`, read on first use.
+    fn elf(&mut self, path: &str) -> Option<Arc<ElfInfo>> {
+        if let Some(e) = self.elves.get(path) {
+            return e.clone();
+        }
+        let e = ElfInfo::read(path).ok().map(Arc::new);
+        self.elves.insert(path.to_owned(), e.clone());
+        e
+    }
+
+    fn frame(
+        &mut self,
+        maps: &ModuleMaps,
+        pid: Pid,
+        time: TimeNs,
+        addr: u64,
+        is_return_address: bool,
+    ) -> RawFrame {
+        // A return address can sit one past the end of its mapping (a call
+        // that never returns, as the last instruction): look up the call.
+        let lookup = if is_return_address {
+            addr.saturating_sub(1)
+        } else {
+            addr
+        };
+        let module = maps
+            .lookup(pid, time, AbsAddr(lookup))
+            .map(|m| ModuleRef {
+                path: m.path.clone(),
+                build_id: None,
+                offset: FileOffset(m.offset.0 + (addr - m.start.0)),
+            })
+            .map(|mut r| {
+                r.build_id = self.elf(&r.path).and_then(|e| e.build_id.clone());
+                r
+            });
+        RawFrame {
+            addr: AbsAddr(addr),
+            is_return_address,
+            module,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unwinder_and_maps_are_send() {
+        fn send<T: Send>() {}
+        send::<super::Unwinder>();
+        send::<super::ModuleMaps>();
+    }
+}
