@@ -1,1 +1,176 @@
-fn main() {}
+//! leakscope: finds where a program leaks file descriptors — the call
+//! stacks that acquired what was never released.
+//!
+//! This crate is wiring only: flags → [`pipeline::Config`] → backend →
+//! ledger → stacks → symbolize → report.
+
+mod pipeline;
+mod signals;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit codes, documented in README.md and `leakscope --help`.
+pub mod exit {
+    /// leakscope itself failed: bad usage, no permission for eBPF, ...
+    pub const ERROR: u8 = 2;
+    /// `--fail-on-leak` was given and leaks were found.
+    pub const LEAKS_FOUND: u8 = 3;
+    /// The command exists but cannot be executed.
+    pub const NOT_EXECUTABLE: u8 = 126;
+    /// The command was not found.
+    pub const NOT_FOUND: u8 = 127;
+}
+
+const AFTER_HELP: &str = "\
+EXIT STATUS:
+  Without --fail-on-leak, leakscope exits as the traced command did (if it
+  was killed by a signal, leakscope kills itself with the same signal).
+    2    leakscope failed (bad usage, no permission for eBPF, ...)
+    3    --fail-on-leak was given and leaks were found
+  126    the command is not executable
+  127    the command was not found
+
+EXAMPLES:
+  leakscope run -- ./server --port 8080
+  leakscope run --format json -o report.json -- ./myprog
+  leakscope run --fail-on-leak -- ./test-binary
+  leakscope run --track fd --top 5 -- make check";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "leakscope",
+    version,
+    about = "Find where a program leaks file descriptors: the call stacks that \
+             acquired what was never released.",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a command, trace it and all its children, report leaks when it exits.
+    #[command(after_help = AFTER_HELP)]
+    Run(RunArgs),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Human-readable, 80 columns.
+    Text,
+    /// JSON, contract v1.
+    Json,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Track {
+    /// File descriptors of every kind (files, sockets, pipes, ...).
+    Fd,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// The best backend available (ebpf for fds).
+    Auto,
+    /// eBPF syscall tracepoints; needs root or CAP_BPF+CAP_PERFMON.
+    Ebpf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Write the report to FILE (`-` for stdout) instead of stderr.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Exit with 3 when leaks were found (a CI gate).
+    #[arg(long)]
+    fail_on_leak: bool,
+    /// What to track (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "fd")]
+    track: Vec<Track>,
+    /// Show at most N leak groups in text output.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    top: usize,
+    /// Tracing backend.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// The command to run, after `--`.
+    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::ERROR } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.command {
+        Command::Run(args) => match run(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("leakscope: error: {e:#}");
+                ExitCode::from(e.downcast_ref::<pipeline::Fatal>().map_or(exit::ERROR, |f| f.code))
+            }
+        },
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = pipeline::Config {
+        command: args.command.clone(),
+    };
+    let outcome = pipeline::run(&config)?;
+    let leaks_found = !outcome.report.leaks.is_empty();
+    let text = match args.format {
+        Format::Text => leakscope_report::render_text(&outcome.report, args.top),
+        Format::Json => leakscope_report::render_json(&outcome.report),
+    };
+    write_report(args.output.as_deref(), &text)?;
+    if args.fail_on_leak && leaks_found {
+        return Ok(ExitCode::from(exit::LEAKS_FOUND));
+    }
+    match outcome.status {
+        pipeline::Status::Code(c) => Ok(ExitCode::from(c as u8)),
+        pipeline::Status::Signal(sig) => {
+            // Re-raise terminating signals so a shell sees what the command
+            // got; core-dumping ones are only reported as 128+N, so that
+            // leakscope does not dump core itself.
+            if [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE, libc::SIGKILL]
+                .contains(&sig)
+            {
+                signals::die_by(sig);
+            }
+            Ok(ExitCode::from(128u8.wrapping_add(sig as u8)))
+        }
+    }
+}
+
+fn write_report(path: Option<&std::path::Path>, text: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let result = match path {
+        None => std::io::stderr().write_all(text.as_bytes()),
+        Some(p) if p.as_os_str() == "-" => std::io::stdout().write_all(text.as_bytes()),
+        Some(p) => std::fs::write(p, text),
+    };
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.with_context(|| {
+            format!(
+                "cannot write the report to {}",
+                path.map_or("stderr".into(), |p| p.display().to_string())
+            )
+        }),
+    }
+}

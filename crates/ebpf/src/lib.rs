@@ -626,3 +626,33 @@ fn exec_mappings(path: &str, start_code: u64, at_base: u64) -> Vec<Mapping> {
     }
     maps
 }
+
+impl leakscope_event::Backend for Tracer {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn spawn(&mut self, cmd: &mut Command) -> io::Result<Child> {
+        Tracer::spawn(self, cmd)
+    }
+
+    fn poll(
+        &mut self,
+        timeout: Duration,
+        sink: &mut dyn FnMut(Event),
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Tracer::poll(self, timeout, sink)?)
+    }
+
+    fn raw_stack(&mut self, id: StackId) -> RawStack {
+        Tracer::raw_stack(self, id)
+    }
+
+    fn retain_stack(&mut self, id: StackId) {
+        Tracer::retain_stack(self, id)
+    }
+
+    fn forget_process(&mut self, pid: Pid, fds: &[Fd]) {
+        self.forget_fds(pid, fds)
+    }
+}

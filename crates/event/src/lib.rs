@@ -272,6 +272,39 @@ pub enum Event {
         /// Exit status as wait(2) encodes it, if known.
         status: Option<i32>,
     },
+    /// A heap block was allocated (malloc, calloc, the new address of a
+    /// realloc, posix_memalign, ...).
+    Alloc {
+        /// When.
+        time: TimeNs,
+        /// Which process.
+        pid: Pid,
+        /// Which thread.
+        tid: Tid,
+        /// The block's address.
+        addr: AbsAddr,
+        /// Requested size in bytes.
+        size: u64,
+        /// The allocating stack.
+        stack: StackId,
+    },
+    /// A heap block was freed (free, or the old address of a realloc).
+    Free {
+        /// When.
+        time: TimeNs,
+        /// Which process.
+        pid: Pid,
+        /// The block's address.
+        addr: AbsAddr,
+    },
+    /// The heap of the program image running in `pid` is gone (exec or
+    /// exit): blocks still allocated were never freed.
+    HeapEnd {
+        /// When.
+        time: TimeNs,
+        /// Which process.
+        pid: Pid,
+    },
     /// The backend lost events (ring buffer full, ...).
     Lost {
         /// When it noticed.
@@ -292,7 +325,10 @@ impl Event {
             | Event::Describe { pid, .. }
             | Event::Exec { pid, .. }
             | Event::Map { pid, .. }
-            | Event::Exit { pid, .. } => Some(*pid),
+            | Event::Exit { pid, .. }
+            | Event::Alloc { pid, .. }
+            | Event::Free { pid, .. }
+            | Event::HeapEnd { pid, .. } => Some(*pid),
             Event::Fork { child, .. } => Some(*child),
             Event::Lost { .. } => None,
         }
@@ -318,4 +354,27 @@ pub enum RawStack {
     Unwound(Vec<AbsAddr>),
     /// No stack could be captured, and why.
     Missing(String),
+}
+
+/// What every backend offers the pipeline: launch a command traced from
+/// its first instruction, stream its events, and resolve stack handles.
+pub trait Backend {
+    /// Short name for reports (`ebpf`, `preload`, ...).
+    fn name(&self) -> &'static str;
+    /// Starts `cmd` under tracing.
+    fn spawn(&mut self, cmd: &mut std::process::Command) -> std::io::Result<std::process::Child>;
+    /// Waits up to `timeout` for events and hands each to `sink` in order.
+    fn poll(
+        &mut self,
+        timeout: std::time::Duration,
+        sink: &mut dyn FnMut(Event),
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    /// The stack behind a handle found in an event.
+    fn raw_stack(&mut self, id: StackId) -> RawStack;
+    /// Keep the stack of `id` available even after the backend would
+    /// otherwise drop it (the fd was inherited by a fork, or its process
+    /// exited). Backends that keep every stack need not do anything.
+    fn retain_stack(&mut self, _id: StackId) {}
+    /// `pid` exited holding `fds`: the backend may drop its per-process state.
+    fn forget_process(&mut self, _pid: Pid, _fds: &[Fd]) {}
 }

@@ -1,1 +1,703 @@
-//! stub
+//! leakscope-ledger: applies [`Event`]s with kernel semantics and says what
+//! was never released.
+//!
+//! Input: the event stream of one trace (live or replayed). Output:
+//! [`Leak`]s (resources still held when their holder exited, or at the end
+//! of the trace) and [`LeakGroup`]s of them under a caller-chosen key, such
+//! as the unwound acquiring stack.
+//!
+//! ```
+//! use leakscope_event::*;
+//! use leakscope_ledger::Ledger;
+//! let mut l = Ledger::default();
+//! let open = |fd| Event::Acquire(Acquire {
+//!     time: TimeNs(1), pid: Pid(9), tid: Tid(9), fd: Fd(fd), kind: FdKind::File,
+//!     syscall: "openat".into(), cloexec: false, dup_of: None, detail: None,
+//!     stack: StackId(1),
+//! });
+//! l.apply(&open(3));
+//! l.apply(&open(4));
+//! l.apply(&Event::Release { time: TimeNs(2), pid: Pid(9), fd: Fd(3) });
+//! l.apply(&Event::Exit { time: TimeNs(3), pid: Pid(9), status: Some(0) });
+//! let leaks = l.finish();
+//! assert_eq!(leaks.len(), 1);
+//! ```
+//!
+//! Kernel rules it follows (each has a test below): threads share one fd
+//! table (events carry the process id); fork without CLONE_FILES copies the
+//! table and the copies keep their acquiring stack; CLONE_FILES shares it;
+//! exec unshares the table and closes close-on-exec fds (or, better, keeps
+//! exactly the fds the kernel reported open after exec); dup2/dup3 onto an
+//! open fd releases it first; close_range releases a range or marks it
+//! close-on-exec; fd numbers are reused; realloc moving a block frees the
+//! old address. A failed syscall is never an event.
+//!
+//! It does not: unwind or symbolize stacks, or know about backends.
+#![deny(missing_docs)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+
+use leakscope_event::{AbsAddr, Acquire, Event, Fd, Pid, StackId, Tid, TimeNs};
+
+/// A heap block still allocated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    /// Its address.
+    pub addr: AbsAddr,
+    /// Requested size.
+    pub size: u64,
+    /// When it was allocated.
+    pub time: TimeNs,
+    /// The allocating process.
+    pub pid: Pid,
+    /// The allocating thread.
+    pub tid: Tid,
+    /// The allocating stack.
+    pub stack: StackId,
+}
+
+/// A resource that was never released.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resource {
+    /// An fd, as it was acquired (with later detail updates).
+    Fd(Acquire),
+    /// A heap block.
+    Heap(Block),
+}
+
+impl Resource {
+    /// When it was acquired.
+    pub fn time(&self) -> TimeNs {
+        match self {
+            Resource::Fd(a) => a.time,
+            Resource::Heap(b) => b.time,
+        }
+    }
+    /// The acquiring stack.
+    pub fn stack(&self) -> StackId {
+        match self {
+            Resource::Fd(a) => a.stack,
+            Resource::Heap(b) => b.stack,
+        }
+    }
+    /// The process that acquired it (for an inherited fd, the ancestor).
+    pub fn acquired_by(&self) -> Pid {
+        match self {
+            Resource::Fd(a) => a.pid,
+            Resource::Heap(b) => b.pid,
+        }
+    }
+}
+
+/// A leaked resource and the process that still held it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Leak {
+    /// The holder when it exited (or when the trace ended).
+    pub holder: Pid,
+    /// The fd number in the holder's table (None for heap).
+    pub fd: Option<Fd>,
+    /// What leaked.
+    pub resource: Resource,
+}
+
+type TableId = u64;
+
+/// Applies events and keeps what is outstanding.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    tables: HashMap<TableId, BTreeMap<Fd, Acquire>>,
+    table_of: HashMap<Pid, TableId>,
+    next_table: TableId,
+    heaps: HashMap<Pid, HashMap<AbsAddr, Block>>,
+    leaks: Vec<Leak>,
+    events: u64,
+    lost: u64,
+}
+
+impl Ledger {
+    /// Events applied so far.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Events the backends reported lost.
+    pub fn lost(&self) -> u64 {
+        self.lost
+    }
+
+    fn table_mut(&mut self, pid: Pid) -> &mut BTreeMap<Fd, Acquire> {
+        let id = match self.table_of.get(&pid) {
+            Some(id) => *id,
+            None => {
+                let id = self.new_table(BTreeMap::new());
+                self.table_of.insert(pid, id);
+                id
+            }
+        };
+        self.tables.entry(id).or_default()
+    }
+
+    fn new_table(&mut self, t: BTreeMap<Fd, Acquire>) -> TableId {
+        self.next_table += 1;
+        self.tables.insert(self.next_table, t);
+        self.next_table
+    }
+
+    fn sharers(&self, id: TableId) -> usize {
+        self.table_of.values().filter(|t| **t == id).count()
+    }
+
+    /// Stacks of the fds `pid` holds now: a backend that frees stacks when
+    /// their acquirer closes must keep these before a fork or exit is applied.
+    pub fn fd_stacks(&self, pid: Pid) -> Vec<StackId> {
+        self.table_of
+            .get(&pid)
+            .and_then(|id| self.tables.get(id))
+            .map(|t| t.values().map(|a| a.stack).collect())
+            .unwrap_or_default()
+    }
+
+    /// The fds `pid` holds now.
+    pub fn open_fds(&self, pid: Pid) -> Vec<Fd> {
+        self.table_of
+            .get(&pid)
+            .and_then(|id| self.tables.get(id))
+            .map(|t| t.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Applies one event.
+    pub fn apply(&mut self, ev: &Event) {
+        self.events += 1;
+        match ev {
+            Event::Acquire(a) => {
+                let mut a = a.clone();
+                let table = self.table_mut(a.pid);
+                if let Some(src) = a.dup_of.and_then(|fd| table.get(&fd)) {
+                    // A copy refers to the same open file as its source.
+                    a.kind = src.kind;
+                    if src.detail.is_some() {
+                        a.detail = src.detail.clone();
+                    }
+                }
+                // Reuse of a number we still hold means we missed its release.
+                table.insert(a.fd, a);
+            }
+            Event::Release { pid, fd, .. } => {
+                self.table_mut(*pid).remove(fd);
+            }
+            Event::CloseRange {
+                pid,
+                first,
+                last,
+                cloexec_only,
+                ..
+            } => {
+                let table = self.table_mut(*pid);
+                if *cloexec_only {
+                    for (_, a) in table.range_mut(*first..=*last) {
+                        a.cloexec = true;
+                    }
+                } else {
+                    let doomed: Vec<Fd> = table.range(*first..=*last).map(|(fd, _)| *fd).collect();
+                    for fd in doomed {
+                        table.remove(&fd);
+                    }
+                }
+            }
+            Event::SetCloexec {
+                pid, fd, cloexec, ..
+            } => {
+                if let Some(a) = self.table_mut(*pid).get_mut(fd) {
+                    a.cloexec = *cloexec;
+                }
+            }
+            Event::Describe {
+                pid, fd, detail, ..
+            } => {
+                if let Some(a) = self.table_mut(*pid).get_mut(fd) {
+                    a.detail = Some(detail.clone());
+                }
+            }
+            Event::Fork {
+                parent,
+                child,
+                shares_table,
+                ..
+            } => {
+                if parent == child {
+                    return; // a thread: same table
+                }
+                let parent_table = self.table_of.get(parent).copied();
+                let id = match (shares_table, parent_table) {
+                    (true, Some(id)) => id,
+                    (_, Some(id)) => {
+                        let copy = self.tables.get(&id).cloned().unwrap_or_default();
+                        self.new_table(copy)
+                    }
+                    (_, None) => self.new_table(BTreeMap::new()),
+                };
+                self.table_of.insert(*child, id);
+            }
+            Event::Exec { pid, open_fds, .. } => {
+                // execve(2) unshares a table shared through CLONE_FILES.
+                if let Some(id) = self.table_of.get(pid).copied() {
+                    if self.sharers(id) > 1 {
+                        let copy = self.tables.get(&id).cloned().unwrap_or_default();
+                        let new = self.new_table(copy);
+                        self.table_of.insert(*pid, new);
+                    }
+                }
+                let table = self.table_mut(*pid);
+                match open_fds {
+                    Some(open) => table.retain(|fd, _| open.binary_search(fd).is_ok()),
+                    None => table.retain(|_, a| !a.cloexec),
+                }
+            }
+            Event::Exit { pid, .. } => {
+                if let Some(id) = self.table_of.remove(pid) {
+                    if self.sharers(id) == 0 {
+                        if let Some(table) = self.tables.remove(&id) {
+                            self.leaks.extend(table.into_values().map(|a| Leak {
+                                holder: *pid,
+                                fd: Some(a.fd),
+                                resource: Resource::Fd(a),
+                            }));
+                        }
+                    }
+                }
+            }
+            Event::Alloc {
+                time,
+                pid,
+                tid,
+                addr,
+                size,
+                stack,
+            } => {
+                self.heaps.entry(*pid).or_default().insert(
+                    *addr,
+                    Block {
+                        addr: *addr,
+                        size: *size,
+                        time: *time,
+                        pid: *pid,
+                        tid: *tid,
+                        stack: *stack,
+                    },
+                );
+            }
+            Event::Free { pid, addr, .. } => {
+                // Unknown addresses (allocated before tracing) are ignored.
+                if let Some(h) = self.heaps.get_mut(pid) {
+                    h.remove(addr);
+                }
+            }
+            Event::HeapEnd { pid, .. } => {
+                if let Some(h) = self.heaps.remove(pid) {
+                    self.leaks.extend(h.into_values().map(|b| Leak {
+                        holder: *pid,
+                        fd: None,
+                        resource: Resource::Heap(b),
+                    }));
+                }
+            }
+            Event::Lost { count, .. } => self.lost += count,
+            Event::Map { .. } => {}
+        }
+    }
+
+    /// Processes still holding a table (not yet seen exiting).
+    pub fn live(&self) -> Vec<Pid> {
+        let mut v: Vec<Pid> = self.table_of.keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// Leaks so far plus everything still outstanding, without consuming
+    /// the ledger (for reports while tracing goes on).
+    pub fn snapshot(&self) -> Vec<Leak> {
+        let mut out = self.leaks.clone();
+        // A table shared by several live processes is listed once, under
+        // its lowest pid.
+        let mut holders: BTreeMap<TableId, Pid> = BTreeMap::new();
+        for (pid, id) in &self.table_of {
+            let h = holders.entry(*id).or_insert(*pid);
+            *h = (*h).min(*pid);
+        }
+        for (id, pid) in &holders {
+            if let Some(t) = self.tables.get(id) {
+                out.extend(t.values().map(|a| Leak {
+                    holder: *pid,
+                    fd: Some(a.fd),
+                    resource: Resource::Fd(a.clone()),
+                }));
+            }
+        }
+        for (pid, h) in &self.heaps {
+            out.extend(h.values().map(|b| Leak {
+                holder: *pid,
+                fd: None,
+                resource: Resource::Heap(b.clone()),
+            }));
+        }
+        out.sort_by_key(|l| (l.resource.time(), l.holder, l.fd));
+        out
+    }
+
+    /// Ends the trace: leaks found at exits plus everything still held.
+    pub fn finish(self) -> Vec<Leak> {
+        self.snapshot()
+    }
+}
+
+/// Leaks sharing a key (normally: kind and acquiring stack).
+#[derive(Debug, Clone)]
+pub struct LeakGroup<K> {
+    /// The grouping key.
+    pub key: K,
+    /// How many resources.
+    pub count: u64,
+    /// Total bytes (heap).
+    pub bytes: u64,
+    /// Smallest and largest block (heap).
+    pub size_range: Option<(u64, u64)>,
+    /// Earliest acquisition.
+    pub first: TimeNs,
+    /// Latest acquisition.
+    pub last: TimeNs,
+    /// The leaks themselves, oldest first.
+    pub leaks: Vec<Leak>,
+}
+
+/// Groups leaks by `key`, largest groups first (by count, then bytes).
+pub fn group<K: Hash + Eq + Clone>(
+    leaks: Vec<Leak>,
+    mut key: impl FnMut(&Leak) -> K,
+) -> Vec<LeakGroup<K>> {
+    let mut index: HashMap<K, usize> = HashMap::new();
+    let mut groups: Vec<LeakGroup<K>> = Vec::new();
+    for leak in leaks {
+        let k = key(&leak);
+        let i = *index.entry(k.clone()).or_insert_with(|| {
+            groups.push(LeakGroup {
+                key: k,
+                count: 0,
+                bytes: 0,
+                size_range: None,
+                first: TimeNs(u64::MAX),
+                last: TimeNs(0),
+                leaks: Vec::new(),
+            });
+            groups.len() - 1
+        });
+        let g = &mut groups[i];
+        g.count += 1;
+        let t = leak.resource.time();
+        g.first = g.first.min(t);
+        g.last = g.last.max(t);
+        if let Resource::Heap(b) = &leak.resource {
+            g.bytes += b.size;
+            g.size_range = Some(match g.size_range {
+                None => (b.size, b.size),
+                Some((lo, hi)) => (lo.min(b.size), hi.max(b.size)),
+            });
+        }
+        g.leaks.push(leak);
+    }
+    for g in &mut groups {
+        g.leaks.sort_by_key(|l| (l.resource.time(), l.holder, l.fd));
+    }
+    groups.sort_by(|a, b| b.count.cmp(&a.count).then(b.bytes.cmp(&a.bytes)));
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leakscope_event::FdKind;
+
+    const P: Pid = Pid(100);
+
+    fn acq(pid: Pid, fd: i32, stack: u64) -> Event {
+        Event::Acquire(Acquire {
+            time: TimeNs(stack),
+            pid,
+            tid: Tid(pid.0),
+            fd: Fd(fd),
+            kind: FdKind::File,
+            syscall: "openat".into(),
+            cloexec: false,
+            dup_of: None,
+            detail: Some(format!("/f{fd}")),
+            stack: StackId(stack),
+        })
+    }
+
+    fn rel(pid: Pid, fd: i32) -> Event {
+        Event::Release {
+            time: TimeNs(0),
+            pid,
+            fd: Fd(fd),
+        }
+    }
+
+    fn exit(pid: Pid) -> Event {
+        Event::Exit {
+            time: TimeNs(0),
+            pid,
+            status: Some(0),
+        }
+    }
+
+    fn fds(leaks: &[Leak], holder: Pid) -> Vec<(i32, u64)> {
+        let mut v: Vec<(i32, u64)> = leaks
+            .iter()
+            .filter(|l| l.holder == holder && l.fd.is_some())
+            .map(|l| (l.fd.unwrap().0, l.resource.stack().0))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn run(events: &[Event]) -> Vec<Leak> {
+        let mut l = Ledger::default();
+        for e in events {
+            l.apply(e);
+        }
+        l.finish()
+    }
+
+    #[test]
+    fn released_fds_are_not_leaks() {
+        let leaks = run(&[acq(P, 3, 1), acq(P, 4, 2), rel(P, 3), exit(P)]);
+        assert_eq!(fds(&leaks, P), vec![(4, 2)]);
+    }
+
+    #[test]
+    fn fd_numbers_are_reused_with_the_new_stack() {
+        let leaks = run(&[acq(P, 3, 1), rel(P, 3), acq(P, 3, 7), exit(P)]);
+        assert_eq!(fds(&leaks, P), vec![(3, 7)]);
+    }
+
+    #[test]
+    fn threads_share_one_table() {
+        // Events carry the process id; a thread's fork event has parent == child.
+        let leaks = run(&[
+            Event::Fork {
+                time: TimeNs(0),
+                parent: P,
+                child: P,
+                shares_table: true,
+            },
+            acq(P, 3, 1),
+            rel(P, 3), // closed by another thread of the same process
+            exit(P),
+        ]);
+        assert!(leaks.is_empty());
+    }
+
+    #[test]
+    fn fork_copies_the_table_and_keeps_the_acquiring_stack() {
+        let c = Pid(101);
+        let leaks = run(&[
+            acq(P, 3, 1),
+            acq(P, 4, 2),
+            Event::Fork {
+                time: TimeNs(0),
+                parent: P,
+                child: c,
+                shares_table: false,
+            },
+            rel(c, 3), // the child's close does not close the parent's copy
+            rel(P, 4),
+            exit(c),
+            exit(P),
+        ]);
+        assert_eq!(fds(&leaks, c), vec![(4, 2)]);
+        assert_eq!(fds(&leaks, P), vec![(3, 1)]);
+        let inherited = leaks.iter().find(|l| l.holder == c).unwrap();
+        assert_eq!(inherited.resource.acquired_by(), P);
+    }
+
+    #[test]
+    fn clone_files_shares_the_table() {
+        let c = Pid(101);
+        let leaks = run(&[
+            acq(P, 3, 1),
+            Event::Fork {
+                time: TimeNs(0),
+                parent: P,
+                child: c,
+                shares_table: true,
+            },
+            rel(c, 3),
+            acq(c, 5, 9),
+            exit(c),
+            exit(P),
+        ]);
+        // fd 5 lives in the shared table and is reported once.
+        assert_eq!(leaks.len(), 1);
+        assert_eq!(leaks[0].fd, Some(Fd(5)));
+    }
+
+    #[test]
+    fn exec_closes_cloexec_fds() {
+        let mut a = acq(P, 4, 2);
+        if let Event::Acquire(x) = &mut a {
+            x.cloexec = true;
+        }
+        let exec = Event::Exec {
+            time: TimeNs(0),
+            pid: P,
+            path: "/bin/true".into(),
+            open_fds: None,
+        };
+        let leaks = run(&[acq(P, 3, 1), a, exec, exit(P)]);
+        assert_eq!(fds(&leaks, P), vec![(3, 1)]);
+    }
+
+    #[test]
+    fn exec_keeps_exactly_what_the_kernel_reports_open() {
+        // fd 4 was made close-on-exec by a call we do not trace (ioctl FIOCLEX):
+        // the kernel's list after exec is the truth.
+        let exec = Event::Exec {
+            time: TimeNs(0),
+            pid: P,
+            path: "/bin/true".into(),
+            open_fds: Some(vec![Fd(0), Fd(1), Fd(2), Fd(3)]),
+        };
+        let leaks = run(&[acq(P, 3, 1), acq(P, 4, 2), exec, exit(P)]);
+        assert_eq!(fds(&leaks, P), vec![(3, 1)]);
+    }
+
+    #[test]
+    fn exec_unshares_a_shared_table() {
+        let c = Pid(101);
+        let leaks = run(&[
+            Event::Fork {
+                time: TimeNs(0),
+                parent: P,
+                child: c,
+                shares_table: true,
+            },
+            acq(P, 3, 1),
+            Event::Exec {
+                time: TimeNs(0),
+                pid: c,
+                path: "/bin/true".into(),
+                open_fds: Some(vec![]),
+            },
+            exit(c),
+            exit(P),
+        ]);
+        // The child's exec closed its copy only; the parent still leaks fd 3.
+        assert_eq!(fds(&leaks, P), vec![(3, 1)]);
+        assert_eq!(fds(&leaks, c), vec![]);
+    }
+
+    #[test]
+    fn dup2_onto_an_open_fd_releases_it_and_inherits_the_kind() {
+        // The backend reports dup2(3, 4) as Release(4) then Acquire(4, dup_of 3).
+        let mut sock = acq(P, 3, 1);
+        if let Event::Acquire(x) = &mut sock {
+            x.kind = FdKind::Socket;
+            x.detail = Some("127.0.0.1:1 -> 127.0.0.1:2".into());
+        }
+        let mut dup = acq(P, 4, 5);
+        if let Event::Acquire(x) = &mut dup {
+            x.syscall = "dup2".into();
+            x.kind = FdKind::Other;
+            x.dup_of = Some(Fd(3));
+            x.detail = None;
+        }
+        let leaks = run(&[sock, acq(P, 4, 2), rel(P, 4), dup, rel(P, 3), exit(P)]);
+        assert_eq!(fds(&leaks, P), vec![(4, 5)]);
+        let Resource::Fd(a) = &leaks[0].resource else {
+            panic!("not an fd")
+        };
+        assert_eq!(a.kind, FdKind::Socket);
+        assert_eq!(a.detail.as_deref(), Some("127.0.0.1:1 -> 127.0.0.1:2"));
+    }
+
+    #[test]
+    fn close_range_releases_or_marks_cloexec() {
+        let leaks = run(&[
+            acq(P, 3, 1),
+            acq(P, 4, 2),
+            acq(P, 5, 3),
+            acq(P, 9, 4),
+            Event::CloseRange {
+                time: TimeNs(0),
+                pid: P,
+                first: Fd(4),
+                last: Fd(5),
+                cloexec_only: false,
+            },
+            Event::CloseRange {
+                time: TimeNs(0),
+                pid: P,
+                first: Fd(9),
+                last: Fd(i32::MAX),
+                cloexec_only: true,
+            },
+            Event::Exec {
+                time: TimeNs(0),
+                pid: P,
+                path: "/bin/true".into(),
+                open_fds: None,
+            },
+            exit(P),
+        ]);
+        assert_eq!(fds(&leaks, P), vec![(3, 1)]);
+    }
+
+    #[test]
+    fn realloc_moving_a_block_frees_the_old_address() {
+        let alloc = |addr, size, stack| Event::Alloc {
+            time: TimeNs(1),
+            pid: P,
+            tid: Tid(1),
+            addr: AbsAddr(addr),
+            size,
+            stack: StackId(stack),
+        };
+        let free = |addr| Event::Free {
+            time: TimeNs(2),
+            pid: P,
+            addr: AbsAddr(addr),
+        };
+        let leaks = run(&[
+            alloc(0x1000, 16, 1),
+            // realloc(0x1000, 64) moved the block to 0x2000
+            free(0x1000),
+            alloc(0x2000, 64, 2),
+            free(0x9999), // allocated before tracing: ignored
+            Event::HeapEnd {
+                time: TimeNs(3),
+                pid: P,
+            },
+        ]);
+        assert_eq!(leaks.len(), 1);
+        let Resource::Heap(b) = &leaks[0].resource else {
+            panic!("not heap")
+        };
+        assert_eq!((b.addr, b.size, b.stack), (AbsAddr(0x2000), 64, StackId(2)));
+    }
+
+    #[test]
+    fn groups_count_and_sort() {
+        let leaks = run(&[
+            acq(P, 3, 1),
+            acq(P, 4, 1),
+            acq(P, 5, 2),
+            acq(P, 6, 1),
+            exit(P),
+        ]);
+        let groups = group(leaks, |l| l.resource.stack());
+        assert_eq!(groups.len(), 2);
+        assert_eq!((groups[0].key, groups[0].count), (StackId(1), 3));
+        assert_eq!((groups[1].key, groups[1].count), (StackId(2), 1));
+    }
+}

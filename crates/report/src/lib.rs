@@ -1,1 +1,345 @@
-//! stub
+//! leakscope-report: renders leak groups for people (text) and programs
+//! (JSON, contract v1).
+//!
+//! Input: a [`Report`] — what was traced, how many events, and symbolized
+//! leak [`Group`]s. Output: text that fits 80 columns, or JSON whose field
+//! names are a contract (fields may be added, never renamed; see
+//! `tests/json_contract.rs`).
+//!
+//! ```
+//! use leakscope_report::{Report, Target, Counts, render_text};
+//! let r = Report {
+//!     target: Target { command: vec!["./srv".into()], pid: Some(7), exit_code: Some(0) },
+//!     backend: "ebpf".into(), duration_s: 1.0,
+//!     events: Counts { total: 10, lost: 0 }, notes: vec![], leaks: vec![],
+//! };
+//! assert!(render_text(&r, 10).contains("No leaks found"));
+//! ```
+//!
+//! It does not: trace, unwind or symbolize.
+#![deny(missing_docs)]
+
+use std::fmt::Write;
+
+use leakscope_symbolize::Frame;
+use serde::Serialize;
+
+/// JSON report format version.
+pub const VERSION: u32 = 1;
+
+/// What was traced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// The command line (launch mode).
+    pub command: Vec<String>,
+    /// The traced (root) process.
+    pub pid: Option<u32>,
+    /// Its exit code (or 128+signal).
+    pub exit_code: Option<i32>,
+}
+
+/// Event counts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Counts {
+    /// Events seen.
+    pub total: u64,
+    /// Events lost (never hidden).
+    pub lost: u64,
+}
+
+/// One example of a leaked resource.
+#[derive(Debug, Clone, Serialize)]
+pub struct Example {
+    /// The process that held it.
+    pub pid: u32,
+    /// The fd number (fd leaks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+    /// The block address (heap leaks), hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// Bytes (heap leaks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Path, socket addresses, ...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Acquisition time, seconds since start.
+    pub time_s: f64,
+}
+
+/// A stack frame as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct StackFrame {
+    /// Absolute address, hex.
+    pub addr: String,
+    /// Function name, demangled.
+    pub function: Option<String>,
+    /// Source file.
+    pub file: Option<String>,
+    /// Source line.
+    pub line: Option<u32>,
+    /// Module path.
+    pub module: Option<String>,
+    /// Whether this frame was inlined into the next one.
+    pub inlined: bool,
+}
+
+impl From<&Frame> for StackFrame {
+    fn from(f: &Frame) -> Self {
+        StackFrame {
+            addr: format!("{:#x}", f.addr.0),
+            function: f.function.clone(),
+            file: f.file.clone(),
+            line: f.line,
+            module: f.module.clone(),
+            inlined: f.inlined,
+        }
+    }
+}
+
+/// Leaks sharing a kind and an acquiring stack.
+#[derive(Debug, Clone, Serialize)]
+pub struct Group {
+    /// `fd`, `heap` or `tcp`.
+    pub kind: String,
+    /// fd subtype (`file`, `socket`, ...), or `heap`.
+    pub resource: String,
+    /// How many.
+    pub count: u64,
+    /// Bytes (heap only, else 0).
+    pub bytes: u64,
+    /// Smallest block (heap).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_size: Option<u64>,
+    /// Largest block (heap).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<u64>,
+    /// TCP state (tcp only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The acquiring syscalls or functions (`openat`, `accept4`, `malloc`).
+    pub acquired_by: Vec<String>,
+    /// First acquisition, seconds since start.
+    pub first_s: f64,
+    /// Last acquisition, seconds since start.
+    pub last_s: f64,
+    /// A few of the leaked resources.
+    pub examples: Vec<Example>,
+    /// The acquiring stack, innermost first.
+    pub stack: Vec<StackFrame>,
+    /// Why the stack is missing or incomplete, if it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stack_note: Option<String>,
+}
+
+/// A whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// What was traced.
+    pub target: Target,
+    /// Backend(s) used, e.g. `ebpf` or `ebpf+preload`.
+    pub backend: String,
+    /// Wall time traced.
+    pub duration_s: f64,
+    /// Event counts.
+    pub events: Counts,
+    /// Things the reader must know (lost stacks, skipped syscalls).
+    pub notes: Vec<String>,
+    /// Leak groups, largest first.
+    pub leaks: Vec<Group>,
+}
+
+#[derive(Serialize)]
+struct Versioned<'a> {
+    version: u32,
+    #[serde(flatten)]
+    report: &'a Report,
+}
+
+/// JSON, contract v1 (pretty-printed, trailing newline).
+pub fn render_json(report: &Report) -> String {
+    let mut s = serde_json::to_string_pretty(&Versioned {
+        version: VERSION,
+        report,
+    })
+    .expect("a report always serializes");
+    s.push('\n');
+    s
+}
+
+const WIDTH: usize = 80;
+
+fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let keep: String = s.chars().take(max.saturating_sub(1)).collect();
+    format!("{keep}…")
+}
+
+fn basename(p: &str) -> &str {
+    p.rsplit('/').next().unwrap_or(p)
+}
+
+/// A module that belongs to the system rather than to the program.
+fn is_system(module: &str) -> bool {
+    let base = basename(module);
+    base.starts_with("libc.so")
+        || base.starts_with("libc-")
+        || base.starts_with("ld-linux")
+        || base.starts_with("libpthread")
+        || base.starts_with("libstdc++")
+        || base.starts_with("libgcc_s")
+}
+
+/// The frame a reader wants named: the first one outside libc and friends.
+pub fn culprit(stack: &[StackFrame]) -> Option<&StackFrame> {
+    stack
+        .iter()
+        .find(|f| f.function.is_some() && !f.module.as_deref().is_some_and(is_system))
+        .or_else(|| stack.iter().find(|f| f.function.is_some()))
+}
+
+fn what(g: &Group) -> String {
+    let n = g.count;
+    match g.kind.as_str() {
+        "heap" => format!(
+            "{n} heap block{} ({} bytes)",
+            if n == 1 { "" } else { "s" },
+            g.bytes
+        ),
+        "tcp" => format!(
+            "{n} TCP socket{} in {}",
+            if n == 1 { "" } else { "s" },
+            g.state.as_deref().unwrap_or("?")
+        ),
+        _ => format!("{n} {} fd{}", g.resource, if n == 1 { "" } else { "s" }),
+    }
+}
+
+/// Human text: one block per group (at most `top`), then a summary line.
+pub fn render_text(report: &Report, top: usize) -> String {
+    let mut out = String::new();
+    let cmd = report.target.command.join(" ");
+    let exit = match report.target.exit_code {
+        Some(c) => format!("exited with {c}"),
+        None => "was traced".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "{}",
+        clip(
+            &format!(
+                "leakscope: `{}` {exit} after {:.2} s (backend: {})",
+                cmd, report.duration_s, report.backend
+            ),
+            WIDTH
+        )
+    );
+    let total = report.leaks.len();
+    for (i, g) in report.leaks.iter().take(top).enumerate() {
+        let _ = writeln!(out);
+        let from = culprit(&g.stack)
+            .and_then(|f| f.function.as_deref())
+            .map(|f| format!(" from {f}"))
+            .unwrap_or_default();
+        let head = format!("{} leaked{from}", what(g));
+        let tag = format!("[{}/{}]", i + 1, total);
+        let room = WIDTH.saturating_sub(tag.len() + 1);
+        let head = clip(&head, room);
+        let _ = writeln!(out, "{head:<room$} {tag}");
+        let mut when = format!(
+            "  acquired by {} between {:.3} s and {:.3} s",
+            g.acquired_by.join(", "),
+            g.first_s,
+            g.last_s
+        );
+        if let (Some(lo), Some(hi)) = (g.min_size, g.max_size) {
+            let _ = write!(when, ", {lo}..{hi} bytes each");
+        }
+        let _ = writeln!(out, "{}", clip(&when, WIDTH));
+        for e in g.examples.iter().take(3) {
+            let id = match (e.fd, &e.addr) {
+                (Some(fd), _) => format!("fd {fd}"),
+                (None, Some(a)) => a.clone(),
+                _ => String::new(),
+            };
+            let line = format!(
+                "    {id:<7} {}  (pid {})",
+                e.detail.as_deref().unwrap_or(""),
+                e.pid
+            );
+            let _ = writeln!(out, "{}", clip(&line, WIDTH));
+        }
+        if g.count > 3 {
+            let _ = writeln!(out, "    ... and {} more", g.count - 3);
+        }
+        for (n, f) in g.stack.iter().enumerate() {
+            let func = f.function.as_deref().unwrap_or("??");
+            let loc = match (&f.file, f.line) {
+                (Some(file), Some(line)) => format!(" {}:{line}", basename(file)),
+                (Some(file), None) => format!(" {}", basename(file)),
+                _ => String::new(),
+            };
+            let module = f
+                .module
+                .as_deref()
+                .map(|m| format!(" [{}]", basename(m)))
+                .unwrap_or_else(|| format!(" [{}]", f.addr));
+            let inl = if f.inlined { " (inlined)" } else { "" };
+            let line = format!("    #{n:<2} {func}{inl}{loc}{module}");
+            let _ = writeln!(out, "{}", clip(&line, WIDTH));
+        }
+        if let Some(note) = &g.stack_note {
+            let _ = writeln!(out, "{}", clip(&format!("    (stack: {note})"), WIDTH));
+        }
+    }
+    if total > top {
+        let _ = writeln!(
+            out,
+            "\n{} more group{} not shown (--top {top}).",
+            total - top,
+            if total - top == 1 { "" } else { "s" }
+        );
+    }
+    if total == 0 {
+        let _ = writeln!(out, "\nNo leaks found.");
+    }
+    for note in &report.notes {
+        let _ = writeln!(out, "note: {note}");
+    }
+    let _ = writeln!(out, "\n{}", summary(report));
+    out
+}
+
+fn summary(report: &Report) -> String {
+    let mut parts = Vec::new();
+    for (kind, unit) in [("fd", "fd"), ("heap", "heap block"), ("tcp", "TCP socket")] {
+        let gs: Vec<&Group> = report.leaks.iter().filter(|g| g.kind == kind).collect();
+        if gs.is_empty() {
+            continue;
+        }
+        let n: u64 = gs.iter().map(|g| g.count).sum();
+        let mut p = format!(
+            "{n} {unit}{} in {} group{}",
+            if n == 1 { "" } else { "s" },
+            gs.len(),
+            if gs.len() == 1 { "" } else { "s" }
+        );
+        if kind == "heap" {
+            let b: u64 = gs.iter().map(|g| g.bytes).sum();
+            let _ = write!(p, " ({b} bytes)");
+        }
+        parts.push(p);
+    }
+    let leaked = if parts.is_empty() {
+        "no leaks".to_string()
+    } else {
+        format!("{} leaked", parts.join(", "))
+    };
+    format!(
+        "Summary: {leaked}; {} events, {} lost.",
+        report.events.total, report.events.lost
+    )
+}

@@ -1,0 +1,338 @@
+//! `run`: launch under a backend, apply events to the ledger until the
+//! process tree is gone, then unwind, group, symbolize and build a report.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use leakscope_event::{Backend, Event, FileOffset, Pid, RawStack, StackId};
+use leakscope_ledger::{group, Leak, Resource};
+use leakscope_report::{Counts, Example, Group, Report, StackFrame, Target};
+use leakscope_stacks::{ModuleMaps, RawFrame, Unwinder};
+use leakscope_symbolize::Symbolizer;
+
+use crate::{exit, signals};
+
+/// An error with its own exit code.
+#[derive(Debug)]
+pub struct Fatal {
+    pub code: u8,
+    pub message: String,
+}
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+fn fatal(code: u8, message: String) -> anyhow::Error {
+    Fatal { code, message }.into()
+}
+
+pub struct Config {
+    pub command: Vec<String>,
+}
+
+pub enum Status {
+    Code(i32),
+    Signal(i32),
+}
+
+pub struct Outcome {
+    pub report: Report,
+    pub status: Status,
+}
+
+/// Finds `prog` the way execvp(3) would, so a missing command is a clear
+/// error before any tracing starts.
+fn resolve(prog: &str) -> anyhow::Result<PathBuf> {
+    let check = |p: &Path| -> Option<anyhow::Result<PathBuf>> {
+        let meta = std::fs::metadata(p).ok()?;
+        if meta.is_dir() || meta.permissions().mode() & 0o111 == 0 {
+            return Some(Err(fatal(
+                exit::NOT_EXECUTABLE,
+                format!("{} is not executable", p.display()),
+            )));
+        }
+        Some(Ok(p.to_path_buf()))
+    };
+    if prog.contains('/') {
+        return check(Path::new(prog))
+            .unwrap_or_else(|| Err(fatal(exit::NOT_FOUND, format!("command not found: {prog}"))));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    for dir in std::env::split_paths(&path) {
+        if let Some(found) = check(&dir.join(prog)) {
+            if found.is_ok() {
+                return found;
+            }
+        }
+    }
+    Err(fatal(exit::NOT_FOUND, format!("command not found: {prog}")))
+}
+
+fn open_backend() -> anyhow::Result<Box<dyn Backend>> {
+    match leakscope_ebpf::Tracer::new(Default::default()) {
+        Ok(t) => Ok(Box::new(t)),
+        Err(e) => Err(fatal(exit::ERROR, e.to_string())),
+    }
+}
+
+/// How long to keep reading after the last process exited, for events
+/// still in flight.
+const DRAIN: Duration = Duration::from_millis(50);
+
+pub fn run(config: &Config) -> anyhow::Result<Outcome> {
+    let prog = resolve(&config.command[0])?;
+    let mut backend = open_backend()?;
+    signals::install();
+
+    let start = Instant::now();
+    let mut cmd = Command::new(&prog);
+    cmd.arg0(&config.command[0]).args(&config.command[1..]);
+    let mut child = backend
+        .spawn(&mut cmd)
+        .map_err(|e| fatal(exit::NOT_EXECUTABLE, format!("cannot run {}: {e}", prog.display())))?;
+    let root = Pid(child.id());
+
+    let mut ledger = leakscope_ledger::Ledger::default();
+    let mut maps = ModuleMaps::new();
+    let mut live: HashSet<Pid> = HashSet::from([root]);
+    let mut status = None;
+    let mut gone_since: Option<Instant> = None;
+    let mut batch = Vec::new();
+    loop {
+        backend
+            .poll(Duration::from_millis(50), &mut |ev| batch.push(ev))
+            .map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
+        for ev in batch.drain(..) {
+            apply(&ev, &mut *backend, &mut ledger, &mut maps, &mut live);
+        }
+        if let Some(sig) = signals::take() {
+            if signals::forwarded(sig) && status.is_none() {
+                // SAFETY: sending a signal to our own child.
+                unsafe { libc::kill(child.id() as i32, sig) };
+            }
+        }
+        if status.is_none() {
+            if let Some(s) = child.try_wait()? {
+                status = Some(s);
+            }
+        }
+        if status.is_some() {
+            // Descendants may live on; the trace ends when all are gone.
+            // Exits we did not see (lost events) are found through /proc.
+            live.retain(|p| *p == root || Path::new(&format!("/proc/{}", p.0)).exists());
+            let done = live.is_empty() || live == HashSet::from([root]);
+            if done {
+                let since = *gone_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= DRAIN {
+                    backend
+                        .poll(Duration::ZERO, &mut |ev| batch.push(ev))
+                        .map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
+                    for ev in batch.drain(..) {
+                        apply(&ev, &mut *backend, &mut ledger, &mut maps, &mut live);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    let duration = start.elapsed();
+    let status = status.expect("the loop ends after the child was reaped");
+    let status = match (status.code(), status.signal()) {
+        (Some(c), _) => Status::Code(c),
+        (None, Some(s)) => Status::Signal(s),
+        _ => Status::Code(0),
+    };
+
+    let events = ledger.events();
+    let lost = ledger.lost();
+    let leaks = ledger.finish();
+    let groups = build_groups(leaks, &mut *backend, &maps, duration.as_secs_f64());
+    let mut notes = Vec::new();
+    if lost > 0 {
+        notes.push(format!(
+            "{lost} events were lost (ring buffer full): counts may be off"
+        ));
+    }
+    let report = Report {
+        target: Target {
+            command: config.command.clone(),
+            pid: Some(root.0),
+            exit_code: Some(match status {
+                Status::Code(c) => c,
+                Status::Signal(s) => 128 + s,
+            }),
+        },
+        backend: backend.name().to_string(),
+        duration_s: duration.as_secs_f64(),
+        events: Counts {
+            total: events,
+            lost,
+        },
+        notes,
+        leaks: groups,
+    };
+    Ok(Outcome { report, status })
+}
+
+/// Applies one event, first letting the backend keep the stacks that a
+/// fork or an exit is about to make outlive their acquirer's bookkeeping.
+fn apply(
+    ev: &Event,
+    backend: &mut dyn Backend,
+    ledger: &mut leakscope_ledger::Ledger,
+    maps: &mut ModuleMaps,
+    live: &mut HashSet<Pid>,
+) {
+    match ev {
+        Event::Fork {
+            parent,
+            child,
+            shares_table,
+            ..
+        } if parent != child => {
+            if !shares_table {
+                for s in ledger.fd_stacks(*parent) {
+                    backend.retain_stack(s);
+                }
+            }
+            live.insert(*child);
+        }
+        Event::Exit { pid, .. } => {
+            for s in ledger.fd_stacks(*pid) {
+                backend.retain_stack(s);
+            }
+            backend.forget_process(*pid, &ledger.open_fds(*pid));
+            live.remove(pid);
+        }
+        _ => {}
+    }
+    maps.apply(ev);
+    ledger.apply(ev);
+}
+
+/// A frame as a grouping key: module and file offset when known, so the
+/// same code in different processes (other load addresses) groups together.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum FrameKey {
+    Module(String, FileOffset),
+    Addr(u64),
+}
+
+fn frame_key(f: &RawFrame) -> FrameKey {
+    match &f.module {
+        Some(m) => FrameKey::Module(m.path.clone(), m.offset),
+        None => FrameKey::Addr(f.addr.0),
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct GroupKey {
+    kind: &'static str,
+    resource: String,
+    frames: Vec<FrameKey>,
+}
+
+fn build_groups(
+    leaks: Vec<Leak>,
+    backend: &mut dyn Backend,
+    maps: &ModuleMaps,
+    _duration: f64,
+) -> Vec<Group> {
+    let mut unwinder = Unwinder::new();
+    let mut unwound: HashMap<StackId, (Vec<RawFrame>, Option<String>)> = HashMap::new();
+    for leak in &leaks {
+        let id = leak.resource.stack();
+        if unwound.contains_key(&id) {
+            continue;
+        }
+        let raw = backend.raw_stack(id);
+        let u = match &raw {
+            RawStack::Missing(why) => (Vec::new(), Some(why.clone())),
+            _ => {
+                let u = unwinder.unwind(maps, leak.resource.acquired_by(), leak.resource.time(), &raw);
+                (u.frames, u.truncated)
+            }
+        };
+        unwound.insert(id, u);
+    }
+    let groups = group(leaks, |l| {
+        let (frames, _) = &unwound[&l.resource.stack()];
+        let (kind, resource) = match &l.resource {
+            Resource::Fd(a) => ("fd", a.kind.name().to_string()),
+            Resource::Heap(_) => ("heap", "heap".to_string()),
+        };
+        GroupKey {
+            kind,
+            resource,
+            frames: frames.iter().map(frame_key).collect(),
+        }
+    });
+    let mut symbolizer = Symbolizer::new();
+    groups
+        .into_iter()
+        .map(|g| {
+            let first = &g.leaks[0];
+            let (frames, note) = &unwound[&first.resource.stack()];
+            let stack: Vec<StackFrame> = symbolizer
+                .symbolize(frames)
+                .iter()
+                .map(StackFrame::from)
+                .collect();
+            let mut acquired_by: Vec<String> = Vec::new();
+            for l in &g.leaks {
+                if let Resource::Fd(a) = &l.resource {
+                    if !acquired_by.contains(&a.syscall) {
+                        acquired_by.push(a.syscall.clone());
+                    }
+                }
+            }
+            let examples = g
+                .leaks
+                .iter()
+                .take(5)
+                .map(|l| match &l.resource {
+                    Resource::Fd(a) => Example {
+                        pid: l.holder.0,
+                        fd: l.fd.map(|f| f.0),
+                        addr: None,
+                        size: None,
+                        detail: a.detail.clone(),
+                        time_s: a.time.secs(),
+                    },
+                    Resource::Heap(b) => Example {
+                        pid: l.holder.0,
+                        fd: None,
+                        addr: Some(format!("{:#x}", b.addr.0)),
+                        size: Some(b.size),
+                        detail: None,
+                        time_s: b.time.secs(),
+                    },
+                })
+                .collect();
+            Group {
+                kind: g.key.kind.to_string(),
+                resource: g.key.resource.clone(),
+                count: g.count,
+                bytes: g.bytes,
+                min_size: g.size_range.map(|r| r.0),
+                max_size: g.size_range.map(|r| r.1),
+                state: None,
+                acquired_by,
+                first_s: g.first.secs(),
+                last_s: g.last.secs(),
+                examples,
+                stack,
+                stack_note: note.clone(),
+            }
+        })
+        .collect()
+}
