@@ -88,6 +88,7 @@ type StackCache = HashMap<u64, RawStack>;
 
 /// A loaded and attached eBPF tracer.
 pub struct Tracer {
+    links: Vec<libbpf_rs::Link>,
     skel: skel::LeakscopeSkel<'static>,
     ring: RingBuffer<'static>,
     queue: Rc<RefCell<Vec<Event>>>,
@@ -159,16 +160,29 @@ impl Tracer {
                 }
             }
         })?;
-        skel.attach().map_err(|source| {
-            if is_permission(&source) {
-                Error::Permission { source }
-            } else {
-                Error::Bpf {
-                    what: "attach",
+        for (nr, code) in syscall_numbers() {
+            skel.maps
+                .sc_of
+                .update(&nr.to_ne_bytes(), &code.to_ne_bytes(), MapFlags::ANY)
+                .map_err(|source| Error::Bpf {
+                    what: "syscall table setup",
                     source,
+                })?;
+        }
+        let mut links = Vec::new();
+        for prog in skel.object().progs_mut() {
+            let link = prog.attach().map_err(|source| {
+                if is_permission(&source) {
+                    Error::Permission { source }
+                } else {
+                    Error::Bpf {
+                        what: "attach",
+                        source,
+                    }
                 }
-            }
-        })?;
+            })?;
+            links.push(link);
+        }
         let handle = MapHandle::try_from(&skel.maps.events).map_err(|source| Error::Bpf {
             what: "ring buffer",
             source,
@@ -195,6 +209,7 @@ impl Tracer {
             source,
         })?;
         Ok(Tracer {
+            links,
             skel,
             ring,
             queue,
@@ -327,6 +342,21 @@ impl Tracer {
         self.stacks.get(&id.0).cloned().unwrap_or_else(|| {
             RawStack::Missing("stack released before it could be read".into())
         })
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        // Each detach waits for an RCU grace period (~40-75 ms here);
+        // concurrent detaches overlap part of that wait.
+        let handles: Vec<_> = self
+            .links
+            .drain(..)
+            .map(|link| std::thread::spawn(move || drop(link)))
+            .collect();
+        for h in handles {
+            let _ = h.join();
+        }
     }
 }
 

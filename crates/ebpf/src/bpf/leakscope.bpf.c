@@ -225,40 +225,26 @@ static __always_inline void remember_fd(__u32 tgid, __s32 fd, __u64 seq)
 		bpf_map_update_elem(&fdseq, &k, &seq, BPF_ANY);
 }
 
-static __always_inline int on_enter(struct trace_event_raw_sys_enter *ctx, __u32 sc, int nargs)
+static __always_inline int on_enter(__u64 id, const __u64 *args, __u32 sc)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	if (!is_traced(id >> 32))
-		return 0;
 	__u32 zero = 0;
 	struct pending *p = bpf_map_lookup_elem(&pending_scratch, &zero);
 	if (!p)
 		return 0;
 	p->sc = sc;
-	__builtin_memset(p->args, 0, sizeof(p->args));
-	if (nargs > 0)
-		p->args[0] = ctx->args[0];
-	if (nargs > 1)
-		p->args[1] = ctx->args[1];
-	if (nargs > 2)
-		p->args[2] = ctx->args[2];
-	if (nargs > 3)
-		p->args[3] = ctx->args[3];
-	if (nargs > 4)
-		p->args[4] = ctx->args[4];
-	if (nargs > 5)
-		p->args[5] = ctx->args[5];
+	for (int i = 0; i < 6; i++)
+		p->args[i] = args[i];
 	p->path[0] = 0;
 	const char *path = NULL;
 	switch (sc) {
 	case SC_OPEN:
 	case SC_CREAT:
 	case SC_MEMFD_CREATE:
-		path = (const char *)ctx->args[0];
+		path = (const char *)args[0];
 		break;
 	case SC_OPENAT:
 	case SC_OPENAT2:
-		path = (const char *)ctx->args[1];
+		path = (const char *)args[1];
 		break;
 	}
 	if (path)
@@ -330,14 +316,77 @@ static __always_inline void emit_release(__u32 sc, __s32 fd, __u32 first, __u32 
 	bpf_ringbuf_submit(e, 0);
 }
 
-static __always_inline int on_exit(struct trace_event_raw_sys_exit *ctx)
+/* Walk a path from a dentry up to the root, crossing mounts; components
+ * come out leaf first (bpf_d_path is not allowed in tracepoints). The walk
+ * runs under bpf_loop so the verifier checks one step, not every path. */
+struct walk {
+	struct dentry *d;
+	struct mount *mnt;
+	struct path_parts *out;
+};
+
+static long walk_step(__u64 i, void *arg)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	__u32 tgid = id >> 32;
-	struct pending *p = bpf_map_lookup_elem(&pendings, &id);
-	if (!p)
+	struct walk *w = arg;
+	struct dentry *d = w->d;
+	struct mount *mnt = w->mnt;
+	struct dentry *mnt_root = BPF_CORE_READ(mnt, mnt.mnt_root);
+	if (d == mnt_root) {
+		struct mount *mp = BPF_CORE_READ(mnt, mnt_parent);
+		if (mp == mnt)
+			return 1; /* the real root */
+		w->d = BPF_CORE_READ(mnt, mnt_mountpoint);
+		w->mnt = mp;
 		return 0;
-	long ret = ctx->ret;
+	}
+	struct dentry *parent = BPF_CORE_READ(d, d_parent);
+	if (d == parent)
+		return 1;
+	__u32 n = w->out->n;
+	if (n >= PATH_PARTS)
+		return 1;
+	const unsigned char *name = BPF_CORE_READ(d, d_name.name);
+	bpf_probe_read_kernel_str(w->out->part[n & (PATH_PARTS - 1)], PART_MAX, name);
+	w->out->n = n + 1;
+	w->d = parent;
+	return 0;
+}
+
+static __always_inline void read_path(const struct path *path, struct path_parts *out)
+{
+	struct vfsmount *vfsmnt = BPF_CORE_READ(path, mnt);
+	struct walk w = {
+		.d = BPF_CORE_READ(path, dentry),
+		.mnt = container_of(vfsmnt, struct mount, mnt),
+		.out = out,
+	};
+	out->n = 0;
+	bpf_loop(3 * PATH_PARTS, walk_step, &w, 0);
+}
+
+static __always_inline void on_mmap_exit(struct pending *p, long ret)
+{
+	if (ret < 0 && ret >= -4095)
+		return;
+	struct file *f = fd_file(bpf_get_current_task_btf(), (int)p->args[4]);
+	if (!f)
+		return;
+	struct ev_mmap *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_RB_DROP);
+		return;
+	}
+	fill_hdr(&e->h, EV_MMAP);
+	e->addr = (__u64)ret;
+	e->len = p->args[1];
+	e->off = p->args[5];
+	read_path(&f->f_path, &e->path);
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline int on_exit(__u64 id, struct pending *p, long ret)
+{
+	__u32 tgid = id >> 32;
 	__u32 sc = p->sc;
 	__u32 cloexec = 0;
 	int fds[2] = { -1, -1 };
@@ -373,7 +422,8 @@ static __always_inline int on_exit(struct trace_event_raw_sys_exit *ctx)
 		}
 		goto done;
 	case SC_MMAP:
-		goto done; /* handled by its own exit program */
+		on_mmap_exit(p, ret);
+		goto done;
 	}
 
 	if (ret < 0)
@@ -468,137 +518,52 @@ done:
 	return 0;
 }
 
-/* The kernel refuses to attach a program that reads past the tracepoint's
- * record (EACCES), so each reads only the arguments its syscall has. */
-#define SYSCALL(name, code, nargs)                                            \
-	SEC("tracepoint/syscalls/sys_enter_" #name)                           \
-	int enter_##name(struct trace_event_raw_sys_enter *ctx)               \
-	{                                                                     \
-		return on_enter(ctx, code, nargs);                                \
-	}                                                                     \
-	SEC("tracepoint/syscalls/sys_exit_" #name)                            \
-	int exit_##name(struct trace_event_raw_sys_exit *ctx)                 \
-	{                                                                     \
-		return on_exit(ctx);                                          \
-	}
 
-SYSCALL(open, SC_OPEN, 3)
-SYSCALL(openat, SC_OPENAT, 4)
-SYSCALL(openat2, SC_OPENAT2, 4)
-SYSCALL(creat, SC_CREAT, 2)
-SYSCALL(open_by_handle_at, SC_OPEN_BY_HANDLE_AT, 3)
-SYSCALL(socket, SC_SOCKET, 3)
-SYSCALL(socketpair, SC_SOCKETPAIR, 4)
-SYSCALL(accept, SC_ACCEPT, 3)
-SYSCALL(accept4, SC_ACCEPT4, 4)
-SYSCALL(pipe, SC_PIPE, 1)
-SYSCALL(pipe2, SC_PIPE2, 2)
-SYSCALL(dup, SC_DUP, 1)
-SYSCALL(dup2, SC_DUP2, 2)
-SYSCALL(dup3, SC_DUP3, 3)
-SYSCALL(fcntl, SC_FCNTL, 3)
-SYSCALL(eventfd, SC_EVENTFD, 1)
-SYSCALL(eventfd2, SC_EVENTFD2, 2)
-SYSCALL(epoll_create, SC_EPOLL_CREATE, 1)
-SYSCALL(epoll_create1, SC_EPOLL_CREATE1, 1)
-SYSCALL(timerfd_create, SC_TIMERFD_CREATE, 2)
-SYSCALL(signalfd, SC_SIGNALFD, 3)
-SYSCALL(signalfd4, SC_SIGNALFD4, 4)
-SYSCALL(inotify_init, SC_INOTIFY_INIT, 0)
-SYSCALL(inotify_init1, SC_INOTIFY_INIT1, 1)
-SYSCALL(memfd_create, SC_MEMFD_CREATE, 2)
-SYSCALL(memfd_secret, SC_MEMFD_SECRET, 1)
-SYSCALL(pidfd_open, SC_PIDFD_OPEN, 2)
-SYSCALL(pidfd_getfd, SC_PIDFD_GETFD, 3)
-SYSCALL(fanotify_init, SC_FANOTIFY_INIT, 2)
-SYSCALL(userfaultfd, SC_USERFAULTFD, 1)
-SYSCALL(perf_event_open, SC_PERF_EVENT_OPEN, 5)
-SYSCALL(bpf, SC_BPF, 3)
-SYSCALL(close, SC_CLOSE, 1)
-SYSCALL(close_range, SC_CLOSE_RANGE, 3)
-SYSCALL(connect, SC_CONNECT, 3)
+/* Syscall number -> enum sc, filled by the loader from the libc
+ * constants of the target architecture; 0 = not traced. One raw
+ * tracepoint pair instead of ~70 syscall tracepoints: each attachment costs
+ * ~40 ms to detach (serialized in the kernel). */
+#define NR_MAX 512
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, NR_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+} sc_of SEC(".maps");
 
-/* Walk a path from a dentry up to the root, crossing mounts; components
- * come out leaf first (bpf_d_path is not allowed in tracepoints). The walk
- * runs under bpf_loop so the verifier checks one step, not every path. */
-struct walk {
-	struct dentry *d;
-	struct mount *mnt;
-	struct path_parts *out;
-};
-
-static long walk_step(__u64 i, void *arg)
+SEC("raw_tp/sys_enter")
+int BPF_PROG(sys_enter, struct pt_regs *regs, long nr)
 {
-	struct walk *w = arg;
-	struct dentry *d = w->d;
-	struct mount *mnt = w->mnt;
-	struct dentry *mnt_root = BPF_CORE_READ(mnt, mnt.mnt_root);
-	if (d == mnt_root) {
-		struct mount *mp = BPF_CORE_READ(mnt, mnt_parent);
-		if (mp == mnt)
-			return 1; /* the real root */
-		w->d = BPF_CORE_READ(mnt, mnt_mountpoint);
-		w->mnt = mp;
+	if ((unsigned long)nr >= NR_MAX)
 		return 0;
-	}
-	struct dentry *parent = BPF_CORE_READ(d, d_parent);
-	if (d == parent)
-		return 1;
-	__u32 n = w->out->n;
-	if (n >= PATH_PARTS)
-		return 1;
-	const unsigned char *name = BPF_CORE_READ(d, d_name.name);
-	bpf_probe_read_kernel_str(w->out->part[n & (PATH_PARTS - 1)], PART_MAX, name);
-	w->out->n = n + 1;
-	w->d = parent;
-	return 0;
-}
-
-static __always_inline void read_path(const struct path *path, struct path_parts *out)
-{
-	struct vfsmount *vfsmnt = BPF_CORE_READ(path, mnt);
-	struct walk w = {
-		.d = BPF_CORE_READ(path, dentry),
-		.mnt = container_of(vfsmnt, struct mount, mnt),
-		.out = out,
-	};
-	out->n = 0;
-	bpf_loop(3 * PATH_PARTS, walk_step, &w, 0);
-}
-
-SEC("tracepoint/syscalls/sys_enter_mmap")
-int enter_mmap(struct trace_event_raw_sys_enter *ctx)
-{
+	__u64 id = bpf_get_current_pid_tgid();
+	if (!is_traced(id >> 32))
+		return 0;
+	__u32 k = nr;
+	__u32 *sc = bpf_map_lookup_elem(&sc_of, &k);
+	if (!sc || !*sc)
+		return 0;
+	__u64 args[6];
+	args[0] = PT_REGS_PARM1_CORE_SYSCALL(regs);
+	args[1] = PT_REGS_PARM2_CORE_SYSCALL(regs);
+	args[2] = PT_REGS_PARM3_CORE_SYSCALL(regs);
+	args[3] = PT_REGS_PARM4_CORE_SYSCALL(regs);
+	args[4] = PT_REGS_PARM5_CORE_SYSCALL(regs);
+	args[5] = PT_REGS_PARM6_CORE_SYSCALL(regs);
 	/* Only file-backed executable mappings matter for unwinding. */
-	if (!(ctx->args[2] & PROT_EXEC) || (long)ctx->args[4] < 0)
+	if (*sc == SC_MMAP && (!(args[2] & PROT_EXEC) || (long)args[4] < 0))
 		return 0;
-	return on_enter(ctx, SC_MMAP, 6);
+	return on_enter(id, args, *sc);
 }
 
-SEC("tracepoint/syscalls/sys_exit_mmap")
-int exit_mmap(struct trace_event_raw_sys_exit *ctx)
+SEC("raw_tp/sys_exit")
+int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct pending *p = bpf_map_lookup_elem(&pendings, &id);
 	if (!p)
 		return 0;
-	long ret = ctx->ret;
-	if (p->sc == SC_MMAP && !(ret < 0 && ret >= -4095)) {
-		struct file *f = fd_file(bpf_get_current_task_btf(), (int)p->args[4]);
-		struct ev_mmap *e = f ? bpf_ringbuf_reserve(&events, sizeof(*e), 0) : NULL;
-		if (f && !e)
-			count(CNT_RB_DROP);
-		if (e) {
-			fill_hdr(&e->h, EV_MMAP);
-			e->addr = (__u64)ret;
-			e->len = p->args[1];
-			e->off = p->args[5];
-			read_path(&f->f_path, &e->path);
-			bpf_ringbuf_submit(e, 0);
-		}
-	}
-	bpf_map_delete_elem(&pendings, &id);
-	return 0;
+	return on_exit(id, p, ret);
 }
 
 SEC("tp_btf/sched_process_fork")
