@@ -277,7 +277,7 @@ fn build_groups(
         }
     });
     let mut symbolizer = Symbolizer::new();
-    groups
+    let groups: Vec<Group> = groups
         .into_iter()
         .map(|g| {
             let first = &g.leaks[0];
@@ -334,5 +334,62 @@ fn build_groups(
                 stack_note: note.clone(),
             }
         })
-        .collect()
+        .collect();
+    merge_same_source(groups)
+}
+
+/// Groups whose stacks differ only in addresses that symbolize to the same
+/// source lines (an unrolled loop, two calls on one line) read as one to a
+/// person: merge them. Frames without a name keep their address, so
+/// unknown code never merges by accident.
+fn merge_same_source(groups: Vec<Group>) -> Vec<Group> {
+    type Key = (String, String, Vec<(Option<String>, Option<String>, Option<u32>, Option<String>)>);
+    let key = |g: &Group| -> Key {
+        let frames = g
+            .stack
+            .iter()
+            .map(|f| match &f.function {
+                Some(_) => (f.function.clone(), f.file.clone(), f.line, f.module.clone()),
+                None => (None, Some(f.addr.clone()), None, f.module.clone()),
+            })
+            .collect();
+        (g.kind.clone(), g.resource.clone(), frames)
+    };
+    let mut out: Vec<Group> = Vec::new();
+    let mut index: HashMap<Key, usize> = HashMap::new();
+    for g in groups {
+        let k = key(&g);
+        if g.stack.is_empty() {
+            out.push(g);
+            continue;
+        }
+        match index.get(&k) {
+            Some(&i) => {
+                let m = &mut out[i];
+                m.count += g.count;
+                m.bytes += g.bytes;
+                m.min_size = m.min_size.min(g.min_size).or(m.min_size.or(g.min_size));
+                m.max_size = m.max_size.max(g.max_size);
+                m.first_s = m.first_s.min(g.first_s);
+                m.last_s = m.last_s.max(g.last_s);
+                for a in g.acquired_by {
+                    if !m.acquired_by.contains(&a) {
+                        m.acquired_by.push(a);
+                    }
+                }
+                m.examples.extend(g.examples);
+                m.examples.sort_by(|a, b| a.time_s.total_cmp(&b.time_s));
+                m.examples.truncate(5);
+                if m.stack_note.is_none() {
+                    m.stack_note = g.stack_note;
+                }
+            }
+            None => {
+                index.insert(k, out.len());
+                out.push(g);
+            }
+        }
+    }
+    out.sort_by(|a, b| b.count.cmp(&a.count).then(b.bytes.cmp(&a.bytes)));
+    out
 }

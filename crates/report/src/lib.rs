@@ -193,11 +193,16 @@ fn is_system(module: &str) -> bool {
         || base.starts_with("libgcc_s")
 }
 
-/// The frame a reader wants named: the first one outside libc and friends.
+/// The frame a reader wants named: the first one outside libc and friends
+/// that has source lines (in a static binary libc has none), else the
+/// first one outside libc, else the first named one.
 pub fn culprit(stack: &[StackFrame]) -> Option<&StackFrame> {
+    let own = |f: &&StackFrame| f.function.is_some() && !f.module.as_deref().is_some_and(is_system);
     stack
         .iter()
-        .find(|f| f.function.is_some() && !f.module.as_deref().is_some_and(is_system))
+        .filter(own)
+        .find(|f| f.line.is_some())
+        .or_else(|| stack.iter().find(own))
         .or_else(|| stack.iter().find(|f| f.function.is_some()))
 }
 
