@@ -287,6 +287,12 @@ fn build_groups(
                 .iter()
                 .map(StackFrame::from)
                 .collect();
+            // A copy that ends right after main only lost libc's start-up
+            // frames, which say nothing about the leak.
+            let note = match stack.last() {
+                Some(f) if f.function.as_deref() == Some("main") => &None,
+                _ => note,
+            };
             let mut acquired_by: Vec<String> = Vec::new();
             for l in &g.leaks {
                 if let Resource::Fd(a) = &l.resource {

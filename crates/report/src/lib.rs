@@ -297,7 +297,7 @@ pub fn render_text(report: &Report, top: usize) -> String {
             let _ = writeln!(out, "{}", clip(&line, WIDTH));
         }
         if let Some(note) = &g.stack_note {
-            let _ = writeln!(out, "{}", clip(&format!("    (stack: {note})"), WIDTH));
+            let _ = writeln!(out, "{}", clip(&format!("    (stack {note})"), WIDTH));
         }
     }
     if total > top {

@@ -230,9 +230,9 @@ impl Unwinder {
                 Ok(Some(frame)) => out.push((frame.address(), frame.is_return_address())),
                 Ok(None) => break None,
                 Err(framehop::Error::CouldNotReadStack(addr)) => {
+                    let _ = (end, addr);
                     break Some(format!(
-                        "stack copy ends at {end:#x} ({} bytes from sp), \
-                         the next frame needs {addr:#x}",
+                        "truncated: the next frame lies beyond the {}-byte stack copy",
                         bytes.len()
                     ))
                 }

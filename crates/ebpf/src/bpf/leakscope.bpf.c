@@ -80,7 +80,9 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 262144);
+	/* 8 KiB each, allocated on use: at most 512 MiB of stacks of fds
+	 * open at once; beyond, stacks are counted missing. */
+	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
 	__type(value, struct blob);
@@ -150,11 +152,12 @@ static __always_inline void read_sock(struct file *f, struct sock_addrs *a)
 	a->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
 	a->rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	if (a->family == AF_INET) {
-		BPF_CORE_READ_INTO(a->laddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO(a->raddr, sk, __sk_common.skc_daddr);
+		/* BPF_CORE_READ_INTO copies sizeof(*dst): give it a __u32. */
+		BPF_CORE_READ_INTO((__u32 *)a->laddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__u32 *)a->raddr, sk, __sk_common.skc_daddr);
 	} else if (a->family == AF_INET6) {
-		BPF_CORE_READ_INTO(a->laddr, sk, __sk_common.skc_v6_rcv_saddr);
-		BPF_CORE_READ_INTO(a->raddr, sk, __sk_common.skc_v6_daddr);
+		BPF_CORE_READ_INTO((struct in6_addr *)a->laddr, sk, __sk_common.skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO((struct in6_addr *)a->raddr, sk, __sk_common.skc_v6_daddr);
 	}
 }
 

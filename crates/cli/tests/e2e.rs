@@ -1,0 +1,258 @@
+//! End to end: the built `leakscope` binary traces real C fixtures with
+//! known, prime-numbered leaks; counts and acquiring functions must be
+//! exact, and balanced call sites must never be reported.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use leakscope_testutil::{expected_leaks, fixture, fixture_with, require_root};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_leakscope");
+
+fn leakscope(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run leakscope")
+}
+
+/// Runs `leakscope run --format json` on `cmd` and returns the report.
+fn report(cmd: &[&str]) -> Value {
+    let dir = tempfile_dir();
+    let out_path = dir.join("report.json");
+    let out_str = out_path.to_str().unwrap();
+    let mut args = vec!["run", "--format", "json", "-o", out_str, "--"];
+    args.extend_from_slice(cmd);
+    let out = leakscope(&args);
+    assert!(
+        out.status.code().is_some(),
+        "leakscope died: {:?}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&out_path).unwrap_or_else(|e| {
+        panic!(
+            "no report ({e}); status {:?}, stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "leakscope-e2e-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn stack_has(group: &Value, function: &str) -> bool {
+    group["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["function"].as_str() == Some(function))
+}
+
+/// Checks a fixture's report against its documented leak table.
+fn check_fixture(name: &str, bin: &Path) {
+    let r = report(&[bin.to_str().unwrap()]);
+    assert_eq!(r["events"]["lost"], 0, "{name}: events lost");
+    let groups = r["leaks"].as_array().unwrap();
+    let mut want: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    for e in expected_leaks(name) {
+        *want.entry((e.function, e.kind)).or_default() += e.count as u64;
+    }
+    let mut got: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    let mut unexplained = Vec::new();
+    for g in groups {
+        assert_eq!(g["kind"], "fd");
+        let kind = g["resource"].as_str().unwrap();
+        let count = g["count"].as_u64().unwrap();
+        match want.keys().find(|(f, k)| *k == kind && stack_has(g, f)) {
+            Some(key) => *got.entry(*key).or_default() += count,
+            None => unexplained.push(format!(
+                "{count} {kind}: {}",
+                serde_json::to_string(&g["stack"]).unwrap()
+            )),
+        }
+    }
+    assert!(
+        unexplained.is_empty(),
+        "{name}: reported leaks no fixture function explains (false leaks or \
+         wrong stacks):\n{}",
+        unexplained.join("\n")
+    );
+    assert_eq!(got, want, "{name}: leak counts by acquiring function");
+}
+
+macro_rules! fixture_tests {
+    ($($test:ident => $name:expr),* $(,)?) => {$(
+        #[test]
+        fn $test() {
+            if !require_root(stringify!($test)) {
+                return;
+            }
+            check_fixture($name, &fixture($name));
+        }
+    )*};
+}
+
+fixture_tests! {
+    root_fd_leak => "fd_leak",
+    root_fd_kinds => "fd_kinds",
+    root_net_leak => "net_leak",
+    root_fork_exec => "fork_exec",
+    root_threads => "threads",
+    root_close_range => "close_range",
+    root_short_lived => "short_lived",
+    root_static_leak => "static_leak",
+    root_demo => "demo",
+}
+
+/// Stacks must be right through libc without frame pointers anywhere.
+#[test]
+fn root_fd_leak_without_frame_pointers() {
+    if !require_root("root_fd_leak_without_frame_pointers") {
+        return;
+    }
+    let bin = fixture_with("fd_leak", &["-fomit-frame-pointer"]);
+    check_fixture("fd_leak", &bin);
+}
+
+/// The fopen() leak names its caller and the caller's caller: the frame a
+/// frame-pointer walk from the syscall loses (bcc issue 4958).
+#[test]
+fn root_stack_goes_through_libc_to_main() {
+    if !require_root("root_stack_goes_through_libc_to_main") {
+        return;
+    }
+    let bin = fixture_with("fd_leak", &["-fomit-frame-pointer"]);
+    let r = report(&[bin.to_str().unwrap()]);
+    let g = r["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| stack_has(g, "load_config"))
+        .expect("load_config group");
+    let names: Vec<&str> = g["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["function"].as_str())
+        .collect();
+    let at = |n: &str| names.iter().position(|x| *x == n);
+    let (Some(cfg), Some(main)) = (at("load_config"), at("main")) else {
+        panic!("stack misses load_config or main: {names:?}")
+    };
+    assert!(cfg > 0, "libc frames above load_config expected: {names:?}");
+    assert!(cfg < main, "load_config must be called by main: {names:?}");
+    let line = g["stack"][cfg]["line"].as_u64();
+    assert!(line.is_some(), "load_config frame has no line: {g}");
+    assert!(g["stack_note"].is_null(), "stack incomplete: {}", g["stack_note"]);
+}
+
+/// The JSON v1 contract: these field names are promised to other programs.
+#[test]
+fn root_json_contract_v1() {
+    if !require_root("root_json_contract_v1") {
+        return;
+    }
+    let r = report(&[fixture("net_leak").to_str().unwrap()]);
+    let keys = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(r["version"], 1);
+    for k in ["version", "target", "backend", "duration_s", "events", "leaks"] {
+        assert!(r.get(k).is_some(), "missing top-level field {k}");
+    }
+    assert_eq!(keys(&r["target"]), ["command", "exit_code", "pid"]);
+    assert_eq!(keys(&r["events"]), ["lost", "total"]);
+    assert_eq!(r["backend"], "ebpf");
+    let g = &r["leaks"][0];
+    for k in [
+        "kind", "resource", "count", "bytes", "first_s", "last_s", "examples", "stack",
+    ] {
+        assert!(g.get(k).is_some(), "missing group field {k}: {g}");
+    }
+    let ex = &g["examples"][0];
+    for k in ["pid", "fd", "detail"] {
+        assert!(ex.get(k).is_some(), "missing example field {k}: {ex}");
+    }
+    assert!(
+        ex["detail"].as_str().unwrap().contains("127.0.0.1:"),
+        "socket detail has addresses: {ex}"
+    );
+    let f = &g["stack"][0];
+    for k in ["addr", "function", "file", "line", "module", "inlined"] {
+        assert!(f.get(k).is_some(), "missing frame field {k}: {f}");
+    }
+}
+
+#[test]
+fn root_exit_code_is_the_commands() {
+    if !require_root("root_exit_code_is_the_commands") {
+        return;
+    }
+    let out = leakscope(&["run", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    let out = leakscope(&["run", "--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(out.status.signal(), Some(libc::SIGTERM), "{:?}", out.status);
+}
+
+#[test]
+fn root_fail_on_leak_is_a_ci_gate() {
+    if !require_root("root_fail_on_leak_is_a_ci_gate") {
+        return;
+    }
+    let leaky = fixture("short_lived");
+    let out = leakscope(&["run", "--fail-on-leak", "--", leaky.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3));
+    let out = leakscope(&["run", "--fail-on-leak", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+/// The traced program sees its own stdio and fd numbers, none of ours.
+#[test]
+fn root_target_does_not_notice() {
+    if !require_root("root_target_does_not_notice") {
+        return;
+    }
+    let script = "echo out; echo err >&2; ls /proc/$$/fd | sort -n | tr '\\n' ' '";
+    let plain = Command::new("sh").args(["-c", script]).output().unwrap();
+    let traced = leakscope(&["run", "--", "sh", "-c", script]);
+    assert_eq!(
+        String::from_utf8_lossy(&traced.stdout),
+        String::from_utf8_lossy(&plain.stdout),
+        "stdout and the fd table must be the command's own"
+    );
+    let err = String::from_utf8_lossy(&traced.stderr);
+    assert!(err.starts_with("err\n"), "stderr: {err}");
+}
+
+#[test]
+fn missing_command_is_a_one_line_error() {
+    let out = leakscope(&["run", "--", "/nonexistent/leakscope-test"]);
+    assert_eq!(out.status.code(), Some(127));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("command not found"), "{err}");
+}
+
+#[test]
+fn usage_error_exits_2() {
+    let out = leakscope(&["run"]);
+    assert_eq!(out.status.code(), Some(2));
+}
