@@ -30,7 +30,6 @@ use std::collections::HashMap;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::path::Path;
 use std::process::{Child, Command};
 use std::rc::Rc;
 use std::time::Duration;
@@ -54,8 +53,8 @@ mod skel {
 pub enum Error {
     /// Loading BPF programs was refused.
     #[error(
-        "loading eBPF programs was refused ({source}); the ebpf backend needs root or \
-         CAP_BPF+CAP_PERFMON"
+        "loading eBPF programs was refused ({source}): the ebpf backend needs root or \
+         CAP_BPF+CAP_PERFMON (run leakscope with sudo)"
     )]
     Permission {
         /// What libbpf said.
@@ -107,8 +106,11 @@ fn monotonic_ns() -> u64 {
 }
 
 fn ensure_tracefs() -> Result<(), Error> {
-    let dir = Path::new("/sys/kernel/tracing/events/syscalls");
-    if dir.exists() || Path::new("/sys/kernel/debug/tracing/events/syscalls").exists() {
+    // Look in the mount table rather than at the directory: without
+    // privileges the directory is unreadable even when mounted, and the
+    // load that follows then explains the real problem (permissions).
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("tracefs")) {
         return Ok(());
     }
     let src = c"tracefs";
@@ -140,6 +142,11 @@ impl Tracer {
     /// Loads and attaches the programs. Nothing is traced until
     /// [`Tracer::spawn`] or [`Tracer::trace_pid`].
     pub fn new(_config: Config) -> Result<Tracer, Error> {
+        // libbpf's own logging is many lines per failure; errors come back
+        // as values and are reported in one line. LEAKSCOPE_DEBUG=1 shows it.
+        if std::env::var_os("LEAKSCOPE_DEBUG").is_none() {
+            libbpf_rs::set_print(None);
+        }
         ensure_tracefs()?;
         let open_object = Box::leak(Box::new(MaybeUninit::uninit()));
         let builder = skel::LeakscopeSkelBuilder::default();
