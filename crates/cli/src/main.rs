@@ -4,6 +4,7 @@
 //! This crate is wiring only: flags → [`pipeline::Config`] → backend →
 //! ledger → stacks → symbolize → report.
 
+mod backends;
 mod pipeline;
 mod signals;
 
@@ -38,7 +39,9 @@ EXAMPLES:
   leakscope run -- ./server --port 8080
   leakscope run --format json -o report.json -- ./myprog
   leakscope run --fail-on-leak -- ./test-binary
-  leakscope run --track fd --top 5 -- make check";
+  leakscope run --track fd --top 5 -- make check
+  leakscope run --track fd,heap -- ./myprog
+  leakscope run --backend preload --track heap -- ./myprog   # no root needed";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -72,14 +75,18 @@ pub enum Format {
 pub enum Track {
     /// File descriptors of every kind (files, sockets, pipes, ...).
     Fd,
+    /// Heap blocks (malloc family, C++ new) never freed.
+    Heap,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendChoice {
-    /// The best backend available (ebpf for fds).
+    /// The best backend for each kind: ebpf for fds, preload for the heap.
     Auto,
     /// eBPF syscall tracepoints; needs root or CAP_BPF+CAP_PERFMON.
     Ebpf,
+    /// An LD_PRELOAD shim interposing the allocator; no privileges; heap only.
+    Preload,
 }
 
 #[derive(clap::Args, Debug)]
@@ -130,6 +137,15 @@ fn main() -> ExitCode {
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = pipeline::Config {
         command: args.command.clone(),
+        tracking: backends::Tracking {
+            fd: args.track.contains(&Track::Fd),
+            heap: args.track.contains(&Track::Heap),
+        },
+        backend: match args.backend {
+            BackendChoice::Auto => backends::Choice::Auto,
+            BackendChoice::Ebpf => backends::Choice::Ebpf,
+            BackendChoice::Preload => backends::Choice::Preload,
+        },
     };
     let outcome = pipeline::run(&config)?;
     let leaks_found = !outcome.report.leaks.is_empty();

@@ -31,12 +31,14 @@ impl std::fmt::Display for Fatal {
 
 impl std::error::Error for Fatal {}
 
-fn fatal(code: u8, message: String) -> anyhow::Error {
+pub(crate) fn fatal(code: u8, message: String) -> anyhow::Error {
     Fatal { code, message }.into()
 }
 
 pub struct Config {
     pub command: Vec<String>,
+    pub tracking: crate::backends::Tracking,
+    pub backend: crate::backends::Choice,
 }
 
 pub enum Status {
@@ -77,20 +79,13 @@ fn resolve(prog: &str) -> anyhow::Result<PathBuf> {
     Err(fatal(exit::NOT_FOUND, format!("command not found: {prog}")))
 }
 
-fn open_backend() -> anyhow::Result<Box<dyn Backend>> {
-    match leakscope_ebpf::Tracer::new(Default::default()) {
-        Ok(t) => Ok(Box::new(t)),
-        Err(e) => Err(fatal(exit::ERROR, e.to_string())),
-    }
-}
-
 /// How long to keep reading after the last process exited, for events
 /// still in flight.
 const DRAIN: Duration = Duration::from_millis(50);
 
 pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     let prog = resolve(&config.command[0])?;
-    let mut backend = open_backend()?;
+    let mut backend = crate::backends::open(config.tracking, config.backend)?;
     signals::install();
 
     let start = Instant::now();
@@ -112,7 +107,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
             .poll(Duration::from_millis(50), &mut |ev| batch.push(ev))
             .map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
         for ev in batch.drain(..) {
-            apply(&ev, &mut *backend, &mut ledger, &mut maps, &mut live);
+            apply(&ev, &mut backend, &mut ledger, &mut maps, &mut live);
         }
         if let Some(sig) = signals::take() {
             if signals::forwarded(sig) && status.is_none() {
@@ -133,11 +128,18 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
             if done {
                 let since = *gone_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= DRAIN {
-                    backend
-                        .poll(Duration::ZERO, &mut |ev| batch.push(ev))
-                        .map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
-                    for ev in batch.drain(..) {
-                        apply(&ev, &mut *backend, &mut ledger, &mut maps, &mut live);
+                    // Read until nothing more arrives (bounded).
+                    let deadline = Instant::now() + Duration::from_secs(2);
+                    loop {
+                        backend
+                            .poll(Duration::from_millis(10), &mut |ev| batch.push(ev))
+                            .map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
+                        if batch.is_empty() || Instant::now() > deadline {
+                            break;
+                        }
+                        for ev in batch.drain(..) {
+                            apply(&ev, &mut backend, &mut ledger, &mut maps, &mut live);
+                        }
                     }
                     break;
                 }
@@ -155,7 +157,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     let events = ledger.events();
     let lost = ledger.lost();
     let leaks = ledger.finish();
-    let groups = build_groups(leaks, &mut *backend, &maps, duration.as_secs_f64());
+    let groups = build_groups(leaks, &mut backend, &maps, duration.as_secs_f64());
     let mut notes = Vec::new();
     if lost > 0 {
         notes.push(format!(
@@ -295,10 +297,16 @@ fn build_groups(
             };
             let mut acquired_by: Vec<String> = Vec::new();
             for l in &g.leaks {
-                if let Resource::Fd(a) = &l.resource {
-                    if !acquired_by.contains(&a.syscall) {
-                        acquired_by.push(a.syscall.clone());
-                    }
+                let by = match &l.resource {
+                    Resource::Fd(a) => a.syscall.clone(),
+                    // The allocator entry point the shim interposed.
+                    Resource::Heap(_) => stack
+                        .first()
+                        .and_then(|f| f.function.clone())
+                        .unwrap_or_else(|| "malloc".into()),
+                };
+                if !acquired_by.contains(&by) {
+                    acquired_by.push(by);
                 }
             }
             let examples = g

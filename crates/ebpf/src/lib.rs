@@ -87,6 +87,7 @@ type StackCache = HashMap<u64, RawStack>;
 
 /// A loaded and attached eBPF tracer.
 pub struct Tracer {
+    base: u64,
     links: Vec<libbpf_rs::Link>,
     skel: skel::LeakscopeSkel<'static>,
     ring: RingBuffer<'static>,
@@ -157,7 +158,7 @@ impl Tracer {
         if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
             ro.spawner_pid = std::process::id();
         }
-        let mut skel = open.load().map_err(|source| {
+        let skel = open.load().map_err(|source| {
             if is_permission(&source) {
                 Error::Permission { source }
             } else {
@@ -216,6 +217,7 @@ impl Tracer {
             source,
         })?;
         Ok(Tracer {
+            base,
             links,
             skel,
             ring,
@@ -667,6 +669,10 @@ fn exec_mappings(path: &str, start_code: u64, at_base: u64) -> Vec<Mapping> {
 impl leakscope_event::Backend for Tracer {
     fn name(&self) -> &'static str {
         "ebpf"
+    }
+
+    fn time_base(&self) -> u64 {
+        self.base
     }
 
     fn spawn(&mut self, cmd: &mut Command) -> io::Result<Child> {

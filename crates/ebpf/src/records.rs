@@ -2,7 +2,6 @@
 
 use std::mem::size_of;
 
-pub const STACK_MAX: usize = 8192;
 pub const DETAIL_MAX: usize = 256;
 pub const PATH_PARTS: usize = 16;
 pub const PART_MAX: usize = 64;
@@ -18,8 +17,6 @@ pub const EV_MMAP: u32 = 7;
 pub const EV_EXIT: u32 = 8;
 
 pub const ACQ_CLOEXEC: u32 = 1;
-pub const ACQ_NO_STACK: u32 = 2;
-pub const ACQ_NO_BLOB: u32 = 4;
 
 pub const CNT_RB_DROP: u32 = 0;
 pub const CNT_BLOB_FULL: u32 = 1;

@@ -315,6 +315,25 @@ pub enum Event {
 }
 
 impl Event {
+    /// The event's timestamp.
+    pub fn time_mut(&mut self) -> &mut TimeNs {
+        match self {
+            Event::Acquire(a) => &mut a.time,
+            Event::Release { time, .. }
+            | Event::CloseRange { time, .. }
+            | Event::SetCloexec { time, .. }
+            | Event::Describe { time, .. }
+            | Event::Fork { time, .. }
+            | Event::Exec { time, .. }
+            | Event::Map { time, .. }
+            | Event::Exit { time, .. }
+            | Event::Alloc { time, .. }
+            | Event::Free { time, .. }
+            | Event::HeapEnd { time, .. }
+            | Event::Lost { time, .. } => time,
+        }
+    }
+
     /// The process an event concerns, if one.
     pub fn pid(&self) -> Option<Pid> {
         match self {
@@ -361,6 +380,14 @@ pub enum RawStack {
 pub trait Backend {
     /// Short name for reports (`ebpf`, `preload`, ...).
     fn name(&self) -> &'static str;
+    /// Adjusts `cmd` (environment, ...) so that it is traced once another
+    /// backend spawns it; used when several backends trace one launch.
+    fn prepare(&mut self, _cmd: &mut std::process::Command) {}
+    /// The CLOCK_MONOTONIC nanoseconds that this backend's `TimeNs(0)`
+    /// stands for, so streams of several backends can share one clock.
+    fn time_base(&self) -> u64 {
+        0
+    }
     /// Starts `cmd` under tracing.
     fn spawn(&mut self, cmd: &mut std::process::Command) -> std::io::Result<std::process::Child>;
     /// Waits up to `timeout` for events and hands each to `sink` in order.

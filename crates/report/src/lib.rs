@@ -191,6 +191,7 @@ fn is_system(module: &str) -> bool {
         || base.starts_with("libpthread")
         || base.starts_with("libstdc++")
         || base.starts_with("libgcc_s")
+        || base.starts_with("libleakscope_shim")
 }
 
 /// The frame a reader wants named: the first one outside libc and friends

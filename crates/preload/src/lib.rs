@@ -1,0 +1,651 @@
+//! leakscope-preload: the preload backend for heap leaks, no privileges needed.
+//!
+//! Input: a command to launch. Output: [`Event::Alloc`], [`Event::Free`],
+//! [`Event::Map`], [`Event::Fork`], [`Event::Exec`], [`Event::HeapEnd`] and
+//! [`Event::Lost`] for the command and every child it forks or execs, plus
+//! [`RawStack::Unwound`] stacks on demand.
+//!
+//! How: [`Preload::spawn`] starts the command with
+//! `LD_PRELOAD=libleakscope_shim.so` (prepended to any existing value) and
+//! `LEAKSCOPE_SHIM_SOCK` naming a unix socket in a private temporary
+//! directory. Each process image the shim is loaded into (the command, each
+//! fork child, each exec) connects once and streams records (format below);
+//! [`Preload::poll`] accepts connections and decodes them without blocking.
+//! When a connection ends the image's heap is gone, so [`Event::HeapEnd`]
+//! follows. Stacks were unwound in the traced process (from `.eh_frame`,
+//! so frame pointers are not needed); stack ids are namespaced per
+//! connection: `StackId(connection << 32 | id)`.
+//!
+//! ```no_run
+//! use leakscope_event::{Backend, Event};
+//! use leakscope_preload::Preload;
+//!
+//! let mut preload = Preload::new().unwrap();
+//! let mut child = preload.spawn(&mut std::process::Command::new("/bin/ls")).unwrap();
+//! let mut allocs = 0;
+//! while preload.has_connections() || child.try_wait().unwrap().is_none() {
+//!     preload
+//!         .poll(std::time::Duration::from_millis(50), &mut |e| {
+//!             if matches!(e, Event::Alloc { .. }) {
+//!                 allocs += 1;
+//!             }
+//!         })
+//!         .unwrap();
+//! }
+//! println!("{allocs} allocations");
+//! ```
+//!
+//! `cargo run --release -p leakscope-preload --example heap_trace -- ./prog`
+//! runs that loop, keeps a table of live blocks and prints the leaked ones
+//! grouped by stack (see `examples/heap_trace.rs`).
+//!
+//! # Wire format (version 1)
+//! A stream of records, little-endian, unpadded; a tag byte, then the body:
+//!
+//! | tag | record | body |
+//! |-----|--------|------|
+//! | 1 | HELLO | `version:u16 kind:u8 pid:u32 ppid:u32 time:u64 len:u16 exe:[u8; len]`; kind 0: new image (start or exec), 1: fork child |
+//! | 2 | ALLOC | `time:u64 tid:u32 addr:u64 size:u64 stack:u32` |
+//! | 3 | FREE | `time:u64 addr:u64` |
+//! | 4 | STACK | `id:u32 n:u16 addrs:[u64; n]`, `addrs[0]` the interposed function, then return addresses |
+//! | 5 | MAP | `time:u64 start:u64 end:u64 offset:u64 len:u16 path:[u8; len]` |
+//! | 6 | LOST | `count:u64` |
+//!
+//! HELLO is first; a STACK precedes the first ALLOC naming it; stack id 0:
+//! none captured. Times are `CLOCK_MONOTONIC` ns; events carry them
+//! relative to [`Preload::new`].
+//!
+//! It does not:
+//! - track fds (use the ebpf backend; glibc-internal fd calls bypass
+//!   LD_PRELOAD hooks);
+//! - trace statically linked or setuid programs (the loader ignores
+//!   `LD_PRELOAD` for them) or attach to running processes;
+//! - symbolize or decide what leaked (that is the ledger's job).
+#![deny(missing_docs)]
+
+mod wire;
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use leakscope_event::{
+    AbsAddr, Backend, Event, FileOffset, Mapping, Pid, RawStack, StackId, Tid, TimeNs,
+};
+
+use crate::wire::{decode, Decoded, Record};
+
+/// File name of the shim library.
+pub const SHIM_NAME: &str = "libleakscope_shim.so";
+
+/// Environment variable overriding where the shim is.
+pub const SHIM_ENV: &str = "LEAKSCOPE_SHIM";
+
+/// Environment variable through which the shim learns the socket path.
+pub const SOCK_ENV: &str = "LEAKSCOPE_SHIM_SOCK";
+
+/// How much one connection may read per [`Preload::poll`] before the others
+/// get their turn.
+const READ_BUDGET: usize = 8 << 20;
+
+/// How long to wait for an exec'd image's old connection to end.
+const EXEC_DRAIN: Duration = Duration::from_secs(2);
+
+/// Errors of the preload backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The shim library is not where it should be.
+    #[error(
+        "the heap shim {path} is missing (build it with `cargo build -p leakscope-shim`, \
+         or point {SHIM_ENV} at libleakscope_shim.so)"
+    )]
+    ShimMissing {
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// The current executable's path is unknown.
+    #[error("cannot find the current executable to locate the heap shim")]
+    CurrentExe {
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The collector socket could not be set up.
+    #[error("cannot create the collector socket in {dir}")]
+    Socket {
+        /// The directory it was made in.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading from the shim or waiting for it failed.
+    #[error("reading heap events from the shim failed")]
+    Io {
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A shim sent bytes that are not records (a version mismatch or a bug).
+    #[error("malformed record from pid {pid}: {what}")]
+    Protocol {
+        /// The sender (0 before its HELLO).
+        pid: u32,
+        /// What was wrong.
+        what: String,
+    },
+}
+
+/// Where the shim is: `$LEAKSCOPE_SHIM` if set, else `libleakscope_shim.so`
+/// next to the current executable, or one directory up (so that cargo's
+/// `target/<profile>/{deps,examples}/` binaries find
+/// `target/<profile>/libleakscope_shim.so`).
+pub fn shim_path() -> Result<PathBuf, Error> {
+    if let Some(p) = std::env::var_os(SHIM_ENV) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(Error::ShimMissing { path: p })
+        };
+    }
+    let exe = std::env::current_exe().map_err(|source| Error::CurrentExe { source })?;
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    let here = dir.join(SHIM_NAME);
+    if here.is_file() {
+        return Ok(here);
+    }
+    if let Some(up) = dir.parent().map(|d| d.join(SHIM_NAME)) {
+        if up.is_file() {
+            return Ok(up);
+        }
+    }
+    Err(Error::ShimMissing { path: here })
+}
+
+/// One shim connection: one process image.
+struct Conn {
+    stream: UnixStream,
+    /// Bytes received and not yet decoded.
+    buf: Vec<u8>,
+    /// Namespace of its stack ids.
+    ns: u64,
+    /// From its HELLO.
+    pid: Option<u32>,
+    /// Read to EOF and finished (HeapEnd sent).
+    done: bool,
+}
+
+/// The preload backend: launches commands with the heap shim and collects
+/// its records. See the crate docs.
+pub struct Preload {
+    shim: PathBuf,
+    dir: PathBuf,
+    sock: PathBuf,
+    listener: UnixListener,
+    conns: Vec<Conn>,
+    next_ns: u64,
+    stacks: HashMap<u64, Vec<AbsAddr>>,
+    /// Pids that had a connection, to tell an exec from a first start.
+    seen: HashSet<u32>,
+    /// CLOCK_MONOTONIC at creation: time zero of the events.
+    t0: u64,
+}
+
+impl std::fmt::Debug for Preload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Preload")
+            .field("shim", &self.shim)
+            .field("sock", &self.sock)
+            .field("connections", &self.conns.len())
+            .field("stacks", &self.stacks.len())
+            .finish()
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// mkdtemp(3) under `base`: a directory only we can enter.
+fn private_dir(base: &Path) -> io::Result<PathBuf> {
+    let mut tmpl = base.join("leakscope-XXXXXX").into_os_string().into_vec();
+    tmpl.push(0);
+    // SAFETY: `tmpl` is NUL-terminated and writable.
+    let p = unsafe { libc::mkdtemp(tmpl.as_mut_ptr() as *mut libc::c_char) };
+    if p.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    tmpl.pop();
+    Ok(PathBuf::from(OsString::from_vec(tmpl)))
+}
+
+impl Preload {
+    /// Finds the shim with [`shim_path`] and listens on a fresh socket.
+    pub fn new() -> Result<Preload, Error> {
+        Self::with_shim(shim_path()?)
+    }
+
+    /// Uses the shim at `shim` and listens on a fresh socket.
+    pub fn with_shim(shim: PathBuf) -> Result<Preload, Error> {
+        if !shim.is_file() {
+            return Err(Error::ShimMissing { path: shim });
+        }
+        let shim = shim.canonicalize().unwrap_or(shim);
+        // sun_path holds 108 bytes: fall back to /tmp for long $TMPDIRs.
+        let mut base = std::env::temp_dir();
+        if base.as_os_str().len() > 64 {
+            base = PathBuf::from("/tmp");
+        }
+        let dir = private_dir(&base).map_err(|source| Error::Socket {
+            dir: base.clone(),
+            source,
+        })?;
+        let sock = dir.join("shim.sock");
+        // std creates the socket with SOCK_CLOEXEC.
+        let listener = UnixListener::bind(&sock)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| {
+                let _ = std::fs::remove_dir_all(&dir);
+                Error::Socket {
+                    dir: dir.clone(),
+                    source,
+                }
+            })?;
+        Ok(Preload {
+            shim,
+            dir,
+            sock,
+            listener,
+            conns: Vec::new(),
+            next_ns: 1,
+            stacks: HashMap::new(),
+            seen: HashSet::new(),
+            t0: monotonic_ns(),
+        })
+    }
+
+    /// The shim library this backend preloads.
+    pub fn shim(&self) -> &Path {
+        &self.shim
+    }
+
+    /// The socket the shims connect to.
+    pub fn socket_path(&self) -> &Path {
+        &self.sock
+    }
+
+    /// Whether some traced process image is still connected (or has
+    /// unread records).
+    pub fn has_connections(&self) -> bool {
+        !self.conns.is_empty()
+    }
+
+    /// Starts `cmd` with the shim preloaded (see [`Backend::spawn`]).
+    pub fn spawn(&mut self, cmd: &mut Command) -> io::Result<Child> {
+        self.prepare(cmd);
+        cmd.spawn()
+    }
+
+    /// Sets `LD_PRELOAD` (prepended to any existing value) and the collector
+    /// socket in `cmd`'s environment, for a launcher that spawns it itself.
+    pub fn prepare(&mut self, cmd: &mut Command) {
+        let existing = cmd
+            .get_envs()
+            .find(|(k, _)| *k == "LD_PRELOAD")
+            .map(|(_, v)| v.map(|v| v.to_owned()))
+            .unwrap_or_else(|| std::env::var_os("LD_PRELOAD"));
+        let mut value = self.shim.clone().into_os_string();
+        if let Some(e) = existing.filter(|e| !e.is_empty()) {
+            value.push(":");
+            value.push(e);
+        }
+        cmd.env("LD_PRELOAD", value).env(SOCK_ENV, &self.sock);
+    }
+
+    fn rel(&self, t: u64) -> TimeNs {
+        TimeNs(t.saturating_sub(self.t0))
+    }
+
+    fn now(&self) -> TimeNs {
+        self.rel(monotonic_ns())
+    }
+
+    /// Accepts pending connections.
+    fn accept(&mut self) -> Result<(), Error> {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    stream
+                        .set_nonblocking(true)
+                        .map_err(|source| Error::Io { source })?;
+                    self.conns.push(Conn {
+                        stream,
+                        buf: Vec::new(),
+                        ns: self.next_ns,
+                        pid: None,
+                        done: false,
+                    });
+                    self.next_ns += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(Error::Io { source }),
+            }
+        }
+    }
+
+    /// Reads what connection `i` has (up to `budget` bytes, or to EOF when
+    /// `wait` is set, waiting at most that long), decodes it, and finishes
+    /// it at EOF.
+    fn service(
+        &mut self,
+        i: usize,
+        budget: usize,
+        wait: Option<Duration>,
+        sink: &mut dyn FnMut(Event),
+    ) -> Result<(), Error> {
+        let deadline = wait.map(|w| Instant::now() + w);
+        let mut eof = false;
+        let mut got = 0;
+        let mut chunk = vec![0u8; 256 * 1024];
+        while got < budget {
+            match self.conns[i].stream.read(&mut chunk) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    got += n;
+                    self.conns[i].buf.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let Some(deadline) = deadline else { break };
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    let mut pfd = libc::pollfd {
+                        fd: self.conns[i].stream.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32 + 1) };
+                }
+                // ECONNRESET and the like: the process is gone.
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        self.decode_buffered(i, sink)?;
+        if eof {
+            self.finish(i, sink);
+        }
+        Ok(())
+    }
+
+    /// Ends connection `i`: its image's heap is gone.
+    fn finish(&mut self, i: usize, sink: &mut dyn FnMut(Event)) {
+        let c = &mut self.conns[i];
+        if c.done {
+            return;
+        }
+        c.done = true;
+        let leftover = !c.buf.is_empty();
+        let pid = c.pid;
+        let time = self.now();
+        if leftover {
+            // A record cut short: the process died mid-write.
+            sink(Event::Lost { time, count: 1 });
+        }
+        if let Some(pid) = pid {
+            sink(Event::HeapEnd {
+                time,
+                pid: Pid(pid),
+            });
+        }
+    }
+
+    fn decode_buffered(&mut self, i: usize, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
+        let buf = std::mem::take(&mut self.conns[i].buf);
+        let mut off = 0;
+        let result = loop {
+            match decode(&buf[off..]) {
+                Decoded::Incomplete => break Ok(()),
+                Decoded::BadTag(t) => {
+                    break Err(Error::Protocol {
+                        pid: self.conns[i].pid.unwrap_or(0),
+                        what: format!("unknown tag {t} at byte {off} of a batch"),
+                    })
+                }
+                Decoded::Record(rec, used) => {
+                    off += used;
+                    if let Err(e) = self.apply(i, rec, sink) {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        let rest = buf[off..].to_vec();
+        let c = &mut self.conns[i];
+        // Records that arrived while we drained another connection first.
+        let newer = std::mem::take(&mut c.buf);
+        c.buf = rest;
+        c.buf.extend_from_slice(&newer);
+        result
+    }
+
+    fn apply(&mut self, i: usize, rec: Record, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
+        let ns = self.conns[i].ns;
+        let Some(pid) = self.conns[i].pid else {
+            let Record::Hello {
+                version,
+                fork_child,
+                pid,
+                ppid,
+                time,
+                exe,
+            } = rec
+            else {
+                return Err(Error::Protocol {
+                    pid: 0,
+                    what: "the first record is not HELLO".into(),
+                });
+            };
+            if version != wire::VERSION {
+                return Err(Error::Protocol {
+                    pid,
+                    what: format!("shim speaks version {version}, expected {}", wire::VERSION),
+                });
+            }
+            self.conns[i].pid = Some(pid);
+            let time = self.rel(time);
+            if fork_child {
+                sink(Event::Fork {
+                    time,
+                    parent: Pid(ppid),
+                    child: Pid(pid),
+                    shares_table: false,
+                });
+            } else if self.seen.contains(&pid) {
+                // execve(2) closed the old image's connection (CLOEXEC):
+                // read it to its end so its HeapEnd comes before the new
+                // image's events.
+                for j in 0..self.conns.len() {
+                    if j != i && !self.conns[j].done && self.conns[j].pid == Some(pid) {
+                        self.service(j, usize::MAX, Some(EXEC_DRAIN), sink)?;
+                        self.finish(j, sink);
+                    }
+                }
+                sink(Event::Exec {
+                    time,
+                    pid: Pid(pid),
+                    path: exe,
+                    open_fds: None,
+                });
+            }
+            self.seen.insert(pid);
+            return Ok(());
+        };
+        let pid = Pid(pid);
+        match rec {
+            Record::Hello { .. } => {
+                return Err(Error::Protocol {
+                    pid: pid.0,
+                    what: "a second HELLO".into(),
+                })
+            }
+            Record::Alloc {
+                time,
+                tid,
+                addr,
+                size,
+                stack,
+            } => sink(Event::Alloc {
+                time: self.rel(time),
+                pid,
+                tid: Tid(tid),
+                addr: AbsAddr(addr),
+                size,
+                stack: StackId(ns << 32 | stack as u64),
+            }),
+            Record::Free { time, addr } => sink(Event::Free {
+                time: self.rel(time),
+                pid,
+                addr: AbsAddr(addr),
+            }),
+            Record::Stack { id, addrs } => {
+                self.stacks.insert(
+                    ns << 32 | id as u64,
+                    addrs.into_iter().map(AbsAddr).collect(),
+                );
+            }
+            Record::Map {
+                time,
+                start,
+                end,
+                offset,
+                path,
+            } => sink(Event::Map {
+                time: self.rel(time),
+                pid,
+                mapping: Mapping {
+                    start: AbsAddr(start),
+                    end: AbsAddr(end),
+                    offset: FileOffset(offset),
+                    path,
+                },
+            }),
+            Record::Lost { count } => sink(Event::Lost {
+                time: self.now(),
+                count,
+            }),
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for records and hands the events to `sink`
+    /// (see [`Backend::poll`]).
+    pub fn poll(&mut self, timeout: Duration, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
+        let mut pfds: Vec<libc::pollfd> = std::iter::once(self.listener.as_raw_fd())
+            .chain(self.conns.iter().map(|c| c.stream.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `pfds` is a valid array of pollfd.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            let source = io::Error::last_os_error();
+            if source.kind() == io::ErrorKind::Interrupted {
+                return Ok(());
+            }
+            return Err(Error::Io { source });
+        }
+        let ready: Vec<bool> = pfds[1..].iter().map(|p| p.revents != 0).collect();
+        // Existing connections first: a new connection may be an exec that
+        // needs the old one finished.
+        for (i, r) in ready.into_iter().enumerate() {
+            if r && !self.conns[i].done {
+                self.service(i, READ_BUDGET, None, sink)?;
+            }
+        }
+        if pfds[0].revents != 0 {
+            let before = self.conns.len();
+            self.accept()?;
+            for i in before..self.conns.len() {
+                self.service(i, READ_BUDGET, None, sink)?;
+            }
+        }
+        self.conns.retain(|c| !c.done);
+        Ok(())
+    }
+
+    /// The stack behind `id` (see [`Backend::raw_stack`]).
+    pub fn raw_stack(&self, id: StackId) -> RawStack {
+        match self.stacks.get(&id.0) {
+            Some(a) => RawStack::Unwound(a.clone()),
+            None if id.0 & 0xffff_ffff == 0 => RawStack::Missing(
+                "the shim could not capture this stack (signal stack or thread teardown)".into(),
+            ),
+            None => RawStack::Missing(format!("unknown stack id {:#x}", id.0)),
+        }
+    }
+}
+
+impl Drop for Preload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.sock);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+impl Backend for Preload {
+    fn name(&self) -> &'static str {
+        "preload"
+    }
+
+    fn spawn(&mut self, cmd: &mut Command) -> io::Result<Child> {
+        Preload::spawn(self, cmd)
+    }
+
+    fn prepare(&mut self, cmd: &mut Command) {
+        Preload::prepare(self, cmd)
+    }
+
+    fn time_base(&self) -> u64 {
+        self.t0
+    }
+
+    fn poll(
+        &mut self,
+        timeout: Duration,
+        sink: &mut dyn FnMut(Event),
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Preload::poll(self, timeout, sink)?)
+    }
+
+    fn raw_stack(&mut self, id: StackId) -> RawStack {
+        Preload::raw_stack(self, id)
+    }
+}
