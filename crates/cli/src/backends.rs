@@ -123,24 +123,24 @@ impl Backend for Combined {
                 let t = ev.time_mut();
                 *t = leakscope_event::TimeNs(t.0.saturating_add_signed(shift));
                 match ev {
-                // With eBPF present, process lifetimes come from the kernel.
-                Event::Fork { .. } | Event::Exec { .. } | Event::Exit { .. } if both => {}
-                Event::Alloc {
-                    time,
-                    pid,
-                    tid,
-                    addr,
-                    size,
-                    stack,
-                } => sink(Event::Alloc {
-                    time,
-                    pid,
-                    tid,
-                    addr,
-                    size,
-                    stack: StackId(stack.0 | HEAP_BIT),
-                }),
-                other => sink(other),
+                    // With eBPF present, process lifetimes come from the kernel.
+                    Event::Fork { .. } | Event::Exec { .. } | Event::Exit { .. } if both => {}
+                    Event::Alloc {
+                        time,
+                        pid,
+                        tid,
+                        addr,
+                        size,
+                        stack,
+                    } => sink(Event::Alloc {
+                        time,
+                        pid,
+                        tid,
+                        addr,
+                        size,
+                        stack: StackId(stack.0 | HEAP_BIT),
+                    }),
+                    other => sink(other),
                 }
             })?;
         }

@@ -128,7 +128,10 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("leakscope: error: {e:#}");
-                ExitCode::from(e.downcast_ref::<pipeline::Fatal>().map_or(exit::ERROR, |f| f.code))
+                ExitCode::from(
+                    e.downcast_ref::<pipeline::Fatal>()
+                        .map_or(exit::ERROR, |f| f.code),
+                )
             }
         },
     }
@@ -163,8 +166,14 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             // Re-raise terminating signals so a shell sees what the command
             // got; core-dumping ones are only reported as 128+N, so that
             // leakscope does not dump core itself.
-            if [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE, libc::SIGKILL]
-                .contains(&sig)
+            if [
+                libc::SIGINT,
+                libc::SIGTERM,
+                libc::SIGHUP,
+                libc::SIGPIPE,
+                libc::SIGKILL,
+            ]
+            .contains(&sig)
             {
                 signals::die_by(sig);
             }

@@ -91,9 +91,12 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     let start = Instant::now();
     let mut cmd = Command::new(&prog);
     cmd.arg0(&config.command[0]).args(&config.command[1..]);
-    let mut child = backend
-        .spawn(&mut cmd)
-        .map_err(|e| fatal(exit::NOT_EXECUTABLE, format!("cannot run {}: {e}", prog.display())))?;
+    let mut child = backend.spawn(&mut cmd).map_err(|e| {
+        fatal(
+            exit::NOT_EXECUTABLE,
+            format!("cannot run {}: {e}", prog.display()),
+        )
+    })?;
     let root = Pid(child.id());
 
     let mut ledger = leakscope_ledger::Ledger::default();
@@ -260,7 +263,12 @@ fn build_groups(
         let u = match &raw {
             RawStack::Missing(why) => (Vec::new(), Some(why.clone())),
             _ => {
-                let u = unwinder.unwind(maps, leak.resource.acquired_by(), leak.resource.time(), &raw);
+                let u = unwinder.unwind(
+                    maps,
+                    leak.resource.acquired_by(),
+                    leak.resource.time(),
+                    &raw,
+                );
                 (u.frames, u.truncated)
             }
         };
@@ -357,7 +365,11 @@ fn build_groups(
 /// person: merge them. Frames without a name keep their address, so
 /// unknown code never merges by accident.
 fn merge_same_source(groups: Vec<Group>) -> Vec<Group> {
-    type Key = (String, String, Vec<(Option<String>, Option<String>, Option<u32>, Option<String>)>);
+    type Key = (
+        String,
+        String,
+        Vec<(Option<String>, Option<String>, Option<u32>, Option<String>)>,
+    );
     let key = |g: &Group| -> Key {
         let frames = g
             .stack

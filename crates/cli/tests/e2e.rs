@@ -159,7 +159,11 @@ fn root_stack_goes_through_libc_to_main() {
     assert!(cfg < main, "load_config must be called by main: {names:?}");
     let line = g["stack"][cfg]["line"].as_u64();
     assert!(line.is_some(), "load_config frame has no line: {g}");
-    assert!(g["stack_note"].is_null(), "stack incomplete: {}", g["stack_note"]);
+    assert!(
+        g["stack_note"].is_null(),
+        "stack incomplete: {}",
+        g["stack_note"]
+    );
 }
 
 /// The JSON v1 contract: these field names are promised to other programs.
@@ -175,7 +179,14 @@ fn root_json_contract_v1() {
         k
     };
     assert_eq!(r["version"], 1);
-    for k in ["version", "target", "backend", "duration_s", "events", "leaks"] {
+    for k in [
+        "version",
+        "target",
+        "backend",
+        "duration_s",
+        "events",
+        "leaks",
+    ] {
         assert!(r.get(k).is_some(), "missing top-level field {k}");
     }
     assert_eq!(keys(&r["target"]), ["command", "exit_code", "pid"]);

@@ -15,7 +15,10 @@ fn main() {
         tracer
             .poll(Duration::from_millis(100), &mut |e| {
                 match &e {
-                    leakscope_event::Event::Fork { shares_table: false, .. } => live += 1,
+                    leakscope_event::Event::Fork {
+                        shares_table: false,
+                        ..
+                    } => live += 1,
                     leakscope_event::Event::Exit { .. } => live -= 1,
                     _ => {}
                 }

@@ -111,7 +111,10 @@ fn ensure_tracefs() -> Result<(), Error> {
     // privileges the directory is unreadable even when mounted, and the
     // load that follows then explains the real problem (permissions).
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("tracefs")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("tracefs"))
+    {
         return Ok(());
     }
     let src = c"tracefs";
@@ -133,10 +136,8 @@ fn ensure_tracefs() -> Result<(), Error> {
 }
 
 fn is_permission(e: &libbpf_rs::Error) -> bool {
-    matches!(
-        e.kind(),
-        libbpf_rs::ErrorKind::PermissionDenied
-    ) || e.to_string().contains("Operation not permitted")
+    matches!(e.kind(), libbpf_rs::ErrorKind::PermissionDenied)
+        || e.to_string().contains("Operation not permitted")
 }
 
 impl Tracer {
@@ -348,9 +349,10 @@ impl Tracer {
             return RawStack::Missing("the stack map was full or the stack unreadable".into());
         }
         self.retain_stack(id);
-        self.stacks.get(&id.0).cloned().unwrap_or_else(|| {
-            RawStack::Missing("stack released before it could be read".into())
-        })
+        self.stacks
+            .get(&id.0)
+            .cloned()
+            .unwrap_or_else(|| RawStack::Missing("stack released before it could be read".into()))
     }
 }
 
@@ -445,7 +447,10 @@ fn type_name(t: u64) -> String {
 
 fn endpoint(family: u16, addr: &[u8; 16], port: u16) -> String {
     match family {
-        2 => format!("{}:{port}", Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
+        2 => format!(
+            "{}:{port}",
+            Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])
+        ),
         10 => format!("[{}]:{port}", Ipv6Addr::from(*addr)),
         _ => "?".into(),
     }
@@ -572,11 +577,7 @@ fn decode(bytes: &[u8], base: u64, queue: &mut Vec<Event>) -> Option<Event> {
             // The kernel mapped the program and its interpreter itself: no
             // mmap(2) to see, so derive their mappings from the ELF headers.
             for mapping in exec_mappings(&path, e.start_code, e.at_base) {
-                queue.push(Event::Map {
-                    time,
-                    pid,
-                    mapping,
-                });
+                queue.push(Event::Map { time, pid, mapping });
             }
             None
         }

@@ -234,7 +234,7 @@ impl Unwinder {
                     break Some(format!(
                         "truncated: the next frame lies beyond the {}-byte stack copy",
                         bytes.len()
-                    ))
+                    ));
                 }
                 Err(e) => break Some(format!("unwinding stopped: {e}")),
             }
