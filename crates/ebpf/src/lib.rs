@@ -264,6 +264,12 @@ impl Tracer {
             what: "ring buffer poll",
             source,
         })?;
+        // Records are submitted without a wakeup until enough wait, so a
+        // timed-out poll must still read what is there.
+        self.ring.consume().map_err(|source| Error::Bpf {
+            what: "ring buffer consume",
+            source,
+        })?;
         self.drain(sink);
         Ok(())
     }
