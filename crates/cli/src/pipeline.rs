@@ -274,6 +274,19 @@ fn build_groups(
         };
         unwound.insert(id, u);
     }
+    // The preload shim's connection to leakscope lives in the traced
+    // process; it is ours, not the program's.
+    let leaks: Vec<Leak> = leaks
+        .into_iter()
+        .filter(|l| {
+            !matches!(l.resource, Resource::Fd(_))
+                || !unwound[&l.resource.stack()].0.iter().any(|f| {
+                    f.module
+                        .as_ref()
+                        .is_some_and(|m| m.path.ends_with(leakscope_preload::SHIM_NAME))
+                })
+        })
+        .collect();
     let groups = group(leaks, |l| {
         let (frames, _) = &unwound[&l.resource.stack()];
         let (kind, resource) = match &l.resource {

@@ -1,0 +1,146 @@
+//! End to end for heap leaks through `leakscope run`: the preload backend
+//! alone (no privileges) and together with eBPF for fds on one launch.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use leakscope_testutil::{fixture, require_root, workspace_root};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_leakscope");
+
+/// leakscope finds the shim next to itself; cargo does not build a cdylib
+/// nothing depends on, so build it into the same profile directory.
+fn ensure_shim() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let bin_dir = Path::new(BIN).parent().expect("bin dir");
+        if bin_dir.join("libleakscope_shim.so").exists() {
+            return;
+        }
+        let target = bin_dir.parent().expect("target dir");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "-q", "-p", "leakscope-shim"])
+            .env("CARGO_TARGET_DIR", target);
+        if bin_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().expect("cargo build").success(),
+            "building the shim failed"
+        );
+    });
+}
+
+fn heap_fixture(name: &str) -> PathBuf {
+    let out = workspace_root().join("target/fixtures");
+    std::fs::create_dir_all(&out).unwrap();
+    let bin = out.join(format!("heap-{name}-{}", std::process::id()));
+    let src = workspace_root().join(format!("fixtures/heap/{name}.c"));
+    let st = Command::new("cc")
+        .args(["-g", "-O2", "-fomit-frame-pointer", "-pthread", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .expect("run cc");
+    assert!(st.success(), "compiling {}", src.display());
+    bin
+}
+
+fn report(args: &[&str], cmd: &Path) -> Value {
+    ensure_shim();
+    let out_path = std::env::temp_dir().join(format!(
+        "leakscope-heap-{}-{}.json",
+        std::process::id(),
+        cmd.file_name().unwrap().to_string_lossy()
+    ));
+    let mut all = vec!["run", "--format", "json", "-o", out_path.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.push("--");
+    all.push(cmd.to_str().unwrap());
+    let out = Command::new(BIN)
+        .args(&all)
+        .output()
+        .expect("run leakscope");
+    let text = std::fs::read_to_string(&out_path).unwrap_or_else(|e| {
+        panic!(
+            "no report ({e}): {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let _ = std::fs::remove_file(&out_path);
+    serde_json::from_str(&text).expect("JSON")
+}
+
+fn functions(g: &Value) -> Vec<String> {
+    g["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["function"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Seed 003: wrapper1 leaks 13 x 64 bytes through strdup in parse_line;
+/// wrapper2's blocks are freed and must not appear. No privileges needed.
+#[test]
+fn heap_leaks_with_the_preload_backend() {
+    let bin = heap_fixture("nested");
+    let r = report(&["--backend", "preload", "--track", "heap"], &bin);
+    assert_eq!(r["backend"], "preload");
+    assert_eq!(r["events"]["lost"], 0);
+    let leaks = r["leaks"].as_array().unwrap();
+    assert_eq!(leaks.len(), 1, "exactly one leaking stack: {leaks:#?}");
+    let g = &leaks[0];
+    assert_eq!(
+        (g["kind"].as_str(), g["count"].as_u64()),
+        (Some("heap"), Some(13))
+    );
+    assert_eq!(g["bytes"], 832);
+    let f = functions(g);
+    let at = |n: &str| f.iter().position(|x| x == n);
+    assert!(
+        at("parse_line") < at("wrapper1")
+            && at("wrapper1") < at("main")
+            && at("parse_line").is_some(),
+        "stack {f:?}"
+    );
+    assert!(!f.iter().any(|x| x == "wrapper2" || x == "balanced_alloc"));
+    let _ = std::fs::remove_file(bin);
+}
+
+/// fds from eBPF and heap from the shim on one launch: an fopen() that is
+/// never fclose()d leaks both the fd and the FILE.
+#[test]
+fn root_fd_and_heap_together() {
+    if !require_root("root_fd_and_heap_together") {
+        return;
+    }
+    let r = report(&["--track", "fd,heap"], &fixture("fd_leak"));
+    assert_eq!(r["backend"], "ebpf+preload");
+    let leaks = r["leaks"].as_array().unwrap();
+    let count = |kind: &str, funcs: &[&str]| -> u64 {
+        leaks
+            .iter()
+            .filter(|g| {
+                let f = functions(g);
+                g["kind"] == kind && funcs.iter().all(|want| f.iter().any(|x| x == want))
+            })
+            .map(|g| g["count"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(count("fd", &["load_config"]), 23);
+    // Each fopen allocates its FILE (and the first read a buffer, also leaked).
+    assert_eq!(count("heap", &["__fopen_internal", "load_config"]), 23);
+    assert_eq!(count("fd", &["scan_dir"]), 5);
+    assert_eq!(count("heap", &["scan_dir"]), 5, "one DIR per opendir");
+    // The shim's own connection to leakscope is not the program's leak.
+    let fds: u64 = leaks
+        .iter()
+        .filter(|g| g["kind"] == "fd")
+        .map(|g| g["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(fds, 34, "fd leaks: {leaks:#?}");
+}
