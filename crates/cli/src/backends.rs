@@ -15,6 +15,14 @@ use crate::pipeline::fatal;
 pub struct Tracking {
     pub fd: bool,
     pub heap: bool,
+    /// Sockets left in CLOSE_WAIT (needs the fd backend underneath).
+    pub tcp: bool,
+}
+
+impl Tracking {
+    fn needs_fd_backend(self) -> bool {
+        self.fd || self.tcp
+    }
 }
 
 /// `--backend`.
@@ -47,15 +55,16 @@ pub fn open(tracking: Tracking, choice: Choice) -> anyhow::Result<Combined> {
                 .into(),
         ));
     }
-    if tracking.fd && choice == Choice::Preload {
+    if tracking.needs_fd_backend() && choice == Choice::Preload {
         return Err(fatal(
             exit::ERROR,
             "the preload backend tracks the heap only (glibc opens fds internally \
-             where no preload hook sees them); track fds with --backend ebpf (root)"
+             where no preload hook sees them); track fds and TCP states with \
+             --backend ebpf (root)"
                 .into(),
         ));
     }
-    let fd: Option<Box<dyn Backend>> = if tracking.fd {
+    let fd: Option<Box<dyn Backend>> = if tracking.needs_fd_backend() {
         match leakscope_ebpf::Tracer::new(Default::default()) {
             Ok(t) => Some(Box::new(t)),
             Err(e) => {

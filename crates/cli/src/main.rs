@@ -41,6 +41,7 @@ EXAMPLES:
   leakscope run --fail-on-leak -- ./test-binary
   leakscope run --track fd --top 5 -- make check
   leakscope run --track fd,heap -- ./myprog
+  leakscope run --track tcp -- ./server        # sockets left in CLOSE_WAIT
   leakscope run --backend preload --track heap -- ./myprog   # no root needed";
 
 #[derive(Parser, Debug)]
@@ -77,6 +78,8 @@ pub enum Track {
     Fd,
     /// Heap blocks (malloc family, C++ new) never freed.
     Heap,
+    /// TCP sockets stranded in CLOSE_WAIT (the peer closed, we never did).
+    Tcp,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -143,6 +146,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tracking: backends::Tracking {
             fd: args.track.contains(&Track::Fd),
             heap: args.track.contains(&Track::Heap),
+            tcp: args.track.contains(&Track::Tcp),
         },
         backend: match args.backend {
             BackendChoice::Auto => backends::Choice::Auto,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use leakscope_event::{Backend, Event, FileOffset, Pid, RawStack, StackId};
+use leakscope_event::{Backend, Event, FileOffset, Pid, RawStack, StackId, TcpState};
 use leakscope_ledger::{group, Leak, Resource};
 use leakscope_report::{Counts, Example, Group, Report, StackFrame, Target};
 use leakscope_stacks::{ModuleMaps, RawFrame, Unwinder};
@@ -160,7 +160,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     let events = ledger.events();
     let lost = ledger.lost();
     let leaks = ledger.finish();
-    let groups = build_groups(leaks, &mut backend, &maps, duration.as_secs_f64());
+    let groups = build_groups(leaks, &mut backend, &maps, config.tracking);
     let mut notes = Vec::new();
     if lost > 0 {
         notes.push(format!(
@@ -250,7 +250,7 @@ fn build_groups(
     leaks: Vec<Leak>,
     backend: &mut dyn Backend,
     maps: &ModuleMaps,
-    _duration: f64,
+    tracking: crate::backends::Tracking,
 ) -> Vec<Group> {
     let mut unwinder = Unwinder::new();
     let mut unwound: HashMap<StackId, (Vec<RawFrame>, Option<String>)> = HashMap::new();
@@ -287,9 +287,20 @@ fn build_groups(
                 })
         })
         .collect();
+    // A socket stranded in CLOSE_WAIT is reported as such under --track
+    // tcp; other fds only when fds are tracked.
+    let close_wait = |l: &Leak| matches!(l.tcp, Some((s, _)) if s == TcpState::CLOSE_WAIT);
+    let leaks: Vec<Leak> = leaks
+        .into_iter()
+        .filter(|l| match l.resource {
+            Resource::Fd(_) => tracking.fd || (tracking.tcp && close_wait(l)),
+            Resource::Heap(_) => true,
+        })
+        .collect();
     let groups = group(leaks, |l| {
         let (frames, _) = &unwound[&l.resource.stack()];
         let (kind, resource) = match &l.resource {
+            Resource::Fd(_) if tracking.tcp && close_wait(l) => ("tcp", "tcp".to_string()),
             Resource::Fd(a) => ("fd", a.kind.name().to_string()),
             Resource::Heap(_) => ("heap", "heap".to_string()),
         };
@@ -340,7 +351,16 @@ fn build_groups(
                         fd: l.fd.map(|f| f.0),
                         addr: None,
                         size: None,
-                        detail: a.detail.clone(),
+                        detail: match (&a.detail, l.tcp) {
+                            (Some(d), Some((state, since))) if g.key.kind == "tcp" => {
+                                Some(format!(
+                                    "{d}, {} for {:.2} s",
+                                    state.name(),
+                                    l.at.secs() - since.secs()
+                                ))
+                            }
+                            (d, _) => d.clone(),
+                        },
                         time_s: a.time.secs(),
                     },
                     Resource::Heap(b) => Example {
@@ -360,7 +380,7 @@ fn build_groups(
                 bytes: g.bytes,
                 min_size: g.size_range.map(|r| r.0),
                 max_size: g.size_range.map(|r| r.1),
-                state: None,
+                state: (g.key.kind == "tcp").then(|| TcpState::CLOSE_WAIT.name().to_string()),
                 acquired_by,
                 first_s: g.first.secs(),
                 last_s: g.last.secs(),

@@ -267,3 +267,57 @@ fn usage_error_exits_2() {
     let out = leakscope(&["run"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Seed 004: sockets whose peer closed while we never did, with their
+/// owning pid, fd, addresses and the accept/connect stack.
+#[test]
+fn root_tcp_close_wait() {
+    if !require_root("root_tcp_close_wait") {
+        return;
+    }
+    let bin = fixture("net_leak");
+    let dir = tempfile_dir();
+    let out_path = dir.join("tcp.json");
+    let out = leakscope(&[
+        "run",
+        "--track",
+        "tcp",
+        "--format",
+        "json",
+        "-o",
+        out_path.to_str().unwrap(),
+        "--",
+        bin.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let pid = r["target"]["pid"].as_u64().unwrap();
+    let mut got = BTreeMap::new();
+    for g in r["leaks"].as_array().unwrap() {
+        assert_eq!(g["kind"], "tcp", "only CLOSE_WAIT sockets: {g}");
+        assert_eq!(g["state"], "CLOSE_WAIT");
+        for e in g["examples"].as_array().unwrap() {
+            assert_eq!(e["pid"].as_u64(), Some(pid));
+            let d = e["detail"].as_str().unwrap();
+            assert!(
+                d.starts_with("127.0.0.1:") && d.contains("CLOSE_WAIT for"),
+                "{d}"
+            );
+        }
+        let f = if stack_has(g, "serve_clients") {
+            "serve_clients"
+        } else if stack_has(g, "connect_peer") {
+            "connect_peer"
+        } else {
+            panic!("unexpected stack: {g}")
+        };
+        *got.entry(f).or_insert(0) += g["count"].as_u64().unwrap();
+    }
+    // 11 accepted sockets whose clients closed; 7 client sockets whose
+    // server ends the fixture closed (discard_peer).
+    assert_eq!(
+        got,
+        BTreeMap::from([("connect_peer", 7), ("serve_clients", 11)])
+    );
+}

@@ -35,7 +35,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use leakscope_event::{
-    AbsAddr, Acquire, Event, Fd, FdKind, FileOffset, Mapping, Pid, RawStack, StackId, Tid, TimeNs,
+    AbsAddr, Acquire, Event, Fd, FdKind, FileOffset, Mapping, Pid, RawStack, StackId, TcpState,
+    Tid, TimeNs,
 };
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBuffer, RingBufferBuilder};
@@ -504,6 +505,7 @@ fn decode(bytes: &[u8], base: u64, queue: &mut Vec<Event>) -> Option<Event> {
                 syscall: syscall.to_string(),
                 cloexec: a.flags & ACQ_CLOEXEC != 0,
                 dup_of: (a.dup_of >= 0).then_some(Fd(a.dup_of)),
+                inode: a.ino,
                 detail,
                 stack: StackId(a.seq),
             };
@@ -547,6 +549,20 @@ fn decode(bytes: &[u8], base: u64, queue: &mut Vec<Event>) -> Option<Event> {
                     "{} -> {}",
                     endpoint(c.addrs.family, &c.addrs.laddr, c.addrs.lport),
                     endpoint(c.addrs.family, &c.addrs.raddr, c.addrs.rport)
+                ),
+            })
+        }
+        EV_TCP => {
+            let t = read::<records::Tcp>(bytes)?;
+            Some(Event::TcpState {
+                time,
+                inode: t.ino,
+                old: TcpState(t.oldstate as u8),
+                new: TcpState(t.newstate as u8),
+                detail: format!(
+                    "{} -> {}",
+                    endpoint(t.addrs.family, &t.addrs.laddr, t.addrs.lport),
+                    endpoint(t.addrs.family, &t.addrs.raddr, t.addrs.rport)
                 ),
             })
         }

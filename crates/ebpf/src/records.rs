@@ -15,6 +15,7 @@ pub const EV_FORK: u32 = 5;
 pub const EV_EXEC: u32 = 6;
 pub const EV_MMAP: u32 = 7;
 pub const EV_EXIT: u32 = 8;
+pub const EV_TCP: u32 = 9;
 
 pub const ACQ_CLOEXEC: u32 = 1;
 
@@ -96,6 +97,7 @@ pub struct Acquire {
     pub dup_of: i32,
     pub mode: u32,
     pub args: [u64; 3],
+    pub ino: u64,
     pub addrs: SockAddrs,
     pub detail: [u8; DETAIL_MAX],
 }
@@ -118,6 +120,16 @@ pub struct Connect {
     pub h: Hdr,
     pub fd: i32,
     pub _pad: u32,
+    pub addrs: SockAddrs,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Tcp {
+    pub h: Hdr,
+    pub ino: u64,
+    pub oldstate: i32,
+    pub newstate: i32,
     pub addrs: SockAddrs,
 }
 
@@ -188,6 +200,7 @@ unsafe impl Pod for Acquire {}
 unsafe impl Pod for Release {}
 unsafe impl Pod for Connect {}
 unsafe impl Pod for Fork {}
+unsafe impl Pod for Tcp {}
 unsafe impl Pod for Exec {}
 unsafe impl Pod for Mmap {}
 unsafe impl Pod for Exit {}

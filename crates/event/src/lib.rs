@@ -10,7 +10,7 @@
 //! use leakscope_event::{Event, Acquire, FdKind, Fd, Pid, Tid, StackId, TimeNs};
 //! let e = Event::Acquire(Acquire {
 //!     time: TimeNs(5), pid: Pid(7), tid: Tid(7), fd: Fd(3),
-//!     kind: FdKind::File, syscall: "openat".into(), cloexec: false, dup_of: None,
+//!     kind: FdKind::File, syscall: "openat".into(), cloexec: false, dup_of: None, inode: 0,
 //!     detail: Some("/etc/hosts".into()), stack: StackId(1),
 //! });
 //! assert_eq!(e.pid(), Some(Pid(7)));
@@ -163,6 +163,8 @@ pub struct Acquire {
     pub cloexec: bool,
     /// For dup(2), dup2(2), dup3(2) and fcntl(F_DUPFD): the fd it copies.
     pub dup_of: Option<Fd>,
+    /// Inode of the open file (0 if unknown); ties TCP states to sockets.
+    pub inode: u64,
     /// Path, socket family/addresses, or nothing known.
     pub detail: Option<String>,
     /// The acquiring stack, resolved by the backend on demand.
@@ -305,6 +307,19 @@ pub enum Event {
         /// Which process.
         pid: Pid,
     },
+    /// A TCP socket changed state (`sock:inet_sock_set_state`).
+    TcpState {
+        /// When.
+        time: TimeNs,
+        /// The socket's inode (see [`Acquire::inode`]).
+        inode: u64,
+        /// Previous state.
+        old: TcpState,
+        /// New state.
+        new: TcpState,
+        /// `local -> peer` addresses.
+        detail: String,
+    },
     /// The backend lost events (ring buffer full, ...).
     Lost {
         /// When it noticed.
@@ -316,6 +331,26 @@ pub enum Event {
 
 impl Event {
     /// The event's timestamp.
+    pub fn time(&self) -> TimeNs {
+        match self {
+            Event::Acquire(a) => a.time,
+            Event::Release { time, .. }
+            | Event::CloseRange { time, .. }
+            | Event::SetCloexec { time, .. }
+            | Event::Describe { time, .. }
+            | Event::Fork { time, .. }
+            | Event::Exec { time, .. }
+            | Event::Map { time, .. }
+            | Event::Exit { time, .. }
+            | Event::Alloc { time, .. }
+            | Event::Free { time, .. }
+            | Event::HeapEnd { time, .. }
+            | Event::TcpState { time, .. }
+            | Event::Lost { time, .. } => *time,
+        }
+    }
+
+    /// The event's timestamp, to change it.
     pub fn time_mut(&mut self) -> &mut TimeNs {
         match self {
             Event::Acquire(a) => &mut a.time,
@@ -330,6 +365,7 @@ impl Event {
             | Event::Alloc { time, .. }
             | Event::Free { time, .. }
             | Event::HeapEnd { time, .. }
+            | Event::TcpState { time, .. }
             | Event::Lost { time, .. } => time,
         }
     }
@@ -349,7 +385,35 @@ impl Event {
             | Event::Free { pid, .. }
             | Event::HeapEnd { pid, .. } => Some(*pid),
             Event::Fork { child, .. } => Some(*child),
-            Event::Lost { .. } => None,
+            Event::Lost { .. } | Event::TcpState { .. } => None,
+        }
+    }
+}
+
+/// A TCP state, numbered as in the kernel (`include/net/tcp_states.h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TcpState(pub u8);
+
+impl TcpState {
+    /// The peer closed its side; we have not closed ours.
+    pub const CLOSE_WAIT: TcpState = TcpState(8);
+
+    /// The kernel's name for the state.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            1 => "ESTABLISHED",
+            2 => "SYN_SENT",
+            3 => "SYN_RECV",
+            4 => "FIN_WAIT1",
+            5 => "FIN_WAIT2",
+            6 => "TIME_WAIT",
+            7 => "CLOSE",
+            8 => "CLOSE_WAIT",
+            9 => "LAST_ACK",
+            10 => "LISTEN",
+            11 => "CLOSING",
+            12 => "NEW_SYN_RECV",
+            _ => "UNKNOWN",
         }
     }
 }

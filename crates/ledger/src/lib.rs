@@ -12,7 +12,7 @@
 //! let mut l = Ledger::default();
 //! let open = |fd| Event::Acquire(Acquire {
 //!     time: TimeNs(1), pid: Pid(9), tid: Tid(9), fd: Fd(fd), kind: FdKind::File,
-//!     syscall: "openat".into(), cloexec: false, dup_of: None, detail: None,
+//!     syscall: "openat".into(), cloexec: false, dup_of: None, inode: 0, detail: None,
 //!     stack: StackId(1),
 //! });
 //! l.apply(&open(3));
@@ -38,7 +38,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 
-use leakscope_event::{AbsAddr, Acquire, Event, Fd, Pid, StackId, Tid, TimeNs};
+use leakscope_event::{AbsAddr, Acquire, Event, Fd, Pid, StackId, TcpState, Tid, TimeNs};
 
 /// A heap block still allocated.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,6 +99,10 @@ pub struct Leak {
     pub fd: Option<Fd>,
     /// What leaked.
     pub resource: Resource,
+    /// For a TCP socket: its state then, and since when it was in it.
+    pub tcp: Option<(TcpState, TimeNs)>,
+    /// When the holder let go of it (exit) or the trace ended.
+    pub at: TimeNs,
 }
 
 type TableId = u64;
@@ -111,6 +115,8 @@ pub struct Ledger {
     next_table: TableId,
     heaps: HashMap<Pid, HashMap<AbsAddr, Block>>,
     leaks: Vec<Leak>,
+    tcp: HashMap<u64, (TcpState, TimeNs)>,
+    now: TimeNs,
     events: u64,
     lost: u64,
 }
@@ -167,9 +173,23 @@ impl Ledger {
             .unwrap_or_default()
     }
 
+    fn fd_leak(&self, holder: Pid, a: Acquire, at: TimeNs) -> Leak {
+        let tcp = (a.inode != 0)
+            .then(|| self.tcp.get(&a.inode).copied())
+            .flatten();
+        Leak {
+            holder,
+            fd: Some(a.fd),
+            resource: Resource::Fd(a),
+            tcp,
+            at,
+        }
+    }
+
     /// Applies one event.
     pub fn apply(&mut self, ev: &Event) {
         self.events += 1;
+        self.now = self.now.max(ev.time());
         match ev {
             Event::Acquire(a) => {
                 let mut a = a.clone();
@@ -255,18 +275,23 @@ impl Ledger {
                     None => table.retain(|_, a| !a.cloexec),
                 }
             }
-            Event::Exit { pid, .. } => {
+            Event::Exit { pid, time, .. } => {
                 if let Some(id) = self.table_of.remove(pid) {
                     if self.sharers(id) == 0 {
                         if let Some(table) = self.tables.remove(&id) {
-                            self.leaks.extend(table.into_values().map(|a| Leak {
-                                holder: *pid,
-                                fd: Some(a.fd),
-                                resource: Resource::Fd(a),
-                            }));
+                            let leaks: Vec<Leak> = table
+                                .into_values()
+                                .map(|a| self.fd_leak(*pid, a, *time))
+                                .collect();
+                            self.leaks.extend(leaks);
                         }
                     }
                 }
+            }
+            Event::TcpState {
+                time, inode, new, ..
+            } => {
+                self.tcp.insert(*inode, (*new, *time));
             }
             Event::Alloc {
                 time,
@@ -294,12 +319,14 @@ impl Ledger {
                     h.remove(addr);
                 }
             }
-            Event::HeapEnd { pid, .. } => {
+            Event::HeapEnd { pid, time } => {
                 if let Some(h) = self.heaps.remove(pid) {
                     self.leaks.extend(h.into_values().map(|b| Leak {
                         holder: *pid,
                         fd: None,
                         resource: Resource::Heap(b),
+                        tcp: None,
+                        at: *time,
                     }));
                 }
             }
@@ -328,11 +355,7 @@ impl Ledger {
         }
         for (id, pid) in &holders {
             if let Some(t) = self.tables.get(id) {
-                out.extend(t.values().map(|a| Leak {
-                    holder: *pid,
-                    fd: Some(a.fd),
-                    resource: Resource::Fd(a.clone()),
-                }));
+                out.extend(t.values().map(|a| self.fd_leak(*pid, a.clone(), self.now)));
             }
         }
         for (pid, h) in &self.heaps {
@@ -340,6 +363,8 @@ impl Ledger {
                 holder: *pid,
                 fd: None,
                 resource: Resource::Heap(b.clone()),
+                tcp: None,
+                at: self.now,
             }));
         }
         out.sort_by_key(|l| (l.resource.time(), l.holder, l.fd));
@@ -430,6 +455,7 @@ mod tests {
             syscall: "openat".into(),
             cloexec: false,
             dup_of: None,
+            inode: 0,
             detail: Some(format!("/f{fd}")),
             stack: StackId(stack),
         })
@@ -684,6 +710,34 @@ mod tests {
             panic!("not heap")
         };
         assert_eq!((b.addr, b.size, b.stack), (AbsAddr(0x2000), 64, StackId(2)));
+    }
+
+    #[test]
+    fn a_leaked_socket_carries_its_tcp_state_and_since_when() {
+        let mut sock = acq(P, 3, 1);
+        if let Event::Acquire(a) = &mut sock {
+            a.kind = FdKind::Socket;
+            a.inode = 4242;
+        }
+        let state = |new: u8, t: u64| Event::TcpState {
+            time: TimeNs(t),
+            inode: 4242,
+            old: TcpState(1),
+            new: TcpState(new),
+            detail: String::new(),
+        };
+        let leaks = run(&[
+            sock,
+            state(1, 5),
+            state(8, 10), // the peer closed: CLOSE_WAIT
+            Event::Exit {
+                time: TimeNs(30),
+                pid: P,
+                status: Some(0),
+            },
+        ]);
+        assert_eq!(leaks[0].tcp, Some((TcpState::CLOSE_WAIT, TimeNs(10))));
+        assert_eq!(leaks[0].at, TimeNs(30));
     }
 
     #[test]

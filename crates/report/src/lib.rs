@@ -271,11 +271,12 @@ pub fn render_text(report: &Report, top: usize) -> String {
                 (None, Some(a)) => a.clone(),
                 _ => String::new(),
             };
-            let line = format!(
-                "    {id:<7} {}  (pid {})",
-                e.detail.as_deref().unwrap_or(""),
-                e.pid
-            );
+            // The pid is worth the space only when it is not the command's.
+            let pid = match report.target.pid {
+                Some(p) if p == e.pid => String::new(),
+                _ => format!("  (pid {})", e.pid),
+            };
+            let line = format!("    {id:<7} {}{pid}", e.detail.as_deref().unwrap_or(""));
             let _ = writeln!(out, "{}", clip(&line, WIDTH));
         }
         if g.count > 3 {

@@ -19,6 +19,7 @@ enum ev_type {
 	EV_EXEC = 6,
 	EV_MMAP = 7,
 	EV_EXIT = 8,
+	EV_TCP = 9,
 };
 
 /* Syscall codes; the loader maps them to names. */
@@ -68,6 +69,7 @@ struct ev_acquire {
 	__s32 dup_of; /* source fd of dup*, fcntl(F_DUPFD*), else -1 */
 	__u32 mode;   /* i_mode of the new fd's inode, 0 if unknown */
 	__u64 args[3]; /* socket: family,type,protocol */
+	__u64 ino;     /* inode of the new fd's file (sockets: ties TCP states) */
 	struct sock_addrs addrs; /* accept: the connection */
 	char detail[DETAIL_MAX]; /* open path, memfd name */
 };
@@ -86,6 +88,14 @@ struct ev_connect {
 	struct ev_hdr h;
 	__s32 fd;
 	__u32 _pad;
+	struct sock_addrs addrs;
+};
+
+struct ev_tcp {
+	struct ev_hdr h; /* pid is whoever ran: often 0 (softirq) */
+	__u64 ino;
+	__s32 oldstate;
+	__s32 newstate;
 	struct sock_addrs addrs;
 };
 

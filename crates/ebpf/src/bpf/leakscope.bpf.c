@@ -47,6 +47,16 @@ struct {
 	__type(value, __u8);
 } forked SEC(".maps");
 
+/* Inodes of sockets that traced processes acquired, so TCP state changes
+ * (which run in softirq, where the current pid means nothing) can be tied
+ * back to their fd and acquiring stack. LRU: closed sockets age out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u32);
+} socks SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 32 * 1024 * 1024);
@@ -297,6 +307,17 @@ static __always_inline void emit_acquire(struct pending *p, __s32 fd, __s32 fd2,
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct file *f = fd_file(task, fd);
 	e->mode = f ? BPF_CORE_READ(f, f_inode, i_mode) : 0;
+	e->ino = f ? BPF_CORE_READ(f, f_inode, i_ino) : 0;
+	if ((e->mode & 0170000) == 0140000 && e->ino) {
+		bpf_map_update_elem(&socks, &e->ino, &tgid, BPF_ANY);
+		if (fd2 >= 0) {
+			/* socketpair: the second end has its own inode */
+			struct file *f2 = fd_file(task, fd2);
+			__u64 ino2 = f2 ? BPF_CORE_READ(f2, f_inode, i_ino) : 0;
+			if (ino2)
+				bpf_map_update_elem(&socks, &ino2, &tgid, BPF_ANY);
+		}
+	}
 	if (f && (p->sc == SC_ACCEPT || p->sc == SC_ACCEPT4))
 		read_sock(f, &e->addrs);
 	__builtin_memcpy(e->detail, p->path, DETAIL_MAX);
@@ -566,6 +587,36 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 		return 0;
 	read_detail(p, ret);
 	return on_exit(id, p, ret);
+}
+
+#define IPPROTO_TCP 6
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(on_tcp_state, const struct sock *sk, int oldstate, int newstate)
+{
+	if (sk->sk_protocol != IPPROTO_TCP)
+		return 0;
+	struct socket *so = sk->sk_socket;
+	if (!so)
+		return 0; /* not yet accepted, or already released */
+	struct file *f = so->file;
+	if (!f)
+		return 0;
+	__u64 ino = f->f_inode->i_ino;
+	if (!bpf_map_lookup_elem(&socks, &ino))
+		return 0;
+	struct ev_tcp *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_RB_DROP);
+		return 0;
+	}
+	fill_hdr(&e->h, EV_TCP);
+	e->ino = ino;
+	e->oldstate = oldstate;
+	e->newstate = newstate;
+	__builtin_memset(&e->addrs, 0, sizeof(e->addrs));
+	read_sock(f, &e->addrs);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
 }
 
 SEC("tp_btf/sched_process_fork")
