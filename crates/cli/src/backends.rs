@@ -111,6 +111,19 @@ impl Backend for Combined {
         }
     }
 
+    fn attach(&mut self, pid: leakscope_event::Pid) -> io::Result<()> {
+        if self.heap.is_some() {
+            return Err(io::Error::other(
+                "heap tracking of a running process (eBPF uprobes) is not available yet; \
+                 attach tracks fds and TCP states",
+            ));
+        }
+        match &mut self.fd {
+            Some(f) => f.attach(pid),
+            None => Err(io::Error::other("nothing to attach with")),
+        }
+    }
+
     fn poll(
         &mut self,
         timeout: Duration,

@@ -81,7 +81,7 @@ fn resolve(prog: &str) -> anyhow::Result<PathBuf> {
 
 /// How long to keep reading after the last process exited, for events
 /// still in flight.
-const DRAIN: Duration = Duration::from_millis(50);
+pub(crate) const DRAIN: Duration = Duration::from_millis(50);
 
 pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     let prog = resolve(&config.command[0])?;
@@ -184,13 +184,14 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
         },
         notes,
         leaks: groups,
+        preexisting: Vec::new(),
     };
     Ok(Outcome { report, status })
 }
 
 /// Applies one event, first letting the backend keep the stacks that a
 /// fork or an exit is about to make outlive their acquirer's bookkeeping.
-fn apply(
+pub(crate) fn apply(
     ev: &Event,
     backend: &mut dyn Backend,
     ledger: &mut leakscope_ledger::Ledger,
@@ -246,7 +247,7 @@ struct GroupKey {
     frames: Vec<FrameKey>,
 }
 
-fn build_groups(
+pub(crate) fn build_groups(
     leaks: Vec<Leak>,
     backend: &mut dyn Backend,
     maps: &ModuleMaps,
@@ -387,6 +388,8 @@ fn build_groups(
                 examples,
                 stack,
                 stack_note: note.clone(),
+                change: None,
+                growing_intervals: None,
             }
         })
         .collect();

@@ -698,6 +698,10 @@ impl leakscope_event::Backend for Tracer {
         self.base
     }
 
+    fn attach(&mut self, pid: Pid) -> io::Result<()> {
+        self.trace_pid(pid).map_err(io::Error::other)
+    }
+
     fn spawn(&mut self, cmd: &mut Command) -> io::Result<Child> {
         Tracer::spawn(self, cmd)
     }

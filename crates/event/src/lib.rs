@@ -454,6 +454,14 @@ pub trait Backend {
     }
     /// Starts `cmd` under tracing.
     fn spawn(&mut self, cmd: &mut std::process::Command) -> std::io::Result<std::process::Child>;
+    /// Starts tracing a running process and the children it forks from
+    /// now on. Backends that can only launch say so.
+    fn attach(&mut self, _pid: Pid) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!("the {} backend cannot attach to a running process", self.name()),
+        ))
+    }
     /// Waits up to `timeout` for events and hands each to `sink` in order.
     fn poll(
         &mut self,

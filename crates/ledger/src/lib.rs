@@ -127,6 +127,11 @@ impl Ledger {
         self.events
     }
 
+    /// The latest event time seen.
+    pub fn now(&self) -> TimeNs {
+        self.now
+    }
+
     /// Events the backends reported lost.
     pub fn lost(&self) -> u64 {
         self.lost

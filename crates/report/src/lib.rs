@@ -12,6 +12,7 @@
 //!     target: Target { command: vec!["./srv".into()], pid: Some(7), exit_code: Some(0) },
 //!     backend: "ebpf".into(), duration_s: 1.0,
 //!     events: Counts { total: 10, lost: 0 }, notes: vec![], leaks: vec![],
+//!     preexisting: vec![],
 //! };
 //! assert!(render_text(&r, 10).contains("No leaks found"));
 //! ```
@@ -131,6 +132,24 @@ pub struct Group {
     /// Why the stack is missing or incomplete, if it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stack_note: Option<String>,
+    /// Periodic reports: change in count since the previous report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change: Option<i64>,
+    /// Periodic reports: how many consecutive reports it grew in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub growing_intervals: Option<u32>,
+}
+
+/// A resource that was already open when tracing began: no stack, never
+/// counted as a leak.
+#[derive(Debug, Clone, Serialize)]
+pub struct Preexisting {
+    /// The holder.
+    pub pid: u32,
+    /// The fd.
+    pub fd: i32,
+    /// What it refers to (path, `socket:[inode]` with addresses and TCP state).
+    pub detail: String,
 }
 
 /// A whole report.
@@ -148,6 +167,9 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Leak groups, largest first.
     pub leaks: Vec<Group>,
+    /// Attach mode: what was open before tracing began (reported apart).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub preexisting: Vec<Preexisting>,
 }
 
 #[derive(Serialize)]
@@ -160,6 +182,17 @@ struct Versioned<'a> {
 /// JSON, contract v1 (pretty-printed, trailing newline).
 pub fn render_json(report: &Report) -> String {
     let mut s = serde_json::to_string_pretty(&Versioned {
+        version: VERSION,
+        report,
+    })
+    .expect("a report always serializes");
+    s.push('\n');
+    s
+}
+
+/// JSON on one line (periodic reports: one per line).
+pub fn render_json_line(report: &Report) -> String {
+    let mut s = serde_json::to_string(&Versioned {
         version: VERSION,
         report,
     })
@@ -228,16 +261,17 @@ fn what(g: &Group) -> String {
 pub fn render_text(report: &Report, top: usize) -> String {
     let mut out = String::new();
     let cmd = report.target.command.join(" ");
-    let exit = match report.target.exit_code {
-        Some(c) => format!("exited with {c}"),
-        None => "was traced".to_string(),
+    let exit = match (report.target.exit_code, report.target.pid) {
+        (Some(c), _) => format!("exited with {c}"),
+        (None, Some(pid)) => format!("(pid {pid}) still running"),
+        (None, None) => "was traced".to_string(),
     };
     let _ = writeln!(
         out,
         "{}",
         clip(
             &format!(
-                "leakscope: `{}` {exit} after {:.2} s (backend: {})",
+                "leakscope: `{}` {exit}; traced {:.2} s with {}",
                 cmd, report.duration_s, report.backend
             ),
             WIDTH
@@ -255,6 +289,14 @@ pub fn render_text(report: &Report, top: usize) -> String {
         let room = WIDTH.saturating_sub(tag.len() + 1);
         let head = clip(&head, room);
         let _ = writeln!(out, "{head:<room$} {tag}");
+        if let (Some(change), Some(n)) = (g.change, g.growing_intervals) {
+            let grew = if n > 0 {
+                format!(", grew in the last {n} report{}", if n == 1 { "" } else { "s" })
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "  change since last report: {change:+}{grew}");
+        }
         let mut when = format!(
             "  acquired by {} between {:.3} s and {:.3} s",
             g.acquired_by.join(", "),
@@ -312,6 +354,20 @@ pub fn render_text(report: &Report, top: usize) -> String {
     }
     if total == 0 {
         let _ = writeln!(out, "\nNo leaks found.");
+    }
+    if !report.preexisting.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{} fds were open before tracing began (no stack, not counted):",
+            report.preexisting.len()
+        );
+        for p in report.preexisting.iter().take(10) {
+            let line = format!("    fd {:<5} {}", p.fd, p.detail);
+            let _ = writeln!(out, "{}", clip(&line, WIDTH));
+        }
+        if report.preexisting.len() > 10 {
+            let _ = writeln!(out, "    ... and {} more", report.preexisting.len() - 10);
+        }
     }
     for note in &report.notes {
         let _ = writeln!(out, "note: {note}");

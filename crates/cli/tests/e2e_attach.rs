@@ -1,0 +1,127 @@
+//! `leakscope attach` on a running process: leaks made after attaching
+//! (also by children forked after it) are found with their stacks; what was
+//! open before is listed apart and never counted.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+use leakscope_testutil::{require_root, workspace_root};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_leakscope");
+
+fn build_target() -> std::path::PathBuf {
+    let out = workspace_root().join("target/fixtures");
+    std::fs::create_dir_all(&out).unwrap();
+    let bin = out.join(format!("attach_target-{}", std::process::id()));
+    let st = Command::new("cc")
+        .args(["-g", "-O2", "-o"])
+        .arg(&bin)
+        .arg(workspace_root().join("fixtures/attach/attach_target.c"))
+        .status()
+        .expect("cc");
+    assert!(st.success());
+    bin
+}
+
+fn functions(g: &Value) -> Vec<&str> {
+    g["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["function"].as_str())
+        .collect()
+}
+
+#[test]
+fn root_attach_finds_new_leaks_and_lists_old_fds_apart() {
+    if !require_root("root_attach_finds_new_leaks_and_lists_old_fds_apart") {
+        return;
+    }
+    let bin = build_target();
+    let mut target = Command::new(&bin)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start target");
+    let mut to = target.stdin.take().unwrap();
+    let mut from = BufReader::new(target.stdout.take().unwrap());
+    let mut line = String::new();
+    from.read_line(&mut line).unwrap();
+    let pid: u32 = line.trim().parse().expect("pid line");
+    line.clear();
+    from.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    let out_path = std::env::temp_dir().join(format!("leakscope-attach-{pid}.json"));
+    let mut ls = Command::new(BIN)
+        .args(["attach", "-p", &pid.to_string(), "--format", "json", "-o"])
+        .arg(&out_path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start leakscope attach");
+    let mut err = BufReader::new(ls.stderr.take().unwrap());
+    let mut ready = String::new();
+    err.read_line(&mut ready).unwrap();
+    assert!(ready.starts_with("Tracing fds of pid"), "{ready}");
+
+    let mut say = |cmd: &str| {
+        writeln!(to, "{cmd}").unwrap();
+        let mut ack = String::new();
+        from.read_line(&mut ack).unwrap();
+        assert_eq!(ack.trim(), "ok", "{cmd}");
+    };
+    say("fork 5");
+    say("leak 7");
+    say("churn 101");
+    writeln!(to, "quit").unwrap();
+    assert!(target.wait().unwrap().success());
+    let st = ls.wait().unwrap();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+    assert_eq!(st.code(), Some(0), "leakscope attach: {rest}");
+
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&bin);
+    assert_eq!(r["target"]["pid"].as_u64(), Some(pid as u64));
+    assert_eq!(r["target"]["exit_code"], 0);
+    assert_eq!(r["events"]["lost"], 0);
+    let mut counts = std::collections::BTreeMap::new();
+    for g in r["leaks"].as_array().unwrap() {
+        let f = functions(g);
+        let who = ["drip", "child_drip", "balanced", "before_attach"]
+            .into_iter()
+            .find(|n| f.contains(n))
+            .unwrap_or_else(|| panic!("unexplained leak group: {g}"));
+        *counts.entry(who).or_insert(0) += g["count"].as_u64().unwrap();
+    }
+    assert_eq!(
+        counts,
+        std::collections::BTreeMap::from([("child_drip", 5), ("drip", 7)])
+    );
+    let before: Vec<i64> = r["preexisting"]
+        .as_array()
+        .expect("preexisting list")
+        .iter()
+        .filter(|p| p["detail"] == "/dev/null")
+        .map(|p| p["fd"].as_i64().unwrap())
+        .collect();
+    // (the test harness may pass down more /dev/null fds of its own)
+    assert!(
+        [3, 4, 5].iter().all(|fd| before.contains(fd)),
+        "the 3 fds from before_attach: {before:?}"
+    );
+}
+
+#[test]
+fn attach_to_a_missing_pid_is_a_one_line_error() {
+    let out = Command::new(BIN)
+        .args(["attach", "-p", "999999999"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("no such process"), "{err}");
+}
