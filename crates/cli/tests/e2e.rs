@@ -321,3 +321,59 @@ fn root_tcp_close_wait() {
         BTreeMap::from([("connect_peer", 7), ("serve_clients", 11)])
     );
 }
+
+/// A library dlopen()ed, leaking fds, and dlclose()d before exit: its
+/// frames still unwind and symbolize after the process and the mapping are
+/// gone, because mappings are recorded as they happen (bpftrace issue 246).
+#[test]
+fn root_dlclosed_library_frames_survive() {
+    if !require_root("root_dlclosed_library_frames_survive") {
+        return;
+    }
+    let root = leakscope_testutil::workspace_root();
+    let out = root.join("target/fixtures");
+    std::fs::create_dir_all(&out).unwrap();
+    let plugin = out.join(format!("plugin-{}.so", std::process::id()));
+    let main = out.join(format!("dlopen_main-{}", std::process::id()));
+    let cc = |args: &[&std::ffi::OsStr]| {
+        let st = Command::new("cc").args(args).status().expect("cc");
+        assert!(st.success(), "cc {args:?}");
+    };
+    let src = root.join("fixtures/dlopen");
+    cc(&[
+        "-g".as_ref(),
+        "-O2".as_ref(),
+        "-shared".as_ref(),
+        "-fPIC".as_ref(),
+        "-o".as_ref(),
+        plugin.as_os_str(),
+        src.join("plugin.c").as_os_str(),
+    ]);
+    cc(&[
+        "-g".as_ref(),
+        "-O2".as_ref(),
+        "-o".as_ref(),
+        main.as_os_str(),
+        src.join("main.c").as_os_str(),
+        "-ldl".as_ref(),
+    ]);
+    let r = report(&[main.to_str().unwrap(), plugin.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&plugin);
+    let _ = std::fs::remove_file(&main);
+    let groups = r["leaks"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "{groups:#?}");
+    assert_eq!(groups[0]["count"], 5);
+    let names: Vec<&str> = groups[0]["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["function"].as_str())
+        .collect();
+    let at = |n: &str| names.iter().position(|x| *x == n);
+    assert!(
+        at("plugin_open_logs").is_some()
+            && at("plugin_open_logs") < at("run_plugin")
+            && at("run_plugin") < at("main"),
+        "{names:?}"
+    );
+}
