@@ -18,9 +18,10 @@
 # against an untraced run of the SAME size in the same round. "leaks" says
 # whether the tool attributed 38 blocks to stress_leak.
 #
-# leakscope's driver is target/release/leakscope if it accepts
-# `run --backend preload --track heap`, else the heap_trace example of
-# leakscope-preload (which records every allocation with a full DWARF stack).
+# leakscope's driver is $CARGO_TARGET_DIR/release/leakscope if it accepts
+# `run --backend preload --track heap` (and DRIVER is not "example"), else
+# the heap_trace example of leakscope-preload (which records every
+# allocation with a full DWARF stack and keeps a table of live blocks).
 # Missing tools are skipped with a line. Logs go to bench/out/ (git-ignored).
 set -euo pipefail
 
@@ -41,9 +42,11 @@ done
 
 (cd "$ROOT" && cargo build -q --release -p leakscope-shim &&
 	cargo build -q --release -p leakscope-preload --example heap_trace)
-LS=$ROOT/target/release/leakscope
-[[ -x $LS ]] || LS=$TARGET/release/leakscope
-if [[ -x $LS ]] && "$LS" run --backend preload --track heap -- true >/dev/null 2>&1; then
+# The CLI must come from the same target directory as the shim: the shim
+# and the collector linked into the CLI speak one wire version.
+LS=$TARGET/release/leakscope
+if [[ ${DRIVER:-auto} != example && -x $LS ]] &&
+	"$LS" run --backend preload --track heap -- true >/dev/null 2>&1; then
 	driver=("$LS" run --backend preload --track heap --format json --)
 	found() { grep -q stress_leak "$1" && grep -q '"count": *38' "$1"; }
 else

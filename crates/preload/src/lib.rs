@@ -39,20 +39,26 @@
 //! runs that loop, keeps a table of live blocks and prints the leaked ones
 //! grouped by stack (see `examples/heap_trace.rs`).
 //!
-//! # Wire format (version 1)
-//! A stream of records, little-endian, unpadded; a tag byte, then the body:
+//! # Wire format (version 2)
+//! A stream of records, little-endian, unpadded; a tag byte, then the body
+//! (the shim's crate docs have the full table):
 //!
 //! | tag | record | body |
 //! |-----|--------|------|
 //! | 1 | HELLO | `version:u16 kind:u8 pid:u32 ppid:u32 time:u64 len:u16 exe:[u8; len]`; kind 0: new image (start or exec), 1: fork child |
-//! | 2 | ALLOC | `time:u64 tid:u32 addr:u64 size:u64 stack:u32` |
-//! | 3 | FREE | `time:u64 addr:u64` |
-//! | 4 | STACK | `id:u32 n:u16 addrs:[u64; n]`, `addrs[0]` the interposed function, then return addresses |
 //! | 5 | MAP | `time:u64 start:u64 end:u64 offset:u64 len:u16 path:[u8; len]` |
 //! | 6 | LOST | `count:u64` |
+//! | 7 | CHUNK | `tid:u32 len:u32 body`: one thread's ALLOC (2), FREE (3) and STACK (4) records, LEB128 and delta-encoded |
+//! | 8 | END | the end of a batch |
 //!
 //! HELLO is first; a STACK precedes the first ALLOC naming it; stack id 0:
-//! none captured. Times are `CLOCK_MONOTONIC` ns; events carry them
+//! none captured. The shim flushes every thread's buffer at once, so a
+//! batch (the chunks up to END) holds every ALLOC and FREE numbered below
+//! its highest number: the collector emits a batch's allocations and frees
+//! sorted by (number, FREE after ALLOC), which puts a free on one thread
+//! before the allocation that reused the address on another. HELLO times
+//! are `CLOCK_MONOTONIC` ns, the others `CLOCK_MONOTONIC_COARSE` (one tick
+//! of resolution) raised to at least the HELLO's; events carry them
 //! relative to [`Preload::new`].
 //!
 //! It does not:
@@ -79,7 +85,7 @@ use leakscope_event::{
     AbsAddr, Backend, Event, FileOffset, Mapping, Pid, RawStack, StackId, Tid, TimeNs,
 };
 
-use crate::wire::{decode, Decoded, Record};
+use crate::wire::{decode, decode_chunk, Decoded, Item, Record};
 
 /// File name of the shim library.
 pub const SHIM_NAME: &str = "libleakscope_shim.so";
@@ -181,6 +187,21 @@ struct Conn {
     pid: Option<u32>,
     /// Read to EOF and finished (HeapEnd sent).
     done: bool,
+    /// Allocations and frees of the batch being received, emitted in
+    /// sequence order at its end.
+    pending: Vec<Pending>,
+    /// The HELLO's time: this image's events are no earlier.
+    floor: u64,
+}
+
+/// An ALLOC (`size: Some`) or FREE waiting for the end of its batch.
+struct Pending {
+    seq: u64,
+    time: u64,
+    tid: u32,
+    addr: u64,
+    size: Option<u64>,
+    stack: u32,
 }
 
 /// The preload backend: launches commands with the heap shim and collects
@@ -338,6 +359,8 @@ impl Preload {
                         ns: self.next_ns,
                         pid: None,
                         done: false,
+                        pending: Vec::new(),
+                        floor: 0,
                     });
                     self.next_ns += 1;
                 }
@@ -408,6 +431,9 @@ impl Preload {
             return;
         }
         c.done = true;
+        // A batch cut short (the process died mid-send): what arrived.
+        self.emit_pending(i, sink);
+        let c = &mut self.conns[i];
         let leftover = !c.buf.is_empty();
         let pid = c.pid;
         let time = self.now();
@@ -435,6 +461,13 @@ impl Preload {
                         what: format!("unknown tag {t} at byte {off} of a batch"),
                     })
                 }
+                Decoded::Record(Record::Chunk { tid, body }, used) => {
+                    let body = &buf[off + body.start..off + body.end];
+                    if let Err(e) = self.chunk(i, tid, body) {
+                        break Err(e);
+                    }
+                    off += used;
+                }
                 Decoded::Record(rec, used) => {
                     off += used;
                     if let Err(e) = self.apply(i, rec, sink) {
@@ -452,8 +485,86 @@ impl Preload {
         result
     }
 
-    fn apply(&mut self, i: usize, rec: Record, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
+    /// Queues one thread's allocations and frees; records its stacks.
+    fn chunk(&mut self, i: usize, tid: u32, body: &[u8]) -> Result<(), Error> {
         let ns = self.conns[i].ns;
+        let Some(pid) = self.conns[i].pid else {
+            return Err(Error::Protocol {
+                pid: 0,
+                what: "the first record is not HELLO".into(),
+            });
+        };
+        let stacks = &mut self.stacks;
+        let pending = &mut self.conns[i].pending;
+        decode_chunk(body, |item| match item {
+            Item::Alloc {
+                seq,
+                time,
+                addr,
+                size,
+                stack,
+            } => pending.push(Pending {
+                seq,
+                time,
+                tid,
+                addr,
+                size: Some(size),
+                stack,
+            }),
+            Item::Free { seq, time, addr } => pending.push(Pending {
+                seq,
+                time,
+                tid,
+                addr,
+                size: None,
+                stack: 0,
+            }),
+            Item::Stack { id, addrs } => {
+                stacks.insert(
+                    ns << 32 | id as u64,
+                    addrs.into_iter().map(AbsAddr).collect(),
+                );
+            }
+        })
+        .map_err(|(at, what)| Error::Protocol {
+            pid,
+            what: format!("{what} at byte {at} of a chunk"),
+        })
+    }
+
+    /// Emits the queued allocations and frees of connection `i` in
+    /// sequence order. Each batch holds every record numbered below its
+    /// highest one (the shim flushes all threads at once), so sorting a
+    /// batch orders a free on one thread before the allocation that
+    /// reused its address on another (see the shim's `SEQ`).
+    fn emit_pending(&mut self, i: usize, sink: &mut dyn FnMut(Event)) {
+        let mut pending = std::mem::take(&mut self.conns[i].pending);
+        // Per-thread runs, already sorted: a merge. An ALLOC reads the
+        // number a later FREE of its block may take: ALLOC first on ties.
+        pending.sort_by_key(|p| (p.seq, p.size.is_none()));
+        let c = &self.conns[i];
+        let (ns, floor) = (c.ns, c.floor);
+        let pid = Pid(c.pid.unwrap_or(0));
+        for p in pending.drain(..) {
+            let time = self.rel(p.time.max(floor));
+            let addr = AbsAddr(p.addr);
+            sink(match p.size {
+                Some(size) => Event::Alloc {
+                    time,
+                    pid,
+                    tid: Tid(p.tid),
+                    addr,
+                    size,
+                    stack: StackId(ns << 32 | p.stack as u64),
+                },
+                None => Event::Free { time, pid, addr },
+            });
+        }
+        // Keep the allocation for the next batch.
+        self.conns[i].pending = pending;
+    }
+
+    fn apply(&mut self, i: usize, rec: Record, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
         let Some(pid) = self.conns[i].pid else {
             let Record::Hello {
                 version,
@@ -476,6 +587,7 @@ impl Preload {
                 });
             }
             self.conns[i].pid = Some(pid);
+            self.conns[i].floor = time;
             let time = self.rel(time);
             if fork_child {
                 sink(Event::Fork {
@@ -512,31 +624,8 @@ impl Preload {
                     what: "a second HELLO".into(),
                 })
             }
-            Record::Alloc {
-                time,
-                tid,
-                addr,
-                size,
-                stack,
-            } => sink(Event::Alloc {
-                time: self.rel(time),
-                pid,
-                tid: Tid(tid),
-                addr: AbsAddr(addr),
-                size,
-                stack: StackId(ns << 32 | stack as u64),
-            }),
-            Record::Free { time, addr } => sink(Event::Free {
-                time: self.rel(time),
-                pid,
-                addr: AbsAddr(addr),
-            }),
-            Record::Stack { id, addrs } => {
-                self.stacks.insert(
-                    ns << 32 | id as u64,
-                    addrs.into_iter().map(AbsAddr).collect(),
-                );
-            }
+            Record::Chunk { .. } => unreachable!("chunks are decoded in place"),
+            Record::End => self.emit_pending(i, sink),
             Record::Map {
                 time,
                 start,
@@ -544,7 +633,7 @@ impl Preload {
                 offset,
                 path,
             } => sink(Event::Map {
-                time: self.rel(time),
+                time: self.rel(time.max(self.conns[i].floor)),
                 pid,
                 mapping: Mapping {
                     start: AbsAddr(start),

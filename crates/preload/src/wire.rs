@@ -3,7 +3,7 @@
 //! check that it does).
 
 /// Format version this decoder understands.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 const T_HELLO: u8 = 1;
 const T_ALLOC: u8 = 2;
@@ -11,8 +11,10 @@ const T_FREE: u8 = 3;
 const T_STACK: u8 = 4;
 const T_MAP: u8 = 5;
 const T_LOST: u8 = 6;
+const T_CHUNK: u8 = 7;
+const T_END: u8 = 8;
 
-/// One decoded record.
+/// One decoded top-level record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Hello {
@@ -22,21 +24,6 @@ pub enum Record {
         ppid: u32,
         time: u64,
         exe: String,
-    },
-    Alloc {
-        time: u64,
-        tid: u32,
-        addr: u64,
-        size: u64,
-        stack: u32,
-    },
-    Free {
-        time: u64,
-        addr: u64,
-    },
-    Stack {
-        id: u32,
-        addrs: Vec<u64>,
     },
     Map {
         time: u64,
@@ -48,6 +35,80 @@ pub enum Record {
     Lost {
         count: u64,
     },
+    /// One thread's records: `body` is their byte range in the decoded
+    /// buffer (decode them with [`decode_chunk`]).
+    Chunk {
+        tid: u32,
+        body: std::ops::Range<usize>,
+    },
+    /// The end of a batch.
+    End,
+}
+
+/// One record inside a chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    Alloc {
+        seq: u64,
+        time: u64,
+        addr: u64,
+        size: u64,
+        stack: u32,
+    },
+    Free {
+        seq: u64,
+        time: u64,
+        addr: u64,
+    },
+    Stack {
+        id: u32,
+        addrs: Vec<u64>,
+    },
+}
+
+/// Decodes a chunk's body, handing each record to `f`. `Err`: a byte
+/// offset and what was wrong there.
+pub fn decode_chunk(b: &[u8], mut f: impl FnMut(Item)) -> Result<(), (usize, &'static str)> {
+    let mut c = Cur { b, i: 0 };
+    let (mut seq, mut time, mut addr) = (0u64, 0u64, 0u64);
+    while c.i < b.len() {
+        let at = c.i;
+        let tag = c.u8().ok_or((at, "truncated"))?;
+        let item = match tag {
+            T_ALLOC | T_FREE => (|| {
+                seq = seq.wrapping_add(c.var()?);
+                time = time.wrapping_add(c.var()?);
+                let z = c.var()?;
+                addr = addr.wrapping_add((z >> 1) ^ (z & 1).wrapping_neg());
+                Some(if tag == T_ALLOC {
+                    Item::Alloc {
+                        seq,
+                        time,
+                        addr,
+                        size: c.var()?,
+                        stack: u32::try_from(c.var()?).ok()?,
+                    }
+                } else {
+                    Item::Free { seq, time, addr }
+                })
+            })(),
+            T_STACK => (|| {
+                let id = u32::try_from(c.var()?).ok()?;
+                let n = usize::try_from(c.var()?).ok()?;
+                let raw = c.take(n.checked_mul(8)?)?;
+                Some(Item::Stack {
+                    id,
+                    addrs: raw
+                        .chunks_exact(8)
+                        .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+                        .collect(),
+                })
+            })(),
+            _ => return Err((at, "unknown tag in a chunk")),
+        };
+        f(item.ok_or((at, "truncated or malformed record in a chunk"))?);
+    }
+    Ok(())
 }
 
 struct Cur<'a> {
@@ -72,6 +133,17 @@ impl Cur<'_> {
     }
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn var(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8()?;
+            v |= ((byte & 0x7f) as u64) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
     }
     fn str(&mut self) -> Option<String> {
         let n = self.u16()? as usize;
@@ -107,33 +179,17 @@ pub fn decode(b: &[u8]) -> Decoded {
                 exe: c.str()?,
             })
         })(),
-        T_ALLOC => (|| {
-            Some(Record::Alloc {
-                time: c.u64()?,
-                tid: c.u32()?,
-                addr: c.u64()?,
-                size: c.u64()?,
-                stack: c.u32()?,
+        T_CHUNK => (|| {
+            let tid = c.u32()?;
+            let len = c.u32()? as usize;
+            let start = c.i;
+            c.take(len)?;
+            Some(Record::Chunk {
+                tid,
+                body: start..start + len,
             })
         })(),
-        T_FREE => (|| {
-            Some(Record::Free {
-                time: c.u64()?,
-                addr: c.u64()?,
-            })
-        })(),
-        T_STACK => (|| {
-            let id = c.u32()?;
-            let n = c.u16()? as usize;
-            let raw = c.take(n * 8)?;
-            Some(Record::Stack {
-                id,
-                addrs: raw
-                    .chunks_exact(8)
-                    .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
-                    .collect(),
-            })
-        })(),
+        T_END => Some(Record::End),
         T_MAP => (|| {
             Some(Record::Map {
                 time: c.u64()?,
@@ -157,47 +213,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn alloc_record_round_trips_and_partial_is_incomplete() {
-        let mut b = vec![T_ALLOC];
-        b.extend_from_slice(&5u64.to_le_bytes());
-        b.extend_from_slice(&7u32.to_le_bytes());
-        b.extend_from_slice(&0x1000u64.to_le_bytes());
-        b.extend_from_slice(&64u64.to_le_bytes());
-        b.extend_from_slice(&3u32.to_le_bytes());
+    fn chunk_records_round_trip_and_partial_is_incomplete() {
+        // ALLOC seq 5 time 7 addr 0x1000 size 64 stack 3, then FREE seq 9
+        // time 7 addr 0xff0 (deltas, zigzag address).
+        let body = [
+            T_ALLOC, 5, 7, 0x80, 0x40, 64, 3, //
+            T_FREE, 4, 0, 31, //
+            T_STACK, 9, 1, 0xaa, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        let mut b = vec![T_CHUNK];
+        b.extend_from_slice(&11u32.to_le_bytes());
+        b.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        b.extend_from_slice(&body);
+        b.push(T_END);
+        let Decoded::Record(Record::Chunk { tid, body: r }, used) = decode(&b) else {
+            panic!("{:?}", decode(&b));
+        };
+        assert_eq!((tid, used), (11, 9 + body.len()));
+        let mut items = Vec::new();
+        decode_chunk(&b[r], |i| items.push(i)).unwrap();
         assert_eq!(
-            decode(&b),
-            Decoded::Record(
-                Record::Alloc {
-                    time: 5,
-                    tid: 7,
+            items,
+            [
+                Item::Alloc {
+                    seq: 5,
+                    time: 7,
                     addr: 0x1000,
                     size: 64,
                     stack: 3
                 },
-                33
-            )
+                Item::Free {
+                    seq: 9,
+                    time: 7,
+                    addr: 0xff0
+                },
+                Item::Stack {
+                    id: 9,
+                    addrs: vec![0xaa]
+                }
+            ]
         );
+        assert_eq!(decode(&b[used..]), Decoded::Record(Record::End, 1));
         assert_eq!(decode(&b[..20]), Decoded::Incomplete);
         assert_eq!(decode(&[]), Decoded::Incomplete);
         assert_eq!(decode(&[99]), Decoded::BadTag(99));
-    }
-
-    #[test]
-    fn stack_record_decodes_addresses_in_order() {
-        let mut b = vec![T_STACK];
-        b.extend_from_slice(&9u32.to_le_bytes());
-        b.extend_from_slice(&2u16.to_le_bytes());
-        b.extend_from_slice(&0xaau64.to_le_bytes());
-        b.extend_from_slice(&0xbbu64.to_le_bytes());
-        assert_eq!(
-            decode(&b),
-            Decoded::Record(
-                Record::Stack {
-                    id: 9,
-                    addrs: vec![0xaa, 0xbb]
-                },
-                23
-            )
-        );
+        assert!(decode_chunk(&body[..3], |_| {}).is_err());
     }
 }

@@ -348,6 +348,26 @@ fn two_thread_storm_has_exactly_the_known_leaks() {
 }
 
 #[test]
+fn cached_stacks_are_told_apart_by_their_callers() {
+    for b in BUILDS {
+        let out = run_fixture("stack_cache", b, &[]);
+        out.assert_leaks("via_leak", 10, 10 * 32);
+        out.assert_leaks("deep_leak", 5, 5 * 48);
+        out.assert_absent("via_balanced");
+        out.assert_absent("deep_bal");
+        // Every leak of deep_leak went 3 levels down.
+        for l in out
+            .leaks
+            .iter()
+            .filter(|l| l.functions.iter().any(|f| f == "deep_leak"))
+        {
+            let depth = l.functions.iter().filter(|f| *f == "deep_leak").count();
+            assert_eq!(depth, 4, "{b:?}: {:?}", l.functions);
+        }
+    }
+}
+
+#[test]
 fn cxx_new_reaches_malloc_and_is_tracked() {
     for b in BUILDS {
         let out = run_fixture("cxx.cpp", b, &[]);

@@ -28,13 +28,27 @@
 //!   without frame pointers (libc, `-fomit-frame-pointer` programs) unwinds
 //!   correctly. The module list is rebuilt after dlopen/dlclose and when a
 //!   frame falls outside every known module while the loader's counters moved.
-//! - Stacks are deduplicated by a 64-bit hash of their addresses into small
-//!   per-process ids; records go to one process-wide buffer under a mutex,
-//!   which keeps the order of frees and allocations of one address across
-//!   threads (a free is recorded before the block is handed back to libc,
-//!   an allocation after libc returned it). The buffer is flushed at 64 KiB,
-//!   10 ms after the previous flush, before exec, and at exit (from then on
-//!   every record is sent at once).
+//! - The allocating hooks are naked trampolines that pass their entry stack
+//!   and frame pointers on, so the walk starts at the caller. Each thread
+//!   caches its last captures by (hook, return address, stack pointer, and
+//!   frame pointer when the walk used it) together with every stack word
+//!   the walk's result depended on (return addresses, followed saved frame
+//!   pointers): a capture is reused only if all those words still hold the
+//!   same values, which makes the walk's result the same (it is a pure
+//!   function of them). A loop allocating from one place walks once.
+//! - Stacks are deduplicated process-wide by a 64-bit hash of their
+//!   addresses into small ids (only when a thread's cache misses).
+//! - Each thread appends its records to its own buffer under its own lock
+//!   (uncontended but for flushes). A flush takes the flush lock, then every
+//!   thread's lock at once, and sends all buffers as one batch; each batch
+//!   therefore holds every record numbered below its highest one. Records
+//!   are numbered by `SEQ` (frees take a number before libc gets the block
+//!   back, allocations read the counter after libc returned it; see there),
+//!   and the collector sorts each batch by that number, so a free on one
+//!   thread always comes before the allocation that reuses the address on
+//!   another. A flush happens when a thread's buffer reaches 32 KiB, 10 ms
+//!   after the previous flush, before exec, and at exit (from then on every
+//!   record is sent at once).
 //! - At init the shim connects to `$LEAKSCOPE_SHIM_SOCK` and moves the fd
 //!   to 1000 or above with `F_DUPFD_CLOEXEC`, so the program's fd numbers are
 //!   untouched and exec closes it. `LD_PRELOAD` and `LEAKSCOPE_SHIM_SOCK`
@@ -44,28 +58,40 @@
 //! - If the collector goes away (`send` fails; `MSG_NOSIGNAL`, so no
 //!   SIGPIPE) the shim prints one line to stderr and stops tracking.
 //!
-//! # Wire format (version 1)
-//! A stream of records, all integers little-endian, no padding. Each record
-//! is a tag byte followed by its body:
+//! # Wire format (version 2)
+//! A stream of records, all fixed-size integers little-endian, no padding.
+//! Each record is a tag byte followed by its body:
 //!
 //! | tag | record | body |
 //! |-----|--------|------|
 //! | 1 | HELLO | `version:u16 kind:u8 pid:u32 ppid:u32 time:u64 len:u16 exe:[u8; len]`; kind 0: a new image (start or exec), 1: a fork child |
-//! | 2 | ALLOC | `time:u64 tid:u32 addr:u64 size:u64 stack:u32` |
-//! | 3 | FREE | `time:u64 addr:u64` |
-//! | 4 | STACK | `id:u32 n:u16 addrs:[u64; n]`: `addrs[0]` is the address of the interposed function (stands for the ip), the rest are return addresses, innermost first |
 //! | 5 | MAP | `time:u64 start:u64 end:u64 offset:u64 len:u16 path:[u8; len]`: an executable PT_LOAD, page-aligned |
 //! | 6 | LOST | `count:u64`: events not recorded since the last LOST |
+//! | 7 | CHUNK | `tid:u32 len:u32 body:[u8; len]`: one thread's records, below |
+//! | 8 | END | (none): the end of a batch of chunks |
+//!
+//! Inside a chunk, `var` is LEB128, and seq, time and address are deltas
+//! from the chunk's previous ALLOC/FREE (from 0 for the first; the address
+//! delta zigzag-encoded):
+//!
+//! | tag | record | body |
+//! |-----|--------|------|
+//! | 2 | ALLOC | `seq:var time:var addr:var size:var stack:var` |
+//! | 3 | FREE | `seq:var time:var addr:var` |
+//! | 4 | STACK | `id:var n:var addrs:[u64; n]`: `addrs[0]` is the address of the interposed function (stands for the ip), the rest are return addresses, innermost first |
 //!
 //! HELLO comes first on every connection. A STACK comes before the first
-//! ALLOC that names its id; id 0 means "no stack could be taken" (signal
-//! stack, thread teardown). Times are `CLOCK_MONOTONIC` nanoseconds.
-//!
+//! ALLOC that names its id, in the same or an earlier batch; id 0 means "no
+//! stack could be taken" (signal stack, thread teardown). Sort a batch's
+//! ALLOCs and FREEs by (seq, FREE after ALLOC). HELLO's time is
+//! `CLOCK_MONOTONIC` ns; the others are `CLOCK_MONOTONIC_COARSE` ns (a vDSO
+//! read of the last tick; the collector raises them to the HELLO's time).
+
 //! It does not:
 //! - track fds, mmap or sbrk (glibc-internal fd calls bypass PLT hooks);
 //! - catch allocators that do not go through malloc (jemalloc linked in,
 //!   raw `mmap`), nor processes that `_exit` or die by a signal with records
-//!   still buffered (at most 10 ms or 64 KiB of them);
+//!   still buffered (at most 10 ms or 32 KiB per thread of them);
 //! - follow children made by a raw `clone(2)` without `fork` (they would
 //!   share the parent's connection), or flush before `fexecve` (records
 //!   buffered then are lost; `execve`, `execv`, `execvp`, `execvpe` and the
@@ -83,7 +109,9 @@ use std::cell::{Cell, UnsafeCell};
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 
 use unwind::MAX_FRAMES;
 
@@ -145,15 +173,20 @@ static ALLOC: LibcAlloc = LibcAlloc;
 // ---------------------------------------------------------------------------
 // Wire format.
 
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 const T_HELLO: u8 = 1;
 const T_ALLOC: u8 = 2;
 const T_FREE: u8 = 3;
 const T_STACK: u8 = 4;
 const T_MAP: u8 = 5;
 const T_LOST: u8 = 6;
+const T_CHUNK: u8 = 7;
+const T_END: u8 = 8;
 
-const FLUSH_BYTES: usize = 64 * 1024;
+/// A thread's buffer this big asks for a flush of every buffer.
+const FLUSH_BYTES: usize = 32 * 1024;
+/// A thread's buffer this big waits for the flush lock instead of trying.
+const HARD_BYTES: usize = 512 * 1024;
 const FLUSH_NS: u64 = 10_000_000;
 const HIGH_FD: c_int = 1000;
 
@@ -161,66 +194,85 @@ const HIGH_FD: c_int = 1000;
 // Per-thread state: plain const TLS (no destructor, so no lazy registration
 // that would allocate).
 
-thread_local! {
-    static IN_HOOK: Cell<bool> = const { Cell::new(false) };
+/// One TLS block, so that a hook looks its thread up once.
+struct Tls {
+    in_hook: Cell<bool>,
     /// Set around shim-internal calls into libc that may allocate: those
     /// allocations are ours, not lost program events.
-    static INTERNAL: Cell<bool> = const { Cell::new(false) };
-    static TID: Cell<u32> = const { Cell::new(0) };
+    internal: Cell<bool>,
+    /// This thread's recorder; null: none yet.
+    me: Cell<*mut Thread>,
+}
+
+thread_local! {
+    static TLS: Tls = const {
+        Tls {
+            in_hook: Cell::new(false),
+            internal: Cell::new(false),
+            me: Cell::new(std::ptr::null_mut()),
+        }
+    };
+}
+
+/// This thread's TLS block; None during thread teardown.
+#[inline]
+fn tls() -> Option<&'static Tls> {
+    // SAFETY: the block lives as long as the thread, which outlives every
+    // hook call that uses the reference.
+    TLS.try_with(|t| unsafe { &*(t as *const Tls) }).ok()
 }
 
 /// Holds the reentrancy flag for the current thread.
-struct Guard;
+struct Guard(&'static Tls);
 
 impl Guard {
+    #[inline]
     fn enter() -> Option<Guard> {
-        let was = IN_HOOK.try_with(|f| f.replace(true)).unwrap_or(true);
-        if was {
-            if !INTERNAL.try_with(|f| f.get()).unwrap_or(false) {
+        let Some(t) = tls() else {
+            LOST.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        if t.in_hook.replace(true) {
+            if !t.internal.get() {
                 LOST.fetch_add(1, Ordering::Relaxed);
             }
             None
         } else {
-            Some(Guard)
+            Some(Guard(t))
         }
     }
 }
 
 impl Drop for Guard {
+    #[inline]
     fn drop(&mut self) {
-        let _ = IN_HOOK.try_with(|f| f.set(false));
+        self.0.in_hook.set(false);
     }
 }
 
 /// Runs `f` marked as shim-internal (nested allocations are not "lost").
 fn internal<R>(f: impl FnOnce() -> R) -> R {
-    let was = INTERNAL.with(|i| i.replace(true));
+    let Some(t) = tls() else { return f() };
+    let was = t.internal.replace(true);
     let r = f();
-    INTERNAL.with(|i| i.set(was));
+    t.internal.set(was);
     r
 }
 
-fn tid() -> u32 {
-    TID.with(|t| {
-        let v = t.get();
-        if v != 0 {
-            return v;
-        }
-        // SAFETY: gettid(2) has no failure mode.
-        let v = unsafe { libc::gettid() } as u32;
-        t.set(v);
-        v
-    })
-}
-
-fn now_ns() -> u64 {
+fn clock(id: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(id, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Event times: `CLOCK_MONOTONIC_COARSE` (a vDSO read, ~3 ns against ~25 for
+/// `CLOCK_MONOTONIC`; resolution one tick). Order comes from [`SEQ`].
+fn now_ns() -> u64 {
+    clock(libc::CLOCK_MONOTONIC_COARSE)
 }
 
 // ---------------------------------------------------------------------------
@@ -233,6 +285,39 @@ const OFF: u8 = 3;
 
 static STATE: AtomicU8 = AtomicU8::new(UNINIT);
 static LOST: AtomicU64 = AtomicU64::new(0);
+/// Orders the ALLOCs and FREEs of the process, read under the recording
+/// thread's buffer lock. A FREE takes a number (`fetch_add`) before libc
+/// gets the block back; an ALLOC only reads the counter, after libc
+/// returned the block. libc hands a freed block to a `malloc` on another
+/// thread only after the free's `fetch_add` (through its arena lock), so
+/// the ALLOC reads a larger number; an ALLOC followed by the FREE of its
+/// block may read the same number, and the collector sorts by (number,
+/// FREE after ALLOC). Within a thread the numbers never decrease. Only
+/// frees write the counter: allocations pay a shared read, not an RMW.
+static SEQ: AtomicU64 = AtomicU64::new(1);
+/// Bumped in a fork child: every stack id must be re-announced.
+static ID_GEN: AtomicU32 = AtomicU32::new(0);
+
+/// Process-wide stack dedup, taken only when a thread's capture cache
+/// misses: frame hash -> id. Lock order: `STACKS`, then a recorder's lock.
+struct Stacks {
+    lock: SpinLock,
+    map: UnsafeCell<Option<HashMap<u64, u32, BuildHasherDefault<Id>>>>,
+    next: UnsafeCell<u32>,
+}
+
+// SAFETY: only touched with `lock` held.
+unsafe impl Sync for Stacks {}
+
+static STACKS: Stacks = Stacks {
+    lock: SpinLock::new(),
+    map: UnsafeCell::new(None),
+    next: UnsafeCell::new(0),
+};
+/// Time of the last flush (coarse clock).
+static LAST_FLUSH: AtomicU64 = AtomicU64::new(0);
+/// After the shim's destructor: every record is flushed at once.
+static UNBUFFERED: AtomicBool = AtomicBool::new(false);
 
 /// Key is already a hash: pass it through.
 #[derive(Default)]
@@ -252,31 +337,36 @@ impl Hasher for Id {
     }
 }
 
-struct State {
-    fd: c_int,
-    sock: libc::sockaddr_un,
-    buf: Vec<u8>,
-    stacks: HashMap<u64, u32, BuildHasherDefault<Id>>,
-    next_stack: u32,
-    /// Mappings already announced: (start, end, offset, path).
-    maps: Vec<(u64, u64, u64, String)>,
-    last_flush: u64,
-    unbuffered: bool,
-}
-
 /// A spin-then-yield lock. Critical sections are a few dozen ns (append a
-/// record), so a futex mutex mostly paid for sleeping and waking (measured:
-/// ~25% of the traced run's CPU in futex calls on the 2-thread storm).
+/// record), so a futex mutex mostly paid for sleeping and waking.
 struct SpinLock(AtomicBool);
 
 impl SpinLock {
+    const fn new() -> SpinLock {
+        SpinLock(AtomicBool::new(false))
+    }
+    #[inline]
     fn lock(&self) {
-        let mut spins = 0u32;
-        while self
+        if self
             .0
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
+            self.lock_slow();
+        }
+    }
+    #[cold]
+    fn lock_slow(&self) {
+        let mut spins = 0u32;
+        loop {
+            if !self.0.load(Ordering::Relaxed)
+                && self
+                    .0
+                    .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return;
+            }
             spins += 1;
             if spins < 200 {
                 std::hint::spin_loop();
@@ -287,32 +377,15 @@ impl SpinLock {
             }
         }
     }
+    fn try_lock(&self) -> bool {
+        self.0
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+    #[inline]
     fn unlock(&self) {
         self.0.store(false, Ordering::Release);
     }
-}
-
-struct Global {
-    lock: SpinLock,
-    state: UnsafeCell<Option<State>>,
-}
-
-// SAFETY: `state` is only touched with `lock` held.
-unsafe impl Sync for Global {}
-
-static G: Global = Global {
-    lock: SpinLock(AtomicBool::new(false)),
-    state: UnsafeCell::new(None),
-};
-
-/// Runs `f` on the state with the global lock held.
-fn locked<R>(f: impl FnOnce(&mut State) -> R) -> Option<R> {
-    G.lock.lock();
-    // SAFETY: `state` is only reached with the lock held (here and in the
-    // fork handlers).
-    let r = unsafe { (*G.state.get()).as_mut().map(f) };
-    G.lock.unlock();
-    r
 }
 
 fn put_u16(b: &mut Vec<u8>, v: u16) {
@@ -329,6 +402,231 @@ fn put_str(b: &mut Vec<u8>, s: &str) {
     put_u16(b, s.len() as u16);
     b.extend_from_slice(s);
 }
+/// LEB128. The caller reserved room (at most 10 bytes).
+#[inline]
+fn put_var(b: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        b.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    b.push(v as u8);
+}
+#[inline]
+fn zigzag(v: u64) -> u64 {
+    ((v as i64) << 1 ^ (v as i64) >> 63) as u64
+}
+
+// ---------------------------------------------------------------------------
+// Per-thread recorders.
+
+/// One thread's records, encoded relative to the previous record of the
+/// same buffer (the first one of a buffer relative to zero).
+struct Enc {
+    buf: Vec<u8>,
+    seq: u64,
+    time: u64,
+    addr: u64,
+}
+
+impl Enc {
+    #[inline]
+    fn start(&mut self) {
+        if self.buf.is_empty() {
+            self.seq = 0;
+            self.time = 0;
+            self.addr = 0;
+        }
+        self.buf.reserve(48);
+    }
+    #[inline]
+    fn head(&mut self, tag: u8, seq: u64, time: u64, addr: u64) {
+        self.start();
+        self.buf.push(tag);
+        put_var(&mut self.buf, seq.wrapping_sub(self.seq));
+        put_var(&mut self.buf, time.wrapping_sub(self.time));
+        put_var(&mut self.buf, zigzag(addr.wrapping_sub(self.addr)));
+        self.seq = seq;
+        self.time = time;
+        self.addr = addr;
+    }
+    fn stack(&mut self, id: u32, frames: &[u64]) {
+        self.start();
+        self.buf.reserve(16 + frames.len() * 8);
+        self.buf.push(T_STACK);
+        put_var(&mut self.buf, id as u64);
+        put_var(&mut self.buf, frames.len() as u64);
+        for &a in frames {
+            put_u64(&mut self.buf, a);
+        }
+    }
+}
+
+/// A cached capture: valid while the same hook is called with the same
+/// return address and stack pointer (and frame pointer, if the walk used
+/// it), the snapshot is the same and every stack word the walk read still
+/// holds the value it read then.
+#[derive(Clone, Copy)]
+struct Cached {
+    hook: u64,
+    ra: u64,
+    sp: u64,
+    bp: u64,
+    bp_free: bool,
+    gen: u32,
+    id: u32,
+    n: u32,
+    slots: [(u64, u64); unwind::SLOTS],
+}
+
+const CACHED: usize = 64;
+
+/// State only the owning thread touches (no lock).
+struct Own {
+    cache: unwind::Cache,
+    id_gen: u32,
+    cached: Vec<Cached>,
+}
+
+/// One thread's recorder. Recorders are never freed: one whose thread
+/// exited is handed to the next new thread.
+struct Thread {
+    lock: SpinLock,
+    /// Held by a live thread.
+    owned: AtomicBool,
+    tid: AtomicU32,
+    /// The registry list (set before the recorder is published).
+    next: *mut Thread,
+    /// Under `lock`.
+    enc: UnsafeCell<Enc>,
+    /// Owner only.
+    own: UnsafeCell<Own>,
+}
+
+// SAFETY: `enc` is only touched with `lock` held, `own` only by the owner.
+unsafe impl Sync for Thread {}
+// SAFETY: as above.
+unsafe impl Send for Thread {}
+
+/// Head of the registry; pushed to only with `G.lock` held.
+static THREADS: AtomicPtr<Thread> = AtomicPtr::new(std::ptr::null_mut());
+/// The recorder of threads whose own recorder is gone (thread teardown):
+/// shared, so its `own` is never used and its records have no stack.
+static SPARE: AtomicPtr<Thread> = AtomicPtr::new(std::ptr::null_mut());
+static THREAD_KEY: AtomicU64 = AtomicU64::new(u64::MAX);
+
+fn new_thread() -> *mut Thread {
+    Box::into_raw(Box::new(Thread {
+        lock: SpinLock::new(),
+        owned: AtomicBool::new(true),
+        tid: AtomicU32::new(0),
+        next: THREADS.load(Ordering::Relaxed),
+        enc: UnsafeCell::new(Enc {
+            buf: Vec::with_capacity(FLUSH_BYTES + 4096),
+            seq: 0,
+            time: 0,
+            addr: 0,
+        }),
+        own: UnsafeCell::new(Own {
+            cache: unwind::Cache::new(),
+            id_gen: ID_GEN.load(Ordering::Relaxed),
+            cached: Vec::new(),
+        }),
+    }))
+}
+
+fn threads() -> impl Iterator<Item = &'static Thread> {
+    let mut p = THREADS.load(Ordering::Acquire);
+    std::iter::from_fn(move || {
+        // SAFETY: recorders are never freed.
+        let t = unsafe { p.as_ref()? };
+        p = t.next;
+        Some(t)
+    })
+}
+
+unsafe extern "C" fn thread_exit(p: *mut c_void) {
+    if let Some(t) = tls() {
+        t.me.set(SPARE.load(Ordering::Relaxed));
+    }
+    (*(p as *mut Thread)).owned.store(false, Ordering::Release);
+}
+
+/// This thread's recorder, made or adopted on first use.
+fn me(g: &Guard) -> &'static Thread {
+    let spare = SPARE.load(Ordering::Relaxed);
+    let p = g.0.me.get();
+    if !p.is_null() {
+        // SAFETY: recorders are never freed.
+        return unsafe { &*p };
+    }
+    // Registered under the flush lock, so that a flush holding every
+    // recorder's lock holds every recorder that may have records.
+    G.lock.lock();
+    let t = match threads().find(|t| {
+        !std::ptr::eq(*t, spare)
+            && t.owned
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+    }) {
+        Some(t) => t as *const Thread as *mut Thread,
+        None => {
+            let t = new_thread();
+            THREADS.store(t, Ordering::Release);
+            t
+        }
+    };
+    G.lock.unlock();
+    // SAFETY: we own it now; `own` is ours alone.
+    unsafe {
+        (*t).tid.store(libc::gettid() as u32, Ordering::Relaxed);
+        // Another thread's stack: its cached captures mean nothing here.
+        (*(*t).own.get()).cached.clear();
+        let key = THREAD_KEY.load(Ordering::Relaxed);
+        if key != u64::MAX {
+            libc::pthread_setspecific(key as libc::pthread_key_t, t as *const c_void);
+        }
+    }
+    g.0.me.set(t);
+    // SAFETY: never freed.
+    unsafe { &*t }
+}
+
+// ---------------------------------------------------------------------------
+// The connection and the flush.
+
+struct State {
+    fd: c_int,
+    sock: libc::sockaddr_un,
+    /// HELLO, MAP and LOST records, then the batch being sent.
+    buf: Vec<u8>,
+    /// Mappings already announced: (start, end, offset, path).
+    maps: Vec<(u64, u64, u64, String)>,
+}
+
+struct Global {
+    /// The flush lock: taken before any recorder's lock, never the other
+    /// way round.
+    lock: SpinLock,
+    state: UnsafeCell<Option<State>>,
+}
+
+// SAFETY: `state` is only touched with `lock` held.
+unsafe impl Sync for Global {}
+
+static G: Global = Global {
+    lock: SpinLock::new(),
+    state: UnsafeCell::new(None),
+};
+
+/// Runs `f` on the state with the flush lock held.
+fn locked<R>(f: impl FnOnce(&mut State) -> R) -> Option<R> {
+    G.lock.lock();
+    // SAFETY: `state` is only reached with the lock held (here and in the
+    // fork handlers).
+    let r = unsafe { (*G.state.get()).as_mut().map(f) };
+    G.lock.unlock();
+    r
+}
 
 impl State {
     fn hello(&mut self, kind: u8) {
@@ -343,7 +641,9 @@ impl State {
         // SAFETY: getpid/getppid cannot fail.
         put_u32(b, unsafe { libc::getpid() } as u32);
         put_u32(b, unsafe { libc::getppid() } as u32);
-        put_u64(b, now_ns());
+        // The precise clock: the collector clamps this image's event times
+        // to at least this, so they all fall after its exec or fork.
+        put_u64(b, clock(libc::CLOCK_MONOTONIC));
         put_str(b, &exe);
     }
 
@@ -378,46 +678,44 @@ impl State {
         }
     }
 
-    fn stack_id(&mut self, frames: &[u64]) -> u32 {
-        if frames.is_empty() {
-            return 0;
-        }
-        let mut h: u64 = frames.len() as u64;
-        for &a in frames {
-            h = (h.rotate_left(5) ^ a).wrapping_mul(0x517c_c1b7_2722_0a95);
-        }
-        if let Some(&id) = self.stacks.get(&h) {
-            return id;
-        }
-        self.next_stack += 1;
-        let id = self.next_stack;
-        self.stacks.insert(h, id);
-        let b = &mut self.buf;
-        b.push(T_STACK);
-        put_u32(b, id);
-        put_u16(b, frames.len() as u16);
-        for &a in frames {
-            put_u64(b, a);
-        }
-        id
-    }
-
-    fn after_record(&mut self, now: u64) {
-        if self.unbuffered
-            || self.buf.len() >= FLUSH_BYTES
-            || now.saturating_sub(self.last_flush) >= FLUSH_NS
-        {
-            self.flush(now);
-        }
-    }
-
-    fn flush(&mut self, now: u64) {
-        self.last_flush = now;
+    /// Moves every recorder's records into one batch and sends it. Holding
+    /// every recorder's lock at once means no record is half-written and
+    /// every number below the highest one sent has been sent: each batch
+    /// is a complete prefix of [`SEQ`], which the collector sorts.
+    fn flush(&mut self) {
+        LAST_FLUSH.store(now_ns(), Ordering::Relaxed);
         let lost = LOST.swap(0, Ordering::Relaxed);
         if lost > 0 {
             self.buf.push(T_LOST);
             put_u64(&mut self.buf, lost);
         }
+        for t in threads() {
+            t.lock.lock();
+        }
+        let mut any = false;
+        for t in threads() {
+            // SAFETY: its lock is held.
+            let enc = unsafe { &mut *t.enc.get() };
+            if enc.buf.is_empty() {
+                continue;
+            }
+            any = true;
+            self.buf.push(T_CHUNK);
+            put_u32(&mut self.buf, t.tid.load(Ordering::Relaxed));
+            put_u32(&mut self.buf, enc.buf.len() as u32);
+            self.buf.extend_from_slice(&enc.buf);
+            enc.buf.clear();
+        }
+        for t in threads() {
+            t.lock.unlock();
+        }
+        if any {
+            self.buf.push(T_END);
+        }
+        self.send();
+    }
+
+    fn send(&mut self) {
         let mut off = 0;
         while off < self.buf.len() {
             // SAFETY: sending from our own buffer; MSG_NOSIGNAL: no SIGPIPE.
@@ -452,6 +750,23 @@ impl State {
         unsafe { libc::close(self.fd) };
         self.fd = -1;
     }
+}
+
+/// Flushes every recorder. `wait`: take the flush lock even if another
+/// thread holds it (else leave the flush to that thread).
+fn flush_all(wait: bool) {
+    if wait {
+        G.lock.lock();
+    } else if !G.lock.try_lock() {
+        return;
+    }
+    // SAFETY: the lock is held.
+    if let Some(st) = unsafe { (*G.state.get()).as_mut() } {
+        if STATE.load(Ordering::Relaxed) == ON {
+            st.flush();
+        }
+    }
+    G.lock.unlock();
 }
 
 /// Connects to the collector; returns an fd >= HIGH_FD, CLOEXEC.
@@ -523,50 +838,77 @@ fn init() {
             unsafe { libc::write(2, msg.as_ptr() as *const c_void, msg.len()) };
             return false;
         };
-        unwind::init_cache_key();
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: plain pthread call.
+        if unsafe { libc::pthread_key_create(&mut key, Some(thread_exit)) } == 0 {
+            THREAD_KEY.store(key as u64, Ordering::Relaxed);
+        }
+        let spare = new_thread();
+        THREADS.store(spare, Ordering::Release);
+        SPARE.store(spare, Ordering::Release);
         let mut st = State {
             fd,
             sock,
-            buf: Vec::with_capacity(FLUSH_BYTES + 4096),
-            stacks: HashMap::default(),
-            next_stack: 0,
+            buf: Vec::with_capacity(4 * FLUSH_BYTES),
             maps: Vec::new(),
-            last_flush: now_ns(),
-            unbuffered: false,
         };
         st.hello(0);
-        // SAFETY: state is only reached under the lock, which nobody else
-        // can take yet in a meaningful way (STATE is INITING: hooks pass
-        // through).
+        LAST_FLUSH.store(now_ns(), Ordering::Relaxed);
+        // SAFETY: STATE is INITING, so hooks pass through and nobody else
+        // reaches the state.
         G.lock.lock();
         unsafe { *G.state.get() = Some(st) };
         G.lock.unlock();
         // SAFETY: registers our handlers once.
         unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
         refresh_modules();
-        locked(|s| s.flush(now_ns()));
+        locked(|s| s.send());
         true
     });
     STATE.store(if on { ON } else { OFF }, Ordering::Release);
 }
 
 unsafe extern "C" fn fork_prepare() {
+    STACKS.lock.lock();
     G.lock.lock();
+    for t in threads() {
+        t.lock.lock();
+    }
 }
 
 unsafe extern "C" fn fork_parent() {
+    for t in threads() {
+        t.lock.unlock();
+    }
     G.lock.unlock();
+    STACKS.lock.unlock();
 }
 
 unsafe extern "C" fn fork_child() {
-    // Only this thread exists now; its tid changed.
-    let _ = TID.try_with(|t| t.set(0));
+    // Only this thread exists now; its tid changed. The parent's buffered
+    // records are the parent's to send.
+    let me = tls().map_or(std::ptr::null_mut(), |t| t.me.get());
+    let spare = SPARE.load(Ordering::Relaxed);
+    for t in threads() {
+        (*t.enc.get()).buf.clear();
+        let p = t as *const Thread as *mut Thread;
+        if p == me {
+            t.tid.store(libc::gettid() as u32, Ordering::Relaxed);
+        } else if p != spare {
+            t.owned.store(false, Ordering::Relaxed);
+        }
+        t.lock.unlock();
+    }
+    // The child's connection has its own stack ids.
+    if let Some(m) = (*STACKS.map.get()).as_mut() {
+        m.clear();
+    }
+    *STACKS.next.get() = 0;
+    STACKS.lock.unlock();
+    ID_GEN.fetch_add(1, Ordering::Relaxed);
     if let Some(st) = (*G.state.get()).as_mut() {
         if STATE.load(Ordering::Relaxed) == ON {
-            // The parent's buffered records are the parent's to send.
             st.buf.clear();
-            st.stacks.clear();
-            st.next_stack = 0;
             let old = st.fd;
             match connect(&st.sock) {
                 Some(fd) => {
@@ -580,7 +922,7 @@ unsafe extern "C" fn fork_child() {
                         st.map(t, m);
                     }
                     st.maps = maps;
-                    st.flush(now_ns());
+                    st.send();
                 }
                 None => {
                     libc::close(old);
@@ -608,10 +950,8 @@ static FINI: extern "C" fn() = {
     extern "C" fn dtor() {
         if STATE.load(Ordering::Acquire) == ON {
             // Later destructors may still allocate and free: send those at once.
-            locked(|s| {
-                s.unbuffered = true;
-                s.flush(now_ns());
-            });
+            UNBUFFERED.store(true, Ordering::Relaxed);
+            flush_all(true);
         }
     }
     dtor
@@ -631,7 +971,7 @@ fn active() -> bool {
         INITING => {
             // Another thread is initializing (the initializing thread itself
             // holds the guard: its libc calls allocate for us, not the program).
-            if !IN_HOOK.try_with(|f| f.get()).unwrap_or(true) {
+            if !tls().is_none_or(|t| t.in_hook.get()) {
                 LOST.fetch_add(1, Ordering::Relaxed);
             }
             false
@@ -640,36 +980,161 @@ fn active() -> bool {
     }
 }
 
+fn frames_hash(frames: &[u64]) -> u64 {
+    let mut h: u64 = frames.len() as u64;
+    for &a in frames {
+        h = (h.rotate_left(5) ^ a).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    h
+}
+
+/// The id of `frames`, announced (a STACK record in `t`'s buffer) if new.
+/// The announcement is written before the id is visible to other
+/// threads, so every ALLOC naming it comes after it in the collector.
+fn stack_id(t: &Thread, frames: &[u64]) -> u32 {
+    let h = frames_hash(frames);
+    STACKS.lock.lock();
+    // SAFETY: STACKS.lock is held.
+    let map = unsafe { (*STACKS.map.get()).get_or_insert_with(HashMap::default) };
+    let id = match map.get(&h) {
+        Some(&id) => id,
+        None => {
+            // SAFETY: STACKS.lock is held.
+            let id = unsafe {
+                *STACKS.next.get() += 1;
+                *STACKS.next.get()
+            };
+            map.insert(h, id);
+            t.lock.lock();
+            // SAFETY: t's lock is held.
+            unsafe { (*t.enc.get()).stack(id, frames) };
+            t.lock.unlock();
+            id
+        }
+    };
+    STACKS.lock.unlock();
+    id
+}
+
+/// The stack id for a hook called with return address `*sp` and frame
+/// pointer `bp`, from `t`'s (this thread's) capture cache or a capture.
+fn stack_of(t: &Thread, own: &mut Own, hook: u64, sp: u64, bp: u64) -> u32 {
+    let id_gen = ID_GEN.load(Ordering::Relaxed);
+    if own.id_gen != id_gen {
+        own.id_gen = id_gen;
+        own.cached.clear();
+    }
+    if sp == 0 || sp & 7 != 0 {
+        return 0;
+    }
+    // SAFETY: `sp` is the hook's entry stack pointer: it points at the
+    // return address the call pushed.
+    let ra = unsafe { *(sp as *const u64) };
+    let gen = unwind::SNAP_GEN.load(Ordering::Acquire);
+    let slot =
+        ((ra ^ sp.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize % CACHED;
+    if let Some(c) = own.cached.get(slot) {
+        if c.gen == gen
+            && c.ra == ra
+            && c.sp == sp
+            && c.hook == hook
+            && (c.bp_free || c.bp == bp)
+            && c.slots[..c.n as usize]
+                .iter()
+                // SAFETY: these words were read from this thread's live
+                // stack, above `sp`, which is live as long as we run.
+                .all(|&(a, v)| unsafe { *(a as *const u64) } == v)
+        {
+            return c.id;
+        }
+    }
+    let mut frames = [0u64; MAX_FRAMES];
+    let mut slots = [(0u64, 0u64); unwind::SLOTS];
+    let Some(mut cap) = unwind::capture(hook, ra, sp, bp, &mut own.cache, &mut frames, &mut slots)
+    else {
+        return 0;
+    };
+    if cap.uncovered && unwind::refresh_if_needed(true, now_ns()) {
+        match unwind::capture(hook, ra, sp, bp, &mut own.cache, &mut frames, &mut slots) {
+            Some(c) => cap = c,
+            None => return 0,
+        }
+    }
+    let n = cap.n;
+    let id = stack_id(t, &frames[..n]);
+    // Cache it unless a frame was outside every module (a refresh may yet
+    // help) or its dependencies are unclear.
+    if let (false, Some(nslots)) = (cap.uncovered, cap.nslots) {
+        let bp_free = !cap.bp_used;
+        if own.cached.is_empty() {
+            own.cached.resize(
+                CACHED,
+                Cached {
+                    hook: 0,
+                    ra: 0,
+                    sp: 0,
+                    bp: 0,
+                    bp_free: false,
+                    gen: u32::MAX,
+                    id: 0,
+                    n: 0,
+                    slots: [(0, 0); unwind::SLOTS],
+                },
+            );
+        }
+        own.cached[slot] = Cached {
+            hook,
+            ra,
+            sp,
+            bp,
+            bp_free,
+            gen: cap.gen,
+            id,
+            n: nslots as u32,
+            slots,
+        };
+    }
+    id
+}
+
+/// After a record: flush if this buffer is full or the last flush is old.
+#[inline]
+fn after_record(len: usize, time: u64) {
+    if len >= FLUSH_BYTES
+        || UNBUFFERED.load(Ordering::Relaxed)
+        || time.wrapping_sub(LAST_FLUSH.load(Ordering::Relaxed)) >= FLUSH_NS
+    {
+        flush_all(len >= HARD_BYTES || UNBUFFERED.load(Ordering::Relaxed));
+    }
+}
+
 #[inline(never)]
-fn on_alloc(p: *mut c_void, size: usize, hook: u64) {
+fn on_alloc(p: *mut c_void, size: usize, hook: u64, sp: u64, bp: u64) {
     if p.is_null() || !active() {
         return;
     }
-    let Some(_g) = Guard::enter() else { return };
-    let mut frames = [0u64; MAX_FRAMES];
+    let Some(g) = Guard::enter() else { return };
     if unwind::DIRTY.load(Ordering::Relaxed) {
         unwind::refresh_if_needed(false, 0);
     }
-    let (mut n, uncovered) = unwind::capture_stack(hook, &mut frames);
-    if uncovered && unwind::refresh_if_needed(true, now_ns()) {
-        n = unwind::capture_stack(hook, &mut frames).0;
-    }
+    let t = me(&g);
+    let id = if std::ptr::eq(t, SPARE.load(Ordering::Relaxed)) {
+        0
+    } else {
+        // SAFETY: `own` is this thread's alone.
+        stack_of(t, unsafe { &mut *t.own.get() }, hook, sp, bp)
+    };
     let time = now_ns();
-    let tid = tid();
-    locked(|s| {
-        if STATE.load(Ordering::Relaxed) != ON {
-            return;
-        }
-        let id = s.stack_id(&frames[..n]);
-        let b = &mut s.buf;
-        b.push(T_ALLOC);
-        put_u64(b, time);
-        put_u32(b, tid);
-        put_u64(b, p as u64);
-        put_u64(b, size as u64);
-        put_u32(b, id);
-        s.after_record(time);
-    });
+    t.lock.lock();
+    // SAFETY: the lock is held.
+    let enc = unsafe { &mut *t.enc.get() };
+    let seq = SEQ.load(Ordering::Acquire);
+    enc.head(T_ALLOC, seq, time, p as u64);
+    put_var(&mut enc.buf, size as u64);
+    put_var(&mut enc.buf, id as u64);
+    let len = enc.buf.len();
+    t.lock.unlock();
+    after_record(len, time);
 }
 
 #[inline(never)]
@@ -677,59 +1142,83 @@ fn on_free(p: *mut c_void) {
     if p.is_null() || !active() {
         return;
     }
-    let Some(_g) = Guard::enter() else { return };
+    let Some(g) = Guard::enter() else { return };
+    let t = me(&g);
     let time = now_ns();
-    locked(|s| {
-        if STATE.load(Ordering::Relaxed) != ON {
-            return;
-        }
-        let b = &mut s.buf;
-        b.push(T_FREE);
-        put_u64(b, time);
-        put_u64(b, p as u64);
-        s.after_record(time);
-    });
+    t.lock.lock();
+    // SAFETY: the lock is held.
+    let enc = unsafe { &mut *t.enc.get() };
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    enc.head(T_FREE, seq, time, p as u64);
+    let len = enc.buf.len();
+    t.lock.unlock();
+    after_record(len, time);
 }
 
 fn flush_now() {
     if STATE.load(Ordering::Acquire) == ON {
         if let Some(_g) = Guard::enter() {
-            locked(|s| s.flush(now_ns()));
+            flush_all(true);
         }
     }
 }
 
 // ---------------------------------------------------------------------------
-// The interposed API.
+// The interposed API. The allocating functions are naked trampolines that
+// hand the entry stack and frame pointers to their implementation (a tail
+// jump, so the caller's return address stays where it is): unwinding
+// starts at the caller, with no shim frames to walk through.
 
-/// malloc(3).
-#[no_mangle]
-pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
+macro_rules! entry {
+    ($(#[$m:meta])* $name:ident => $imp:ident, $sp:literal, $bp:literal) => {
+        $(#[$m])*
+        #[unsafe(naked)]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name() {
+            std::arch::naked_asm!(
+                concat!("mov ", $sp, ", rsp"),
+                concat!("mov ", $bp, ", rbp"),
+                "jmp {imp}",
+                imp = sym $imp,
+            )
+        }
+    };
+}
+
+entry!(
+    /// malloc(3).
+    malloc => malloc_imp, "rsi", "rdx"
+);
+unsafe extern "C" fn malloc_imp(size: usize, sp: u64, bp: u64) -> *mut c_void {
     let p = __libc_malloc(size);
-    on_alloc(p, size, malloc as *const () as u64);
+    on_alloc(p, size, malloc as *const () as u64, sp, bp);
     p
 }
 
-/// calloc(3).
-#[no_mangle]
-pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
+entry!(
+    /// calloc(3).
+    calloc => calloc_imp, "rdx", "rcx"
+);
+unsafe extern "C" fn calloc_imp(n: usize, size: usize, sp: u64, bp: u64) -> *mut c_void {
     let p = __libc_calloc(n, size);
-    on_alloc(p, n.wrapping_mul(size), calloc as *const () as u64);
+    on_alloc(p, n.wrapping_mul(size), calloc as *const () as u64, sp, bp);
     p
 }
 
-/// realloc(3): the old block is freed and a new one allocated, even when
-/// glibc resizes in place. `realloc(NULL, n)` is `malloc(n)`;
-/// `realloc(p, 0)` frees `p` and returns NULL (glibc).
-#[no_mangle]
-pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
-    realloc_from(p, size, realloc as *const () as u64)
+entry!(
+    /// realloc(3): the old block is freed and a new one allocated, even when
+    /// glibc resizes in place. `realloc(NULL, n)` is `malloc(n)`;
+    /// `realloc(p, 0)` frees `p` and returns NULL (glibc).
+    realloc => realloc_imp, "rdx", "rcx"
+);
+unsafe extern "C" fn realloc_imp(p: *mut c_void, size: usize, sp: u64, bp: u64) -> *mut c_void {
+    realloc_from(p, size, realloc as *const () as u64, sp, bp)
 }
 
-unsafe fn realloc_from(p: *mut c_void, size: usize, hook: u64) -> *mut c_void {
+unsafe fn realloc_from(p: *mut c_void, size: usize, hook: u64, sp: u64, bp: u64) -> *mut c_void {
     if p.is_null() {
         let q = __libc_malloc(size);
-        on_alloc(q, size, hook);
+        on_alloc(q, size, hook, sp, bp);
         return q;
     }
     // Record the free while `p` is still ours: once libc has it back,
@@ -737,22 +1226,30 @@ unsafe fn realloc_from(p: *mut c_void, size: usize, hook: u64) -> *mut c_void {
     on_free(p);
     let q = __libc_realloc(p, size);
     if !q.is_null() {
-        on_alloc(q, size, hook);
+        on_alloc(q, size, hook, sp, bp);
     } else if size != 0 {
         // Failed: `p` is still allocated (its requested size is unknown).
-        on_alloc(p, malloc_usable_size(p), hook);
+        on_alloc(p, malloc_usable_size(p), hook, sp, bp);
     }
     q
 }
 
-/// reallocarray(3).
-#[no_mangle]
-pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
+entry!(
+    /// reallocarray(3).
+    reallocarray => reallocarray_imp, "rcx", "r8"
+);
+unsafe extern "C" fn reallocarray_imp(
+    p: *mut c_void,
+    n: usize,
+    size: usize,
+    sp: u64,
+    bp: u64,
+) -> *mut c_void {
     let Some(total) = n.checked_mul(size) else {
         *libc::__errno_location() = libc::ENOMEM;
         return std::ptr::null_mut();
     };
-    realloc_from(p, total, reallocarray as *const () as u64)
+    realloc_from(p, total, reallocarray as *const () as u64, sp, bp)
 }
 
 /// free(3).
@@ -762,9 +1259,17 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     __libc_free(p);
 }
 
-/// posix_memalign(3).
-#[no_mangle]
-pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+entry!(
+    /// posix_memalign(3).
+    posix_memalign => posix_memalign_imp, "rcx", "r8"
+);
+unsafe extern "C" fn posix_memalign_imp(
+    out: *mut *mut c_void,
+    align: usize,
+    size: usize,
+    sp: u64,
+    bp: u64,
+) -> c_int {
     if !align.is_power_of_two() || !align.is_multiple_of(std::mem::size_of::<*mut c_void>()) {
         return libc::EINVAL;
     }
@@ -773,44 +1278,52 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, siz
         return libc::ENOMEM;
     }
     *out = p;
-    on_alloc(p, size, posix_memalign as *const () as u64);
+    on_alloc(p, size, posix_memalign as *const () as u64, sp, bp);
     0
 }
 
-/// aligned_alloc(3) (C11): glibc 2.38 rejects alignments that are not a
-/// power of two; so do we.
-#[no_mangle]
-pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+entry!(
+    /// aligned_alloc(3) (C11): glibc 2.38 rejects alignments that are not a
+    /// power of two; so do we.
+    aligned_alloc => aligned_alloc_imp, "rdx", "rcx"
+);
+unsafe extern "C" fn aligned_alloc_imp(align: usize, size: usize, sp: u64, bp: u64) -> *mut c_void {
     if !align.is_power_of_two() {
         *libc::__errno_location() = libc::EINVAL;
         return std::ptr::null_mut();
     }
     let p = __libc_memalign(align, size);
-    on_alloc(p, size, aligned_alloc as *const () as u64);
+    on_alloc(p, size, aligned_alloc as *const () as u64, sp, bp);
     p
 }
 
-/// memalign(3).
-#[no_mangle]
-pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
+entry!(
+    /// memalign(3).
+    memalign => memalign_imp, "rdx", "rcx"
+);
+unsafe extern "C" fn memalign_imp(align: usize, size: usize, sp: u64, bp: u64) -> *mut c_void {
     let p = __libc_memalign(align, size);
-    on_alloc(p, size, memalign as *const () as u64);
+    on_alloc(p, size, memalign as *const () as u64, sp, bp);
     p
 }
 
-/// valloc(3).
-#[no_mangle]
-pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
+entry!(
+    /// valloc(3).
+    valloc => valloc_imp, "rsi", "rdx"
+);
+unsafe extern "C" fn valloc_imp(size: usize, sp: u64, bp: u64) -> *mut c_void {
     let p = __libc_valloc(size);
-    on_alloc(p, size, valloc as *const () as u64);
+    on_alloc(p, size, valloc as *const () as u64, sp, bp);
     p
 }
 
-/// pvalloc(3).
-#[no_mangle]
-pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
+entry!(
+    /// pvalloc(3).
+    pvalloc => pvalloc_imp, "rsi", "rdx"
+);
+unsafe extern "C" fn pvalloc_imp(size: usize, sp: u64, bp: u64) -> *mut c_void {
     let p = __libc_pvalloc(size);
-    on_alloc(p, size, pvalloc as *const () as u64);
+    on_alloc(p, size, pvalloc as *const () as u64, sp, bp);
     p
 }
 

@@ -10,10 +10,10 @@
 use std::cell::Cell;
 use std::ffi::{c_int, c_void, CStr};
 use std::ops::{Deref, Range};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
-use framehop::{ExplicitModuleSectionInfo, Module, Unwinder as _};
+use framehop::{ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder as _};
 
 /// Most frames kept per stack, the hook's own address included.
 pub const MAX_FRAMES: usize = 64;
@@ -90,8 +90,6 @@ pub struct Snapshot {
     unwinder: UnwinderX86_64<Mem>,
     /// Sorted executable ranges, for "is this address covered".
     ranges: Vec<Range<u64>>,
-    /// The shim's own executable range: frames in it are skipped.
-    shim: Range<u64>,
     /// dl_iterate_phdr's dlpi_adds/dlpi_subs when this was built.
     pub counters: (u64, u64),
 }
@@ -284,15 +282,10 @@ fn framehop_module(m: &ModInfo) -> Option<Module<Mem>> {
 
 /// Builds and publishes a snapshot of `mods`.
 pub fn publish(mods: &[ModInfo], counters: (u64, u64)) {
-    let here = capture_stack as *const () as u64;
     let mut unwinder = UnwinderX86_64::new();
     let mut ranges = Vec::new();
-    let mut shim = 0..0;
     for m in mods {
         for r in m.exec_ranges() {
-            if r.contains(&here) {
-                shim = r.clone();
-            }
             ranges.push(r);
         }
         if let Some(fm) = framehop_module(m) {
@@ -303,57 +296,43 @@ pub fn publish(mods: &[ModInfo], counters: (u64, u64)) {
     let snap = Box::new(Snapshot {
         unwinder,
         ranges,
-        shim,
         counters,
     });
     SNAPSHOT.store(Box::into_raw(snap), Ordering::Release);
+    SNAP_GEN.fetch_add(1, Ordering::Release);
 }
 
-type Cache = CacheX86_64;
+/// framehop's per-thread rule cache.
+pub type Cache = CacheX86_64;
 
 thread_local! {
-    /// This thread's framehop rule cache; null: not yet made; dangling:
-    /// the thread is exiting and its cache is gone.
-    static CACHE: Cell<*mut Cache> = const { Cell::new(std::ptr::null_mut()) };
     /// This thread's stack, [lo, hi); (0, 0): not yet known.
     static STACK: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
 }
 
-static CACHE_KEY: AtomicU64 = AtomicU64::new(u64::MAX);
+/// Bumped whenever a new snapshot is published: cached stacks taken with
+/// an older one are stale.
+pub static SNAP_GEN: AtomicU32 = AtomicU32::new(0);
 
-unsafe extern "C" fn drop_cache(p: *mut c_void) {
-    let _ = CACHE.try_with(|c| c.set(std::ptr::dangling_mut::<Cache>()));
-    drop(Box::from_raw(p as *mut Cache));
-}
+/// Most stack words one capture may read and still be cached.
+pub const SLOTS: usize = 32;
 
-/// Creates the pthread key whose destructor frees each thread's cache.
-pub fn init_cache_key() {
-    let mut key: libc::pthread_key_t = 0;
-    // SAFETY: plain pthread call.
-    if unsafe { libc::pthread_key_create(&mut key, Some(drop_cache)) } == 0 {
-        CACHE_KEY.store(key as u64, Ordering::Relaxed);
-    }
-}
-
-fn thread_cache() -> Option<&'static mut Cache> {
-    let p = CACHE.with(|c| c.get());
-    if p == std::ptr::dangling_mut::<Cache>() {
-        return None;
-    }
-    if !p.is_null() {
-        // SAFETY: owned by this thread until drop_cache.
-        return Some(unsafe { &mut *p });
-    }
-    let key = CACHE_KEY.load(Ordering::Relaxed);
-    if key == u64::MAX {
-        return None;
-    }
-    let p = Box::into_raw(Box::new(Cache::new()));
-    // SAFETY: key was created by init_cache_key.
-    unsafe { libc::pthread_setspecific(key as libc::pthread_key_t, p as *const c_void) };
-    CACHE.with(|c| c.set(p));
-    // SAFETY: just allocated, owned by this thread.
-    Some(unsafe { &mut *p })
+/// What one capture did.
+pub struct Capture {
+    /// Entries of `out` filled.
+    pub n: usize,
+    /// Some frame lay outside every known module.
+    pub uncovered: bool,
+    /// The walk ended at a root frame or at `MAX_FRAMES`, not at an error.
+    pub clean: bool,
+    /// The result depends on the initial bp.
+    pub bp_used: bool,
+    /// How many of the stack words the result depends on were logged in
+    /// `slots` as (address, value); `None`: the dependencies could not be
+    /// pinned down (or were more than [`SLOTS`]).
+    pub nslots: Option<usize>,
+    /// [`SNAP_GEN`] of the snapshot used.
+    pub gen: u32,
 }
 
 fn stack_bounds() -> (u64, u64) {
@@ -404,66 +383,161 @@ pub fn refresh_if_needed(force_check: bool, now: u64) -> bool {
     true
 }
 
-/// Captures the calling thread's stack into `out`: `out[0] = hook` (the
-/// interposed function's address, standing in for the instruction
-/// pointer), then the return addresses of every frame outside the shim.
-/// Returns the number of entries, 0 when no stack could be taken, and
-/// whether some frame lay outside every known module.
-#[inline(never)]
-pub fn capture_stack(hook: u64, out: &mut [u64; MAX_FRAMES]) -> (usize, bool) {
-    let (ip, sp, bp): (u64, u64, u64);
-    // SAFETY: reads registers only.
-    unsafe {
-        std::arch::asm!(
-            "lea {ip}, [rip]",
-            "mov {sp}, rsp",
-            "mov {bp}, rbp",
-            ip = out(reg) ip,
-            sp = out(reg) sp,
-            bp = out(reg) bp,
-            options(nomem, nostack, preserves_flags),
-        );
-    }
-    let Some(snap) = snapshot() else {
-        return (0, false);
-    };
+/// Captures the stack of a hook's caller: `out[0] = hook` (the interposed
+/// function's address, standing in for the instruction pointer), `out[1] =
+/// ra` (the return address the hook was called with, read at `sp`), then
+/// the return addresses found by unwinding from there. `sp` and `bp` are
+/// the stack and frame pointers at the hook's entry. Every stack word read
+/// that the result depends on is logged in `slots`: the walk is a pure
+/// function of (`ra`, `sp`, `bp` if `bp_used`, the snapshot, those words),
+/// which is what makes caching it sound. A word counts when it held a
+/// return address, or a saved bp that a later step followed (found by
+/// repeating each step with an unusable bp), or was read by the last step.
+/// `None` when no stack can be taken (signal stack, no snapshot).
+pub fn capture(
+    hook: u64,
+    ra: u64,
+    sp: u64,
+    bp: u64,
+    cache: &mut Cache,
+    out: &mut [u64; MAX_FRAMES],
+    slots: &mut [(u64, u64); SLOTS],
+) -> Option<Capture> {
+    let gen = SNAP_GEN.load(Ordering::Acquire);
+    let snap = snapshot()?;
     let (lo, hi) = stack_bounds();
     if sp < lo || sp >= hi {
         // A signal stack, or bounds unknown: reading would be guesswork.
-        return (0, false);
+        return None;
     }
-    let Some(cache) = thread_cache() else {
-        return (0, false);
-    };
-    let mut read = |a: u64| -> Result<u64, ()> {
-        if a >= sp && a.checked_add(8).is_some_and(|e| e <= hi) {
-            // SAFETY: within this thread's live stack, [sp, hi).
-            Ok(unsafe { (a as *const u64).read_unaligned() })
-        } else {
-            Err(())
-        }
-    };
-    let mut it = snap
-        .unwinder
-        .iter_frames(ip, UnwindRegsX86_64::new(ip, sp, bp), cache, &mut read);
     out[0] = hook;
-    let mut n = 1;
-    let mut in_shim = true;
-    let mut uncovered = false;
-    while let Ok(Some(f)) = it.next() {
-        let a = f.address();
-        if in_shim && snap.shim.contains(&a) {
-            continue;
+    let mut c = Capture {
+        n: 1,
+        uncovered: false,
+        clean: false,
+        bp_used: false,
+        nslots: Some(0),
+        gen,
+    };
+    let Some(mut addr) = FrameAddress::from_return_address(ra) else {
+        c.clean = true;
+        return Some(c);
+    };
+    out[1] = ra;
+    c.n = 2;
+    c.uncovered = !snap.covers(ra.wrapping_sub(1));
+    // The caller's frame as it will be after the hook returns.
+    let csp = sp + 8;
+    let ok = |a: u64| a >= csp && a.checked_add(8).is_some_and(|e| e <= hi);
+    // Every word read by the current step.
+    let mut step = [(0u64, 0u64); 16];
+    // The words the result depends on.
+    let mut nslots = 0usize;
+    let mut precise = true;
+    fn keep(w: (u64, u64), slots: &mut [(u64, u64); SLOTS], n: &mut usize, precise: &mut bool) {
+        if *n < SLOTS {
+            slots[*n] = w;
+            *n += 1;
+        } else {
+            *precise = false;
         }
-        in_shim = false;
-        if !snap.covers(a.wrapping_sub(1)) {
-            uncovered = true;
+    }
+    // Where the current bp came from: None, the initial bp.
+    let mut bp_src: Option<(u64, u64)> = None;
+    let mut regs = UnwindRegsX86_64::new(ra, csp, bp);
+    loop {
+        let pre = regs;
+        let mut nstep = 0usize;
+        let res = {
+            let mut read = |a: u64| -> Result<u64, ()> {
+                if !ok(a) {
+                    return Err(());
+                }
+                // SAFETY: within this thread's live stack, above the hook's frame.
+                let v = unsafe { (a as *const u64).read_unaligned() };
+                if nstep < step.len() {
+                    step[nstep] = (a, v);
+                }
+                nstep += 1;
+                Ok(v)
+            };
+            snap.unwinder
+                .unwind_frame(addr, &mut regs, cache, &mut read)
+        };
+        if nstep > step.len() {
+            precise = false;
+            nstep = step.len();
         }
-        out[n] = a;
-        n += 1;
-        if n == MAX_FRAMES {
+        let step = &step[..nstep];
+        let next = match res {
+            Ok(Some(r)) => FrameAddress::from_return_address(r).map(|a| (r, a)),
+            Ok(None) => {
+                c.clean = true;
+                None
+            }
+            Err(_) => None,
+        };
+        let Some((r, next)) = next else {
+            // The last step: its result depends on everything it saw.
+            for &w in step {
+                keep(w, slots, &mut nslots, &mut precise);
+            }
+            match bp_src {
+                Some(w) => keep(w, slots, &mut nslots, &mut precise),
+                None => c.bp_used = true,
+            }
+            break;
+        };
+        // Does this step depend on the incoming bp? Run it again with a bp
+        // that cannot be followed: a step that uses it then fails or ends.
+        let mut alt = pre;
+        alt.set_bp(0);
+        let mut quiet = |a: u64| -> Result<u64, ()> {
+            if ok(a) {
+                // SAFETY: as above.
+                Ok(unsafe { (a as *const u64).read_unaligned() })
+            } else {
+                Err(())
+            }
+        };
+        let same = matches!(
+            snap.unwinder.unwind_frame(addr, &mut alt, cache, &mut quiet),
+            Ok(Some(r2)) if r2 == r && alt.sp() == regs.sp()
+        );
+        if !same {
+            match bp_src {
+                Some(w) => keep(w, slots, &mut nslots, &mut precise),
+                None => c.bp_used = true,
+            }
+        }
+        // The return address was read at the new CFA - 8.
+        match step
+            .iter()
+            .find(|w| w.0 == regs.sp().wrapping_sub(8) && w.1 == r)
+        {
+            Some(&w) => keep(w, slots, &mut nslots, &mut precise),
+            None => precise = false,
+        }
+        // A restored bp comes from a word read with its value.
+        if let Some(&w) = step
+            .iter()
+            .find(|w| w.1 == regs.bp() && w.0 != regs.sp().wrapping_sub(8))
+        {
+            bp_src = Some(w);
+        } else if regs.bp() != pre.bp() {
+            precise = false;
+        }
+        if !snap.covers(r.wrapping_sub(1)) {
+            c.uncovered = true;
+        }
+        out[c.n] = r;
+        c.n += 1;
+        if c.n == MAX_FRAMES {
+            c.clean = true;
             break;
         }
+        addr = next;
     }
-    (n, uncovered)
+    c.nslots = precise.then_some(nslots);
+    Some(c)
 }
