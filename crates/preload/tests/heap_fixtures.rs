@@ -348,6 +348,22 @@ fn two_thread_storm_has_exactly_the_known_leaks() {
 }
 
 #[test]
+fn blocks_freed_on_the_other_thread_and_reused_there_are_not_leaks() {
+    for b in BUILDS {
+        let out = run_fixture("handoff", b, &[]);
+        out.assert_leaks("handoff_leak", 7, 7 * 56);
+        // (glibc keeps each thread's DTV for its cached stacks: those two
+        // calloc blocks do leak.)
+        out.assert_absent("side");
+        assert!(
+            out.allocs > 200_000,
+            "{b:?}: allocations seen: {}",
+            out.allocs
+        );
+    }
+}
+
+#[test]
 fn cached_stacks_are_told_apart_by_their_callers() {
     for b in BUILDS {
         let out = run_fixture("stack_cache", b, &[]);

@@ -38,10 +38,12 @@
 //!   function of them). A loop allocating from one place walks once.
 //! - Stacks are deduplicated process-wide by a 64-bit hash of their
 //!   addresses into small ids (only when a thread's cache misses).
-//! - Each thread appends its records to its own buffer under its own lock
-//!   (uncontended but for flushes). A flush takes the flush lock, then every
-//!   thread's lock at once, and sends all buffers as one batch; each batch
-//!   therefore holds every record numbered below its highest one. Records
+//! - Each thread appends its records to its own buffer, with no atomic
+//!   read-modify-write: a flag store and load against the flusher, whose
+//!   side of the handshake is `membarrier(2)` (see `Thread`). A flush takes
+//!   the flush lock, stops every thread's appends at once, and sends all
+//!   buffers as one batch; each batch therefore holds every record
+//!   numbered below its highest one. Records
 //!   are numbered by `SEQ` (frees take a number before libc gets the block
 //!   back, allocations read the counter after libc returned it; see there),
 //!   and the collector sorts each batch by that number, so a free on one
@@ -489,20 +491,34 @@ struct Own {
 
 /// One thread's recorder. Recorders are never freed: one whose thread
 /// exited is handed to the next new thread.
+///
+/// The owner appends between [`Thread::begin`] and [`Thread::end`]; a
+/// flush (or fork) stops every recorder with [`hold_all`]. That is
+/// Dekker's handshake on `busy` (owner) and `hold` (flusher) with an
+/// asymmetric fence: the owner's side is a plain store and load, the
+/// flusher's side `membarrier(2)`, which runs a full barrier on every
+/// thread of the process. Without membarrier both sides use `mfence`.
 struct Thread {
+    /// Only for the shared spare recorder: its owners exclude each other.
     lock: SpinLock,
+    shared: bool,
+    /// The owner is appending.
+    busy: AtomicBool,
+    /// A flush or fork has stopped this recorder.
+    hold: AtomicBool,
     /// Held by a live thread.
     owned: AtomicBool,
     tid: AtomicU32,
     /// The registry list (set before the recorder is published).
     next: *mut Thread,
-    /// Under `lock`.
+    /// Between begin() and end(), or under hold_all().
     enc: UnsafeCell<Enc>,
     /// Owner only.
     own: UnsafeCell<Own>,
 }
 
-// SAFETY: `enc` is only touched with `lock` held, `own` only by the owner.
+// SAFETY: `enc` is only touched between begin() and end() or under
+// hold_all(), `own` only by the owner.
 unsafe impl Sync for Thread {}
 // SAFETY: as above.
 unsafe impl Send for Thread {}
@@ -514,9 +530,112 @@ static THREADS: AtomicPtr<Thread> = AtomicPtr::new(std::ptr::null_mut());
 static SPARE: AtomicPtr<Thread> = AtomicPtr::new(std::ptr::null_mut());
 static THREAD_KEY: AtomicU64 = AtomicU64::new(u64::MAX);
 
-fn new_thread() -> *mut Thread {
+/// membarrier(2) works here: owners need no fence.
+static ASYM: AtomicBool = AtomicBool::new(false);
+
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: c_int = 8;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: c_int = 16;
+
+fn register_membarrier() {
+    // SAFETY: plain syscall.
+    let ok = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+            0,
+            0,
+        )
+    } == 0;
+    ASYM.store(ok, Ordering::Relaxed);
+}
+
+/// A full barrier on every thread of the process (the flusher's side).
+fn heavy_fence() {
+    std::sync::atomic::fence(Ordering::SeqCst);
+    if ASYM.load(Ordering::Relaxed) {
+        // SAFETY: plain syscall; registered at init (and in fork children).
+        let r =
+            unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) };
+        // membarrier(2): the command cannot fail once registered, and ASYM
+        // is only set after a successful registration.
+        debug_assert_eq!(r, 0);
+    }
+}
+
+impl Thread {
+    /// Starts appending (owner side).
+    #[inline]
+    fn begin(&self) {
+        if self.shared {
+            self.lock.lock();
+        }
+        loop {
+            self.busy.store(true, Ordering::Relaxed);
+            if ASYM.load(Ordering::Relaxed) {
+                std::sync::atomic::compiler_fence(Ordering::SeqCst);
+            } else {
+                std::sync::atomic::fence(Ordering::SeqCst);
+            }
+            if !self.hold.load(Ordering::Acquire) {
+                return;
+            }
+            self.busy.store(false, Ordering::Release);
+            let mut spins = 0u32;
+            while self.hold.load(Ordering::Acquire) {
+                spins += 1;
+                if spins < 200 {
+                    std::hint::spin_loop();
+                } else {
+                    // SAFETY: plain syscall.
+                    unsafe { libc::sched_yield() };
+                }
+            }
+        }
+    }
+
+    /// Ends appending (owner side).
+    #[inline]
+    fn end(&self) {
+        self.busy.store(false, Ordering::Release);
+        if self.shared {
+            self.lock.unlock();
+        }
+    }
+}
+
+/// Stops every recorder (flush lock held): when this returns no owner is
+/// appending and none will until [`release_all`].
+fn hold_all() {
+    for t in threads() {
+        t.hold.store(true, Ordering::Relaxed);
+    }
+    heavy_fence();
+    for t in threads() {
+        let mut spins = 0u32;
+        while t.busy.load(Ordering::Acquire) {
+            spins += 1;
+            if spins < 200 {
+                std::hint::spin_loop();
+            } else {
+                // SAFETY: plain syscall.
+                unsafe { libc::sched_yield() };
+            }
+        }
+    }
+}
+
+fn release_all() {
+    for t in threads() {
+        t.hold.store(false, Ordering::Release);
+    }
+}
+
+fn new_thread(shared: bool) -> *mut Thread {
     Box::into_raw(Box::new(Thread {
         lock: SpinLock::new(),
+        shared,
+        busy: AtomicBool::new(false),
+        hold: AtomicBool::new(false),
         owned: AtomicBool::new(true),
         tid: AtomicU32::new(0),
         next: THREADS.load(Ordering::Relaxed),
@@ -570,7 +689,7 @@ fn me(g: &Guard) -> &'static Thread {
     }) {
         Some(t) => t as *const Thread as *mut Thread,
         None => {
-            let t = new_thread();
+            let t = new_thread(false);
             THREADS.store(t, Ordering::Release);
             t
         }
@@ -689,12 +808,10 @@ impl State {
             self.buf.push(T_LOST);
             put_u64(&mut self.buf, lost);
         }
-        for t in threads() {
-            t.lock.lock();
-        }
+        hold_all();
         let mut any = false;
         for t in threads() {
-            // SAFETY: its lock is held.
+            // SAFETY: held.
             let enc = unsafe { &mut *t.enc.get() };
             if enc.buf.is_empty() {
                 continue;
@@ -706,9 +823,7 @@ impl State {
             self.buf.extend_from_slice(&enc.buf);
             enc.buf.clear();
         }
-        for t in threads() {
-            t.lock.unlock();
-        }
+        release_all();
         if any {
             self.buf.push(T_END);
         }
@@ -843,7 +958,8 @@ fn init() {
         if unsafe { libc::pthread_key_create(&mut key, Some(thread_exit)) } == 0 {
             THREAD_KEY.store(key as u64, Ordering::Relaxed);
         }
-        let spare = new_thread();
+        register_membarrier();
+        let spare = new_thread(true);
         THREADS.store(spare, Ordering::Release);
         SPARE.store(spare, Ordering::Release);
         let mut st = State {
@@ -871,15 +987,11 @@ fn init() {
 unsafe extern "C" fn fork_prepare() {
     STACKS.lock.lock();
     G.lock.lock();
-    for t in threads() {
-        t.lock.lock();
-    }
+    hold_all();
 }
 
 unsafe extern "C" fn fork_parent() {
-    for t in threads() {
-        t.lock.unlock();
-    }
+    release_all();
     G.lock.unlock();
     STACKS.lock.unlock();
 }
@@ -897,8 +1009,14 @@ unsafe extern "C" fn fork_child() {
         } else if p != spare {
             t.owned.store(false, Ordering::Relaxed);
         }
-        t.lock.unlock();
+        // Threads that were appending in the parent do not exist here.
+        t.busy.store(false, Ordering::Relaxed);
+        t.lock.0.store(false, Ordering::Relaxed);
+        t.hold.store(false, Ordering::Relaxed);
     }
+    // The child is a new address space: register it (if this fails, owners
+    // fall back to mfence).
+    register_membarrier();
     // The child's connection has its own stack ids.
     if let Some(m) = (*STACKS.map.get()).as_mut() {
         m.clear();
@@ -1005,10 +1123,10 @@ fn stack_id(t: &Thread, frames: &[u64]) -> u32 {
                 *STACKS.next.get()
             };
             map.insert(h, id);
-            t.lock.lock();
-            // SAFETY: t's lock is held.
+            t.begin();
+            // SAFETY: between begin() and end().
             unsafe { (*t.enc.get()).stack(id, frames) };
-            t.lock.unlock();
+            t.end();
             id
         }
     };
@@ -1125,15 +1243,15 @@ fn on_alloc(p: *mut c_void, size: usize, hook: u64, sp: u64, bp: u64) {
         stack_of(t, unsafe { &mut *t.own.get() }, hook, sp, bp)
     };
     let time = now_ns();
-    t.lock.lock();
-    // SAFETY: the lock is held.
+    t.begin();
+    // SAFETY: between begin() and end().
     let enc = unsafe { &mut *t.enc.get() };
     let seq = SEQ.load(Ordering::Acquire);
     enc.head(T_ALLOC, seq, time, p as u64);
     put_var(&mut enc.buf, size as u64);
     put_var(&mut enc.buf, id as u64);
     let len = enc.buf.len();
-    t.lock.unlock();
+    t.end();
     after_record(len, time);
 }
 
@@ -1145,13 +1263,13 @@ fn on_free(p: *mut c_void) {
     let Some(g) = Guard::enter() else { return };
     let t = me(&g);
     let time = now_ns();
-    t.lock.lock();
-    // SAFETY: the lock is held.
+    t.begin();
+    // SAFETY: between begin() and end().
     let enc = unsafe { &mut *t.enc.get() };
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     enc.head(T_FREE, seq, time, p as u64);
     let len = enc.buf.len();
-    t.lock.unlock();
+    t.end();
     after_record(len, time);
 }
 
