@@ -129,7 +129,11 @@ fn preexisting(pid: Pid, traced: &HashSet<i32>) -> Vec<Preexisting> {
         return out;
     };
     for entry in dir.flatten() {
-        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         if traced.contains(&fd) {
@@ -219,7 +223,13 @@ impl Session {
             .map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
         let n = self.batch.len();
         for ev in std::mem::take(&mut self.batch) {
-            apply(&ev, &mut self.backend, &mut self.ledger, &mut self.maps, &mut self.live);
+            apply(
+                &ev,
+                &mut self.backend,
+                &mut self.ledger,
+                &mut self.maps,
+                &mut self.live,
+            );
         }
         Ok(n)
     }
@@ -389,7 +399,12 @@ fn make_report(
     }
 }
 
-fn emit(args: &AttachArgs, report: &Report, periodic: bool, first: &mut bool) -> anyhow::Result<()> {
+fn emit(
+    args: &AttachArgs,
+    report: &Report,
+    periodic: bool,
+    first: &mut bool,
+) -> anyhow::Result<()> {
     let text = match (args.format, periodic) {
         (Format::Text, _) => leakscope_report::render_text(report, args.top),
         (Format::Json, true) => leakscope_report::render_json_line(report),

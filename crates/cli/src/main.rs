@@ -4,9 +4,11 @@
 //! This crate is wiring only: flags → [`pipeline::Config`] → backend →
 //! ledger → stacks → symbolize → report.
 
+mod attach;
 mod backends;
 mod pipeline;
 mod signals;
+mod snoop;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -44,6 +46,18 @@ EXAMPLES:
   leakscope run --track tcp -- ./server        # sockets left in CLOSE_WAIT
   leakscope run --backend preload --track heap -- ./myprog   # no root needed";
 
+const ATTACH_HELP: &str = "\
+Resources open before tracing began are listed apart, without a stack, and
+are never counted as leaks. Exit status: 0, or 3 with --fail-on-leak when
+leaks were found, or 2 when leakscope failed (no such process, no
+permission for eBPF).
+
+EXAMPLES:
+  leakscope attach -p 4242                  # until the process exits or Ctrl-C
+  leakscope attach -p 4242 --interval 60    # a report every minute, with growth
+  leakscope attach -p 4242 --track tcp      # sockets left in CLOSE_WAIT
+  leakscope attach -p 4242 --min-age 30 --format json -o leaks.json";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "leakscope",
@@ -62,6 +76,12 @@ enum Command {
     /// Run a command, trace it and all its children, report leaks when it exits.
     #[command(after_help = AFTER_HELP)]
     Run(RunArgs),
+    /// Trace a running process (and children it forks) until it exits or Ctrl-C.
+    #[command(after_help = ATTACH_HELP)]
+    Attach(attach::AttachArgs),
+    /// Print fd syscalls (open, close, unlink, socket, ...) live as they happen.
+    #[command(after_help = snoop::AFTER_HELP)]
+    Snoop(snoop::SnoopArgs),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -127,16 +147,22 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => match run(args) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("leakscope: error: {e:#}");
-                ExitCode::from(
-                    e.downcast_ref::<pipeline::Fatal>()
-                        .map_or(exit::ERROR, |f| f.code),
-                )
-            }
-        },
+        Command::Run(args) => report_error(run(args)),
+        Command::Attach(args) => report_error(attach::run(args)),
+        Command::Snoop(args) => report_error(snoop::run(args)),
+    }
+}
+
+fn report_error(result: anyhow::Result<ExitCode>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("leakscope: error: {e:#}");
+            ExitCode::from(
+                e.downcast_ref::<pipeline::Fatal>()
+                    .map_or(exit::ERROR, |f| f.code),
+            )
+        }
     }
 }
 
