@@ -459,7 +459,10 @@ pub trait Backend {
     fn attach(&mut self, _pid: Pid) -> std::io::Result<()> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
-            format!("the {} backend cannot attach to a running process", self.name()),
+            format!(
+                "the {} backend cannot attach to a running process",
+                self.name()
+            ),
         ))
     }
     /// Waits up to `timeout` for events and hands each to `sink` in order.

@@ -291,7 +291,10 @@ pub fn render_text(report: &Report, top: usize) -> String {
         let _ = writeln!(out, "{head:<room$} {tag}");
         if let (Some(change), Some(n)) = (g.change, g.growing_intervals) {
             let grew = if n > 0 {
-                format!(", grew in the last {n} report{}", if n == 1 { "" } else { "s" })
+                format!(
+                    ", grew in the last {n} report{}",
+                    if n == 1 { "" } else { "s" }
+                )
             } else {
                 String::new()
             };
