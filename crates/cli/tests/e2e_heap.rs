@@ -11,14 +11,12 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_leakscope");
 
 /// leakscope finds the shim next to itself; cargo does not build a cdylib
-/// nothing depends on, so build it into the same profile directory.
+/// nothing depends on, so build it into the same profile directory (always:
+/// a stale shim would speak an older wire format).
 fn ensure_shim() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         let bin_dir = Path::new(BIN).parent().expect("bin dir");
-        if bin_dir.join("libleakscope_shim.so").exists() {
-            return;
-        }
         let target = bin_dir.parent().expect("target dir");
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.args(["build", "-q", "-p", "leakscope-shim"])
