@@ -34,6 +34,7 @@ use std::process::{Child, Command};
 use std::rc::Rc;
 use std::time::Duration;
 
+use leakscope_bpf::is_permission;
 use leakscope_event::{
     AbsAddr, Acquire, Event, Fd, FdKind, FileOffset, Mapping, Pid, RawStack, StackId, TcpState,
     Tid, TimeNs,
@@ -97,60 +98,12 @@ pub struct Tracer {
     lost_seen: [u64; 3],
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn ensure_tracefs() -> Result<(), Error> {
-    // Look in the mount table rather than at the directory: without
-    // privileges the directory is unreadable even when mounted, and the
-    // load that follows then explains the real problem (permissions).
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(2) == Some("tracefs"))
-    {
-        return Ok(());
-    }
-    let src = c"tracefs";
-    let target = c"/sys/kernel/tracing";
-    // SAFETY: valid NUL-terminated strings.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            src.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(Error::Tracefs(io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-fn is_permission(e: &libbpf_rs::Error) -> bool {
-    matches!(e.kind(), libbpf_rs::ErrorKind::PermissionDenied)
-        || e.to_string().contains("Operation not permitted")
-}
-
 impl Tracer {
     /// Loads and attaches the programs. Nothing is traced until
     /// [`Tracer::spawn`] or [`Tracer::trace_pid`].
     pub fn new(_config: Config) -> Result<Tracer, Error> {
-        // libbpf's own logging is many lines per failure; errors come back
-        // as values and are reported in one line. LEAKSCOPE_DEBUG=1 shows it.
-        if std::env::var_os("LEAKSCOPE_DEBUG").is_none() {
-            libbpf_rs::set_print(None);
-        }
-        ensure_tracefs()?;
+        leakscope_bpf::quiet_libbpf();
+        leakscope_bpf::ensure_tracefs().map_err(Error::Tracefs)?;
         let open_object = Box::leak(Box::new(MaybeUninit::uninit()));
         let builder = skel::LeakscopeSkelBuilder::default();
         let mut open = builder.open(open_object).map_err(|source| Error::Bpf {
@@ -179,20 +132,16 @@ impl Tracer {
                     source,
                 })?;
         }
-        let mut links = Vec::new();
-        for prog in skel.object().progs_mut() {
-            let link = prog.attach().map_err(|source| {
-                if is_permission(&source) {
-                    Error::Permission { source }
-                } else {
-                    Error::Bpf {
-                        what: "attach",
-                        source,
-                    }
+        let links = leakscope_bpf::attach_all(skel.object()).map_err(|source| {
+            if is_permission(&source) {
+                Error::Permission { source }
+            } else {
+                Error::Bpf {
+                    what: "attach",
+                    source,
                 }
-            })?;
-            links.push(link);
-        }
+            }
+        })?;
         let handle = MapHandle::try_from(&skel.maps.events).map_err(|source| Error::Bpf {
             what: "ring buffer",
             source,
@@ -200,7 +149,7 @@ impl Tracer {
         let handle: &'static MapHandle = Box::leak(Box::new(handle));
         let queue: Rc<RefCell<Vec<Event>>> = Rc::default();
         let q = queue.clone();
-        let base = monotonic_ns();
+        let base = leakscope_bpf::monotonic_ns();
         let mut builder = RingBufferBuilder::new();
         builder
             .add(handle, move |bytes: &[u8]| {
@@ -301,18 +250,7 @@ impl Tracer {
     }
 
     fn counter(&self, which: u32) -> u64 {
-        match self
-            .skel
-            .maps
-            .counters
-            .lookup_percpu(&which.to_ne_bytes(), MapFlags::ANY)
-        {
-            Ok(Some(per_cpu)) => per_cpu
-                .iter()
-                .map(|v| u64::from_ne_bytes(v[..8].try_into().unwrap_or([0; 8])))
-                .sum(),
-            _ => 0,
-        }
+        leakscope_bpf::percpu_sum(&self.skel.maps.counters, which)
     }
 
     /// Stacks that could not be stored because the kernel stack map was full.
@@ -365,16 +303,7 @@ impl Tracer {
 
 impl Drop for Tracer {
     fn drop(&mut self) {
-        // Each detach waits for an RCU grace period (~40-75 ms here);
-        // concurrent detaches overlap part of that wait.
-        let handles: Vec<_> = self
-            .links
-            .drain(..)
-            .map(|link| std::thread::spawn(move || drop(link)))
-            .collect();
-        for h in handles {
-            let _ = h.join();
-        }
+        leakscope_bpf::detach_all(&mut self.links);
     }
 }
 

@@ -51,6 +51,7 @@ use std::mem::MaybeUninit;
 use std::rc::Rc;
 use std::time::Duration;
 
+use leakscope_bpf::is_permission;
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBuffer, RingBufferBuilder};
 
@@ -157,11 +158,6 @@ pub fn parse_syscalls(list: &str) -> Result<Vec<&'static str>, Error> {
     Ok(out)
 }
 
-fn is_permission(e: &libbpf_rs::Error) -> bool {
-    matches!(e.kind(), libbpf_rs::ErrorKind::PermissionDenied)
-        || e.to_string().contains("Operation not permitted")
-}
-
 fn process_exists(pid: u32) -> bool {
     if pid == 0 || pid > i32::MAX as u32 {
         return false;
@@ -192,9 +188,7 @@ impl Snooper {
                 return Err(Error::NoSuchProcess { pid });
             }
         }
-        if std::env::var_os("LEAKSCOPE_DEBUG").is_none() {
-            libbpf_rs::set_print(None);
-        }
+        leakscope_bpf::quiet_libbpf();
         let bpf_err = |what| {
             move |source: libbpf_rs::Error| {
                 if is_permission(&source) {
@@ -239,10 +233,7 @@ impl Snooper {
                 .update(&pid.to_ne_bytes(), &[1u8], MapFlags::ANY)
                 .map_err(bpf_err("pid filter setup"))?;
         }
-        let mut links = Vec::new();
-        for prog in skel.object().progs_mut() {
-            links.push(prog.attach().map_err(bpf_err("attach"))?);
-        }
+        let links = leakscope_bpf::attach_all(skel.object()).map_err(bpf_err("attach"))?;
         let handle = MapHandle::try_from(&skel.maps.events).map_err(bpf_err("ring buffer"))?;
         let handle: &'static MapHandle = Box::leak(Box::new(handle));
         let queue: Queue = Rc::default();
@@ -332,18 +323,7 @@ impl Snooper {
     }
 
     fn counter(&self, which: u32) -> u64 {
-        match self
-            .skel
-            .maps
-            .counters
-            .lookup_percpu(&which.to_ne_bytes(), MapFlags::ANY)
-        {
-            Ok(Some(per_cpu)) => per_cpu
-                .iter()
-                .map(|v| u64::from_ne_bytes(v[..8].try_into().unwrap_or([0; 8])))
-                .sum(),
-            _ => 0,
-        }
+        leakscope_bpf::percpu_sum(&self.skel.maps.counters, which)
     }
 
     /// Entry times that could not be stored (their returns are not shown).
@@ -354,15 +334,7 @@ impl Snooper {
 
 impl Drop for Snooper {
     fn drop(&mut self) {
-        // Each detach waits for an RCU grace period; overlap the two.
-        let handles: Vec<_> = self
-            .links
-            .drain(..)
-            .map(|link| std::thread::spawn(move || drop(link)))
-            .collect();
-        for h in handles {
-            let _ = h.join();
-        }
+        leakscope_bpf::detach_all(&mut self.links);
     }
 }
 
