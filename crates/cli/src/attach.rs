@@ -33,7 +33,15 @@ pub struct AttachArgs {
     /// Only report resources held for at least SECS seconds.
     #[arg(long, value_name = "SECS", default_value_t = 0.0)]
     min_age: f64,
-    /// What to track (comma-separated): fd, tcp.
+    /// Heap (with --track heap): record 1 of N allocations. Allocator
+    /// uprobes cost microseconds per call; sample busy processes.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    sample_every: u32,
+    /// Heap (with --track heap): symbol prefix of another allocator, e.g.
+    /// `je_` for jemalloc built with a prefix.
+    #[arg(long, value_name = "PREFIX")]
+    allocator: Option<String>,
+    /// What to track (comma-separated): fd, heap, tcp.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "fd")]
     track: Vec<crate::Track>,
     /// Output format.
@@ -245,7 +253,14 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
         heap: args.track.contains(&crate::Track::Heap),
         tcp: args.track.contains(&crate::Track::Tcp),
     };
-    let backend = backends::open(tracking, backends::Choice::Auto)?;
+    let backend = backends::open(
+        tracking,
+        backends::Choice::Auto,
+        backends::Mode::Attach {
+            sample_every: args.sample_every.max(1),
+        },
+        args.allocator.clone(),
+    )?;
     let start = Instant::now();
     let mut s = Session {
         backend,
@@ -270,11 +285,15 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
             format!("process {} exited while attaching", pid.0),
         ));
     }
-    let what: Vec<&str> = [(tracking.fd, "fds"), (tracking.tcp, "TCP states")]
-        .iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, w)| *w)
-        .collect();
+    let what: Vec<&str> = [
+        (tracking.fd, "fds"),
+        (tracking.heap, "heap"),
+        (tracking.tcp, "TCP states"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, w)| *w)
+    .collect();
     eprintln!(
         "Tracing {} of pid {} ({}). Ctrl-C to end.",
         what.join(", "),
@@ -387,12 +406,10 @@ fn make_report(
             total: s.ledger.events(),
             lost,
         },
-        notes: if lost > 0 {
-            vec![format!(
-                "{lost} events were lost (ring buffer full): counts may be off"
-            )]
-        } else {
-            Vec::new()
+        notes: {
+            let mut notes = s.backend.notes();
+            notes.extend(crate::pipeline::lost_note(lost));
+            notes
         },
         leaks: groups,
         preexisting: Vec::new(),

@@ -25,6 +25,16 @@ impl Tracking {
     }
 }
 
+/// Launching a command, or attaching to a running process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Launch,
+    /// With the heap backend's settings.
+    Attach {
+        sample_every: u32,
+    },
+}
+
 /// `--backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Choice {
@@ -46,12 +56,17 @@ pub struct Combined {
 
 /// Opens the backends `tracking` needs under `choice`, or says in one line
 /// why it cannot and what would work instead.
-pub fn open(tracking: Tracking, choice: Choice) -> anyhow::Result<Combined> {
-    if tracking.heap && choice == Choice::Ebpf {
+pub fn open(
+    tracking: Tracking,
+    choice: Choice,
+    mode: Mode,
+    allocator: Option<String>,
+) -> anyhow::Result<Combined> {
+    if tracking.heap && mode == Mode::Launch && choice == Choice::Ebpf {
         return Err(fatal(
             exit::ERROR,
-            "heap tracking with eBPF uprobes is not available yet; use --backend \
-             preload (or auto) for the heap"
+            "heap tracking of a launched command uses the preload shim (eBPF \
+             uprobes cost microseconds per call): use --backend preload or auto"
                 .into(),
         ));
     }
@@ -79,19 +94,30 @@ pub fn open(tracking: Tracking, choice: Choice) -> anyhow::Result<Combined> {
     } else {
         None
     };
-    let heap: Option<Box<dyn Backend>> = if tracking.heap {
-        match leakscope_preload::Preload::new() {
+    let heap: Option<Box<dyn Backend>> = match (tracking.heap, mode) {
+        (false, _) => None,
+        (true, Mode::Launch) => match leakscope_preload::Preload::new() {
             Ok(p) => Some(Box::new(p)),
             Err(e) => return Err(fatal(exit::ERROR, format!("preload backend: {e}"))),
+        },
+        // A running process: allocator uprobes (the shim can only be
+        // preloaded at launch).
+        (true, Mode::Attach { sample_every }) => {
+            let config = leakscope_uheap::Config {
+                allocator_prefix: allocator,
+                sample_every,
+            };
+            match leakscope_uheap::HeapTracer::new(config) {
+                Ok(h) => Some(Box::new(h)),
+                Err(e) => return Err(fatal(exit::ERROR, e.to_string())),
+            }
         }
-    } else {
-        None
     };
-    let name = match (&fd, &heap) {
-        (Some(_), Some(_)) => "ebpf+preload",
-        (Some(_), None) => "ebpf",
-        (None, Some(_)) => "preload",
-        (None, None) => return Err(fatal(exit::ERROR, "nothing to track".into())),
+    let name = match (&fd, &heap, mode) {
+        (Some(_), Some(_), Mode::Launch) => "ebpf+preload",
+        (Some(_), None, _) | (_, Some(_), Mode::Attach { .. }) => "ebpf",
+        (None, Some(_), Mode::Launch) => "preload",
+        (None, None, _) => return Err(fatal(exit::ERROR, "nothing to track".into())),
     };
     Ok(Combined { fd, heap, name })
 }
@@ -112,16 +138,21 @@ impl Backend for Combined {
     }
 
     fn attach(&mut self, pid: leakscope_event::Pid) -> io::Result<()> {
-        if self.heap.is_some() {
-            return Err(io::Error::other(
-                "heap tracking of a running process (eBPF uprobes) is not available yet; \
-                 attach tracks fds and TCP states",
-            ));
+        if let Some(f) = &mut self.fd {
+            f.attach(pid)?;
         }
-        match &mut self.fd {
-            Some(f) => f.attach(pid),
-            None => Err(io::Error::other("nothing to attach with")),
+        if let Some(h) = &mut self.heap {
+            h.attach(pid)?;
         }
+        Ok(())
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        for b in [&self.fd, &self.heap].into_iter().flatten() {
+            notes.extend(b.notes());
+        }
+        notes
     }
 
     fn poll(

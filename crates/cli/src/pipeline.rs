@@ -85,7 +85,12 @@ pub(crate) const DRAIN: Duration = Duration::from_millis(50);
 
 pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     let prog = resolve(&config.command[0])?;
-    let mut backend = crate::backends::open(config.tracking, config.backend)?;
+    let mut backend = crate::backends::open(
+        config.tracking,
+        config.backend,
+        crate::backends::Mode::Launch,
+        None,
+    )?;
     signals::install();
 
     let start = Instant::now();
@@ -161,12 +166,8 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     let lost = ledger.lost();
     let leaks = ledger.finish();
     let groups = build_groups(leaks, &mut backend, &maps, config.tracking);
-    let mut notes = Vec::new();
-    if lost > 0 {
-        notes.push(format!(
-            "{lost} events were lost (ring buffer full): counts may be off"
-        ));
-    }
+    let mut notes = backend.notes();
+    notes.extend(lost_note(lost));
     let report = Report {
         target: Target {
             command: config.command.clone(),
@@ -187,6 +188,16 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
         preexisting: Vec::new(),
     };
     Ok(Outcome { report, status })
+}
+
+/// What the reader must know when events were lost.
+pub(crate) fn lost_note(lost: u64) -> Option<String> {
+    (lost > 0).then(|| {
+        format!(
+            "{lost} events were not recorded (a full ring buffer, or sampling): \
+             counts are lower bounds"
+        )
+    })
 }
 
 /// Applies one event, first letting the backend keep the stacks that a

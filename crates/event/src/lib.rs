@@ -477,6 +477,11 @@ pub trait Backend {
     /// otherwise drop it (the fd was inherited by a fork, or its process
     /// exited). Backends that keep every stack need not do anything.
     fn retain_stack(&mut self, _id: StackId) {}
+    /// Things the reader of a report must know about this backend's data
+    /// (sampling, stacks that could not be kept, ...).
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// `pid` exited holding `fds`: the backend may drop its per-process state.
     fn forget_process(&mut self, _pid: Pid, _fds: &[Fd]) {}
 }

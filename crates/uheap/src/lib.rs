@@ -63,6 +63,7 @@ use std::process::{Child, Command};
 use std::rc::Rc;
 use std::time::Duration;
 
+use leakscope_bpf::is_permission;
 use leakscope_event::{
     AbsAddr, Backend, Event, FileOffset, Mapping, Pid, RawStack, StackId, Tid, TimeNs,
 };
@@ -249,49 +250,6 @@ pub struct HeapTracer {
     notes: Vec<String>,
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn ensure_tracefs() -> Result<(), Error> {
-    // Look in the mount table: without privileges the directory is
-    // unreadable even when mounted, and the load then explains why.
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(2) == Some("tracefs"))
-    {
-        return Ok(());
-    }
-    let src = c"tracefs";
-    let target = c"/sys/kernel/tracing";
-    // SAFETY: valid NUL-terminated strings.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            src.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(Error::Tracefs(io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-fn is_permission(e: &libbpf_rs::Error) -> bool {
-    matches!(e.kind(), libbpf_rs::ErrorKind::PermissionDenied)
-        || e.to_string().contains("Operation not permitted")
-}
-
 fn is_einval(e: &libbpf_rs::Error) -> bool {
     matches!(e.kind(), libbpf_rs::ErrorKind::InvalidInput)
         || e.to_string().contains("Invalid argument")
@@ -401,12 +359,8 @@ impl HeapTracer {
     /// Loads the programs and attaches the tracepoints. Nothing is traced
     /// until [`Backend::attach`].
     pub fn new(config: Config) -> Result<HeapTracer, Error> {
-        // libbpf's own logging is many lines per failure; errors come back
-        // as values. LEAKSCOPE_DEBUG=1 shows it.
-        if std::env::var_os("LEAKSCOPE_DEBUG").is_none() {
-            libbpf_rs::set_print(None);
-        }
-        ensure_tracefs()?;
+        leakscope_bpf::quiet_libbpf();
+        leakscope_bpf::ensure_tracefs().map_err(Error::Tracefs)?;
         let open_object = Box::leak(Box::new(MaybeUninit::uninit()));
         let builder = skel::UheapSkelBuilder::default();
         let mut open = builder.open(open_object).map_err(|source| Error::Bpf {
@@ -454,7 +408,7 @@ impl HeapTracer {
         let handle: &'static MapHandle = Box::leak(Box::new(handle));
         let queue: Rc<RefCell<Vec<Record>>> = Rc::default();
         let q = queue.clone();
-        let base = monotonic_ns();
+        let base = leakscope_bpf::monotonic_ns();
         let mut rb = RingBufferBuilder::new();
         rb.add(handle, move |bytes: &[u8]| {
             if let Some(r) = decode(bytes, base) {
@@ -710,7 +664,7 @@ impl HeapTracer {
         let new = (lost - self.lost_seen.min(lost)) + (sampled - self.sampled_seen.min(sampled));
         if new > 0 {
             sink(Event::Lost {
-                time: TimeNs(monotonic_ns().saturating_sub(self.base)),
+                time: TimeNs(leakscope_bpf::monotonic_ns().saturating_sub(self.base)),
                 count: new,
             });
             self.lost_seen = lost;
@@ -830,18 +784,7 @@ impl HeapTracer {
     }
 
     fn counter(&self, which: u32) -> u64 {
-        match self
-            .skel
-            .maps
-            .counters
-            .lookup_percpu(&which.to_ne_bytes(), MapFlags::ANY)
-        {
-            Ok(Some(per_cpu)) => per_cpu
-                .iter()
-                .map(|v| u64::from_ne_bytes(v[..8].try_into().unwrap_or([0; 8])))
-                .sum(),
-            _ => 0,
-        }
+        leakscope_bpf::percpu_sum(&self.skel.maps.counters, which)
     }
 
     /// The stack captured for an allocation.
@@ -858,15 +801,8 @@ impl HeapTracer {
     }
 }
 
-fn detach(links: Vec<libbpf_rs::Link>) {
-    // Each detach waits for an RCU grace period; overlap the waits.
-    let handles: Vec<_> = links
-        .into_iter()
-        .map(|link| std::thread::spawn(move || drop(link)))
-        .collect();
-    for h in handles {
-        let _ = h.join();
-    }
+fn detach(mut links: Vec<libbpf_rs::Link>) {
+    leakscope_bpf::detach_all(&mut links);
 }
 
 impl Drop for HeapTracer {
@@ -955,6 +891,10 @@ impl Backend for HeapTracer {
 
     fn time_base(&self) -> u64 {
         self.base
+    }
+
+    fn notes(&self) -> Vec<String> {
+        HeapTracer::notes(self)
     }
 
     fn spawn(&mut self, _cmd: &mut Command) -> io::Result<Child> {
