@@ -453,3 +453,49 @@ fn emit(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(count: u64, function: &str) -> Group {
+        Group {
+            kind: "fd".into(),
+            resource: "file".into(),
+            count,
+            bytes: 0,
+            min_size: None,
+            max_size: None,
+            state: None,
+            acquired_by: vec!["openat".into()],
+            first_s: 0.0,
+            last_s: 0.0,
+            examples: vec![],
+            stack: vec![leakscope_report::StackFrame {
+                addr: "0x1".into(),
+                function: Some(function.into()),
+                file: None,
+                line: None,
+                module: None,
+                inlined: false,
+            }],
+            stack_note: None,
+            change: None,
+            growing_intervals: None,
+        }
+    }
+
+    /// A slow leak grows in every report; a stable pool does not.
+    #[test]
+    fn growth_is_counted_in_consecutive_reports() {
+        let mut growth = Growth::default();
+        let mut last = Vec::new();
+        for (leak, pool) in [(1, 10), (2, 10), (3, 10), (4, 9)] {
+            let mut groups = vec![group(leak, "drip"), group(pool, "pool")];
+            growth.update(&mut groups);
+            last = groups;
+        }
+        assert_eq!((last[0].change, last[0].growing_intervals), (Some(1), Some(4)));
+        assert_eq!((last[1].change, last[1].growing_intervals), (Some(-1), Some(0)));
+    }
+}
