@@ -271,7 +271,7 @@ pub fn render_text(report: &Report, top: usize) -> String {
         "{}",
         clip(
             &format!(
-                "leakscope: `{}` {exit}; traced {:.2} s with {}",
+                "leakscope: `{}` {exit}; traced {:.2} s ({})",
                 cmd, report.duration_s, report.backend
             ),
             WIDTH
