@@ -495,7 +495,13 @@ mod tests {
             growth.update(&mut groups);
             last = groups;
         }
-        assert_eq!((last[0].change, last[0].growing_intervals), (Some(1), Some(4)));
-        assert_eq!((last[1].change, last[1].growing_intervals), (Some(-1), Some(0)));
+        assert_eq!(
+            (last[0].change, last[0].growing_intervals),
+            (Some(1), Some(4))
+        );
+        assert_eq!(
+            (last[1].change, last[1].growing_intervals),
+            (Some(-1), Some(0))
+        );
     }
 }

@@ -209,7 +209,6 @@ impl Unwinder {
         }
         let (fh, cache) = self.unwinders.get_mut(&key).expect("inserted above");
 
-        let end = sp.saturating_add(bytes.len() as u64);
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
             let off = usize::try_from(addr.checked_sub(sp).ok_or(())?).map_err(|_| ())?;
             let word = bytes.get(off..off.checked_add(8).ok_or(())?).ok_or(())?;
@@ -229,8 +228,7 @@ impl Unwinder {
                 }
                 Ok(Some(frame)) => out.push((frame.address(), frame.is_return_address())),
                 Ok(None) => break None,
-                Err(framehop::Error::CouldNotReadStack(addr)) => {
-                    let _ = (end, addr);
+                Err(framehop::Error::CouldNotReadStack(_)) => {
                     break Some(format!(
                         "truncated: the next frame lies beyond the {}-byte stack copy",
                         bytes.len()
