@@ -142,3 +142,40 @@ fn root_fd_and_heap_together() {
         .sum();
     assert_eq!(fds, 34, "fd leaks: {leaks:#?}");
 }
+
+/// Rust code allocating through the system allocator: demangled names, and
+/// the function named in the report is the program's, not `alloc::`.
+#[test]
+fn rust_heap_leaks_with_the_preload_backend() {
+    let out = workspace_root().join("target/fixtures");
+    std::fs::create_dir_all(&out).unwrap();
+    let bin = out.join(format!("rust_leak-{}", std::process::id()));
+    let st = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .args(["-O", "-g", "-C", "force-frame-pointers=no", "-o"])
+        .arg(&bin)
+        .arg(workspace_root().join("fixtures/heap/rust_leak.rs"))
+        .status()
+        .expect("run rustc");
+    assert!(st.success(), "rustc failed");
+    let r = report(&["--backend", "preload", "--track", "heap"], &bin);
+    let _ = std::fs::remove_file(&bin);
+    let mut got = std::collections::BTreeMap::new();
+    for g in r["leaks"].as_array().unwrap() {
+        let f = functions(g);
+        assert!(!f.iter().any(|x| x == "rust_leak::balanced"), "{g}");
+        for who in ["rust_leak::cache_names", "rust_leak::grow_table"] {
+            if f.iter().any(|x| x == who) {
+                let e = got.entry(who).or_insert((0, 0));
+                e.0 += g["count"].as_u64().unwrap();
+                e.1 += g["bytes"].as_u64().unwrap();
+            }
+        }
+    }
+    assert_eq!(
+        got,
+        std::collections::BTreeMap::from([
+            ("rust_leak::cache_names", (11, 11 * 48)),
+            ("rust_leak::grow_table", (6, 3 * 800 + 3 * 24)),
+        ])
+    );
+}

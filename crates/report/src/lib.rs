@@ -231,7 +231,16 @@ fn is_system(module: &str) -> bool {
 /// that has source lines (in a static binary libc has none), else the
 /// first one outside libc, else the first named one.
 pub fn culprit(stack: &[StackFrame]) -> Option<&StackFrame> {
-    let own = |f: &&StackFrame| f.function.is_some() && !f.module.as_deref().is_some_and(is_system);
+    // Code of the language runtimes inlined into the program (Rust's std,
+    // C++ headers) is not where a leak is written either.
+    let runtime_source = |f: &StackFrame| {
+        f.file
+            .as_deref()
+            .is_some_and(|p| p.starts_with("/rustc/") || p.starts_with("/usr/include/"))
+    };
+    let own = |f: &&StackFrame| {
+        f.function.is_some() && !f.module.as_deref().is_some_and(is_system) && !runtime_source(f)
+    };
     stack
         .iter()
         .filter(own)

@@ -340,25 +340,87 @@ fn stack_bounds() -> (u64, u64) {
     if b.1 != 0 {
         return b;
     }
-    // SAFETY: pthread_getattr_np fills `attr`, which we destroy. For the
-    // main thread glibc reads /proc/self/maps (with malloc): the caller
-    // holds the reentrancy guard, so that goes straight to libc.
-    let b = crate::internal(|| unsafe {
-        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
-        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
-            return (0, 0);
-        }
-        let mut addr: *mut c_void = std::ptr::null_mut();
-        let mut size: usize = 0;
-        let ok = libc::pthread_attr_getstack(&attr, &mut addr, &mut size) == 0;
-        libc::pthread_attr_destroy(&mut attr);
-        if !ok {
-            return (0, 0);
-        }
-        (addr as u64, addr as u64 + size as u64)
-    });
+    let here = 0u8;
+    let b = stack_mapping(std::ptr::addr_of!(here) as u64).unwrap_or((0, 0));
     STACK.with(|s| s.set(b));
     b
+}
+
+/// The stack mapping that holds `sp`, from /proc/self/maps read with raw
+/// syscalls into a buffer on the stack. Not pthread_getattr_np: glibc holds
+/// the thread's lock while it mallocs inside that call (fopen of
+/// /proc/self/maps, the affinity buffer), so calling it from a hook that the
+/// program entered from pthread_getattr_np deadlocked (Rust's runtime does
+/// exactly that at startup). For the main thread's `[stack]`, which grows,
+/// the low bound is the top minus RLIMIT_STACK, as glibc computes it.
+fn stack_mapping(sp: u64) -> Option<(u64, u64)> {
+    // SAFETY: raw syscalls on a NUL-terminated path and our own buffer.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            c"/proc/self/maps".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    } as i32;
+    if fd < 0 {
+        return None;
+    }
+    let mut buf = [0u8; 4096];
+    // Per line: start, end, and the last bytes (to spot "[stack]").
+    let (mut start, mut end, mut field) = (0u64, 0u64, 0u8);
+    let mut tail = [0u8; 7];
+    let mut found = None;
+    'read: loop {
+        // SAFETY: reading into our buffer.
+        let n = unsafe { libc::syscall(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        for &c in &buf[..n as usize] {
+            match (field, c) {
+                (_, b'\n') => {
+                    if start <= sp && sp < end {
+                        found = Some((start, end, &tail == b"[stack]"));
+                        break 'read;
+                    }
+                    (start, end, field) = (0, 0, 0);
+                    tail = [0; 7];
+                }
+                (0, b'-') => field = 1,
+                (0 | 1, _) => {
+                    let d = (c as char).to_digit(16).map(u64::from);
+                    match (field, d) {
+                        (0, Some(d)) => start = start << 4 | d,
+                        (1, Some(d)) => end = end << 4 | d,
+                        _ => field = 2,
+                    }
+                }
+                _ => {
+                    tail.copy_within(1.., 0);
+                    tail[6] = c;
+                }
+            }
+        }
+    }
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
+    let (start, end, main) = found?;
+    if !main {
+        return Some((start, end));
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a raw syscall filling `lim`.
+    let rc = unsafe { libc::syscall(libc::SYS_getrlimit, libc::RLIMIT_STACK, &mut lim) };
+    let size = if rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY {
+        lim.rlim_cur
+    } else {
+        8 << 20
+    };
+    Some((end.saturating_sub(size).min(start), end))
 }
 
 /// Rebuilds the snapshot if dlopen/dlclose happened or the loader's
