@@ -6,6 +6,7 @@
 //! - Loader helpers: [`quiet_libbpf`], [`ensure_tracefs`],
 //!   [`is_permission`], [`attach_all`], [`detach_all`], [`percpu_sum`],
 //!   [`monotonic_ns`].
+//! - Ring-buffer records: [`Pod`], [`read`], [`cstr`].
 //!
 //! It does not: know any program's maps or records.
 #![deny(missing_docs)]
@@ -147,4 +148,25 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Plain-old-data records that may be read from any byte pattern.
+///
+/// # Safety
+/// Implementors must be `repr(C)` structs of integers and arrays of integers.
+pub unsafe trait Pod: Copy {}
+
+/// Reads a record from the front of `bytes`, or None if it is too short.
+pub fn read<T: Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: T is Pod (any bit pattern is valid) and the length was checked.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// A NUL-terminated C string from a fixed buffer.
+pub fn cstr(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }

@@ -1,7 +1,5 @@
 //! Mirrors of the C records in `bpf/events.h`, decoded from ring-buffer bytes.
 
-use std::mem::size_of;
-
 pub const DETAIL_MAX: usize = 256;
 pub const PATH_PARTS: usize = 16;
 pub const PART_MAX: usize = 64;
@@ -190,11 +188,8 @@ pub struct BlobHdr {
     pub bp: u64,
 }
 
-/// Plain-old-data records that may be read from any byte pattern.
-///
-/// # Safety
-/// Implementors must be `repr(C)` structs of integers and arrays of integers.
-pub unsafe trait Pod: Copy {}
+pub use leakscope_bpf::{cstr, read, Pod};
+
 unsafe impl Pod for Hdr {}
 unsafe impl Pod for Acquire {}
 unsafe impl Pod for Release {}
@@ -205,21 +200,6 @@ unsafe impl Pod for Exec {}
 unsafe impl Pod for Mmap {}
 unsafe impl Pod for Exit {}
 unsafe impl Pod for BlobHdr {}
-
-/// Reads a record from the front of `bytes`, or None if it is too short.
-pub fn read<T: Pod>(bytes: &[u8]) -> Option<T> {
-    if bytes.len() < size_of::<T>() {
-        return None;
-    }
-    // SAFETY: T is Pod (any bit pattern is valid) and the length was checked.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
-}
-
-/// A NUL-terminated C string from a fixed buffer.
-pub fn cstr(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
-}
 
 impl PathParts {
     /// Joins the components (stored leaf first) into an absolute path.

@@ -1,8 +1,6 @@
 //! Mirrors of the C records in `bpf/uheap.h`, decoded from ring-buffer and
 //! map bytes.
 
-use std::mem::size_of;
-
 pub const EV_ALLOC: u32 = 1;
 pub const EV_FREE: u32 = 2;
 pub const EV_FORK: u32 = 3;
@@ -31,11 +29,7 @@ pub const FUNCTIONS: [&str; 10] = [
 ];
 pub const FN_FREE: usize = 9;
 
-/// Plain old data: every bit pattern is a valid value.
-///
-/// # Safety
-/// Implement only for `#[repr(C)]` structs of integers.
-pub unsafe trait Pod: Copy {}
+pub use leakscope_bpf::{read, Pod};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -102,15 +96,6 @@ unsafe impl Pod for Free {}
 unsafe impl Pod for Fork {}
 unsafe impl Pod for Mmap {}
 unsafe impl Pod for BlobHdr {}
-
-/// Reads a `T` from the start of `bytes`, if long enough.
-pub fn read<T: Pod>(bytes: &[u8]) -> Option<T> {
-    if bytes.len() < size_of::<T>() {
-        return None;
-    }
-    // SAFETY: T is Pod (any bit pattern is valid) and the length was checked.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
-}
 
 /// The key of the `blobs` and `nostack` maps: `struct blob_key`.
 pub fn blob_key(pid: u32, addr: u64) -> [u8; 16] {
