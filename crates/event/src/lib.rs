@@ -21,6 +21,30 @@
 
 use std::fmt;
 
+/// The preload shim's record tags and format version, shared by the
+/// encoder (leakscope-shim) and the decoder (leakscope-preload); the record
+/// layouts are documented in leakscope-preload.
+pub mod wire {
+    /// Format version.
+    pub const VERSION: u16 = 2;
+    /// A process image starts (or a fork child reconnects).
+    pub const T_HELLO: u8 = 1;
+    /// An allocation.
+    pub const T_ALLOC: u8 = 2;
+    /// A free.
+    pub const T_FREE: u8 = 3;
+    /// An interned stack.
+    pub const T_STACK: u8 = 4;
+    /// An executable mapping.
+    pub const T_MAP: u8 = 5;
+    /// Records the shim could not keep.
+    pub const T_LOST: u8 = 6;
+    /// One thread's batch.
+    pub const T_CHUNK: u8 = 7;
+    /// The end of a flush.
+    pub const T_END: u8 = 8;
+}
+
 macro_rules! newtype {
     ($(#[$m:meta])* $name:ident($inner:ty)) => {
         $(#[$m])*

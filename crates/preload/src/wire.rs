@@ -2,17 +2,8 @@
 //! encoder in `crates/shim/src/lib.rs` must match, and the end-to-end tests
 //! check that it does).
 
-/// Format version this decoder understands.
-pub const VERSION: u16 = 2;
-
-const T_HELLO: u8 = 1;
-const T_ALLOC: u8 = 2;
-const T_FREE: u8 = 3;
-const T_STACK: u8 = 4;
-const T_MAP: u8 = 5;
-const T_LOST: u8 = 6;
-const T_CHUNK: u8 = 7;
-const T_END: u8 = 8;
+pub use leakscope_event::wire::VERSION;
+use leakscope_event::wire::{T_ALLOC, T_CHUNK, T_END, T_FREE, T_HELLO, T_LOST, T_MAP, T_STACK};
 
 /// One decoded top-level record.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -175,15 +175,9 @@ static ALLOC: LibcAlloc = LibcAlloc;
 // ---------------------------------------------------------------------------
 // Wire format.
 
-const VERSION: u16 = 2;
-const T_HELLO: u8 = 1;
-const T_ALLOC: u8 = 2;
-const T_FREE: u8 = 3;
-const T_STACK: u8 = 4;
-const T_MAP: u8 = 5;
-const T_LOST: u8 = 6;
-const T_CHUNK: u8 = 7;
-const T_END: u8 = 8;
+use leakscope_event::wire::{
+    T_ALLOC, T_CHUNK, T_END, T_FREE, T_HELLO, T_LOST, T_MAP, T_STACK, VERSION,
+};
 
 /// A thread's buffer this big asks for a flush of every buffer.
 const FLUSH_BYTES: usize = 32 * 1024;
