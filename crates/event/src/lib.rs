@@ -353,31 +353,12 @@ pub enum Event {
     },
 }
 
-impl Event {
-    /// The event's timestamp.
-    pub fn time(&self) -> TimeNs {
-        match self {
-            Event::Acquire(a) => a.time,
-            Event::Release { time, .. }
-            | Event::CloseRange { time, .. }
-            | Event::SetCloexec { time, .. }
-            | Event::Describe { time, .. }
-            | Event::Fork { time, .. }
-            | Event::Exec { time, .. }
-            | Event::Map { time, .. }
-            | Event::Exit { time, .. }
-            | Event::Alloc { time, .. }
-            | Event::Free { time, .. }
-            | Event::HeapEnd { time, .. }
-            | Event::TcpState { time, .. }
-            | Event::Lost { time, .. } => *time,
-        }
-    }
-
-    /// The event's timestamp, to change it.
-    pub fn time_mut(&mut self) -> &mut TimeNs {
-        match self {
-            Event::Acquire(a) => &mut a.time,
+/// The `time` field of any event, as `&` or `&mut` (match ergonomics bind
+/// `time` the way the scrutinee is borrowed).
+macro_rules! time_field {
+    ($ev:expr, $($mut:tt)?) => {
+        match $ev {
+            Event::Acquire(a) => &$($mut)? a.time,
             Event::Release { time, .. }
             | Event::CloseRange { time, .. }
             | Event::SetCloexec { time, .. }
@@ -392,6 +373,18 @@ impl Event {
             | Event::TcpState { time, .. }
             | Event::Lost { time, .. } => time,
         }
+    };
+}
+
+impl Event {
+    /// The event's timestamp.
+    pub fn time(&self) -> TimeNs {
+        *time_field!(self,)
+    }
+
+    /// The event's timestamp, to change it.
+    pub fn time_mut(&mut self) -> &mut TimeNs {
+        time_field!(self, mut)
     }
 
     /// The process an event concerns, if one.
