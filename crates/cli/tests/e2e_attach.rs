@@ -10,18 +10,76 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leakscope");
 
-fn build_target() -> std::path::PathBuf {
+/// Compiles `fixtures/<src>` into target/fixtures with `flags`.
+fn compile(src: &str, name: &str, flags: &[&str]) -> std::path::PathBuf {
     let out = workspace_root().join("target/fixtures");
     std::fs::create_dir_all(&out).unwrap();
-    let bin = out.join(format!("attach_target-{}", std::process::id()));
+    let bin = out.join(format!("{name}-{}", std::process::id()));
     let st = Command::new("cc")
-        .args(["-g", "-O2", "-o"])
+        .args(flags)
+        .arg("-o")
         .arg(&bin)
-        .arg(workspace_root().join("fixtures/attach/attach_target.c"))
+        .arg(workspace_root().join("fixtures").join(src))
         .status()
         .expect("cc");
     assert!(st.success());
     bin
+}
+
+/// A running target: its stdin, its stdout, and the pid it printed first.
+struct Target {
+    child: std::process::Child,
+    to: std::process::ChildStdin,
+    from: BufReader<std::process::ChildStdout>,
+    pid: u32,
+}
+
+fn start_target(bin: &std::path::Path) -> Target {
+    let mut child = Command::new(bin)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start target");
+    let to = child.stdin.take().unwrap();
+    let mut from = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    from.read_line(&mut line).unwrap();
+    let pid = line.trim().parse().expect("pid line");
+    Target {
+        child,
+        to,
+        from,
+        pid,
+    }
+}
+
+/// `leakscope attach -p PID ARGS --format json -o OUT`, once it says it is
+/// tracing; returns it, its stderr, and that first line.
+fn start_attach(
+    pid: u32,
+    args: &[&str],
+    out: &std::path::Path,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStderr>,
+    String,
+) {
+    let mut ls = Command::new(BIN)
+        .args(["attach", "-p", &pid.to_string()])
+        .args(args)
+        .args(["--format", "json", "-o"])
+        .arg(out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start leakscope attach");
+    let mut err = BufReader::new(ls.stderr.take().unwrap());
+    let mut ready = String::new();
+    err.read_line(&mut ready).unwrap();
+    (ls, err, ready)
+}
+
+fn build_target() -> std::path::PathBuf {
+    compile("attach/attach_target.c", "attach_target", &["-g", "-O2"])
 }
 
 fn functions(g: &Value) -> Vec<&str> {
@@ -39,30 +97,18 @@ fn root_attach_finds_new_leaks_and_lists_old_fds_apart() {
         return;
     }
     let bin = build_target();
-    let mut target = Command::new(&bin)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start target");
-    let mut to = target.stdin.take().unwrap();
-    let mut from = BufReader::new(target.stdout.take().unwrap());
+    let Target {
+        child: mut target,
+        mut to,
+        mut from,
+        pid,
+    } = start_target(&bin);
     let mut line = String::new();
-    from.read_line(&mut line).unwrap();
-    let pid: u32 = line.trim().parse().expect("pid line");
-    line.clear();
     from.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
 
     let out_path = std::env::temp_dir().join(format!("leakscope-attach-{pid}.json"));
-    let mut ls = Command::new(BIN)
-        .args(["attach", "-p", &pid.to_string(), "--format", "json", "-o"])
-        .arg(&out_path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start leakscope attach");
-    let mut err = BufReader::new(ls.stderr.take().unwrap());
-    let mut ready = String::new();
-    err.read_line(&mut ready).unwrap();
+    let (mut ls, mut err, ready) = start_attach(pid, &[], &out_path);
     assert!(ready.starts_with("Tracing fds of pid"), "{ready}");
 
     let mut say = |cmd: &str| {
@@ -134,38 +180,21 @@ fn root_attach_heap() {
     if !require_root("root_attach_heap") {
         return;
     }
-    let out = workspace_root().join("target/fixtures");
-    std::fs::create_dir_all(&out).unwrap();
-    let bin = out.join(format!("uheap_target-{}", std::process::id()));
-    let st = Command::new("cc")
-        .args(["-g", "-O2", "-fomit-frame-pointer", "-o"])
-        .arg(&bin)
-        .arg(workspace_root().join("fixtures/uheap/uheap_target.c"))
-        .status()
-        .expect("cc");
-    assert!(st.success());
-    let mut target = Command::new(&bin)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start target");
-    let mut to = target.stdin.take().unwrap();
-    let mut from = BufReader::new(target.stdout.take().unwrap());
+    let bin = compile(
+        "uheap/uheap_target.c",
+        "uheap_target",
+        &["-g", "-O2", "-fomit-frame-pointer"],
+    );
+    let Target {
+        child: mut target,
+        mut to,
+        mut from,
+        pid,
+    } = start_target(&bin);
     let mut line = String::new();
-    from.read_line(&mut line).unwrap();
-    let pid: u32 = line.trim().parse().expect("pid line");
 
     let out_path = std::env::temp_dir().join(format!("leakscope-attach-heap-{pid}.json"));
-    let mut ls = Command::new(BIN)
-        .args(["attach", "-p", &pid.to_string(), "--track", "heap"])
-        .args(["--format", "json", "-o"])
-        .arg(&out_path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start leakscope attach");
-    let mut err = BufReader::new(ls.stderr.take().unwrap());
-    let mut ready = String::new();
-    err.read_line(&mut ready).unwrap();
+    let (mut ls, mut err, ready) = start_attach(pid, &["--track", "heap"], &out_path);
     assert!(ready.starts_with("Tracing heap of pid"), "{ready}");
     writeln!(to, "go").unwrap();
     line.clear();
