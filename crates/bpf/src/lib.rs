@@ -62,6 +62,7 @@ pub mod build {
             println!("cargo:rerun-if-changed={dep}");
         }
         println!("cargo:rerun-if-changed={include}/vmlinux.h");
+        println!("cargo:rerun-if-changed={include}/common.bpf.h");
         println!("cargo:rerun-if-env-changed=LEAKSCOPE_CLANG");
     }
 }

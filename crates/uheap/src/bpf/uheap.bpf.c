@@ -89,29 +89,7 @@ struct {
 	__type(value, __u8);
 } mmaps SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, CNT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} counters SEC(".maps");
-
-static __always_inline void count(__u32 which)
-{
-	__u64 *c = bpf_map_lookup_elem(&counters, &which);
-	if (c)
-		*c += 1;
-}
-
-/* Waking the reader for every record costs a context switch each: wake it
- * only when a good amount is waiting; it also polls on a short timer, and
- * process lifetime events always wake it. */
-#define WAKE_BYTES (256 * 1024)
-static __always_inline void submit(void *e)
-{
-	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	bpf_ringbuf_submit(e, avail >= WAKE_BYTES ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
-}
+#include "common.bpf.h"
 
 static __always_inline int is_traced(__u32 tgid)
 {
