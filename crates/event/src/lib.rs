@@ -26,7 +26,7 @@ use std::fmt;
 /// layouts are documented in leakscope-preload.
 pub mod wire {
     /// Format version.
-    pub const VERSION: u16 = 2;
+    pub const VERSION: u16 = 3;
     /// A process image starts (or a fork child reconnects).
     pub const T_HELLO: u8 = 1;
     /// An allocation.
@@ -43,6 +43,9 @@ pub mod wire {
     pub const T_CHUNK: u8 = 7;
     /// The end of a flush.
     pub const T_END: u8 = 8;
+    /// Allocations freed again on their thread before any flush, which
+    /// the shim therefore never sent (each stands for two events).
+    pub const T_PAIRS: u8 = 9;
 }
 
 macro_rules! newtype {

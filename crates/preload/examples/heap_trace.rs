@@ -7,8 +7,10 @@
 //! ```
 //!
 //! Prints `leaks: B blocks, S bytes in G stacks (A allocations, F frees,
-//! L lost, P processes)` and then, unless `--no-symbols`, one block per
-//! stack: `N blocks, S bytes` and its frames `function (module)`.
+//! C pairs settled in the shim, L lost, P processes)` (C: allocations freed
+//! again on their thread before a flush, never sent) and then, unless
+//! `--no-symbols`, one block per stack: `N blocks, S bytes` and its frames
+//! `function (module)`.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -154,12 +156,14 @@ fn main() -> ExitCode {
     }
     let bytes: u64 = leaked.iter().map(|l| l.1).sum();
     println!(
-        "leaks: {} blocks, {} bytes in {} stacks ({} allocations, {} frees, {} lost, {} processes)",
+        "leaks: {} blocks, {} bytes in {} stacks ({} allocations, {} frees, \
+         {} pairs settled in the shim, {} lost, {} processes)",
         leaked.len(),
         bytes,
         groups.len(),
         allocs,
         frees,
+        backend.settled(),
         lost,
         pids.len()
     );

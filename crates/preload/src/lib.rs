@@ -39,7 +39,7 @@
 //! runs that loop, keeps a table of live blocks and prints the leaked ones
 //! grouped by stack (see `examples/heap_trace.rs`).
 //!
-//! # Wire format (version 2)
+//! # Wire format (version 3)
 //! A stream of records, little-endian, unpadded; a tag byte, then the body
 //! (the shim's crate docs have the full table):
 //!
@@ -50,6 +50,7 @@
 //! | 6 | LOST | `count:u64` |
 //! | 7 | CHUNK | `tid:u32 len:u32 body`: one thread's ALLOC (2), FREE (3) and STACK (4) records, LEB128 and delta-encoded |
 //! | 8 | END | the end of a batch |
+//! | 9 | PAIRS | `count:u64`: allocations freed on their thread before a flush, settled in the shim ([`Preload::settled`]) |
 //!
 //! HELLO is first; a STACK precedes the first ALLOC naming it; stack id 0:
 //! none captured. The shim flushes every thread's buffer at once, so a
@@ -218,6 +219,8 @@ pub struct Preload {
     seen: HashSet<u32>,
     /// CLOCK_MONOTONIC at creation: time zero of the events.
     t0: u64,
+    /// Allocations freed again that the shims cancelled without sending.
+    settled: u64,
 }
 
 impl std::fmt::Debug for Preload {
@@ -296,6 +299,7 @@ impl Preload {
             stacks: HashMap::new(),
             seen: HashSet::new(),
             t0: monotonic_ns(),
+            settled: 0,
         })
     }
 
@@ -646,6 +650,7 @@ impl Preload {
                 time: self.now(),
                 count,
             }),
+            Record::Pairs { count } => self.settled += count,
         }
         Ok(())
     }
@@ -688,6 +693,13 @@ impl Preload {
         }
         self.conns.retain(|c| !c.done);
         Ok(())
+    }
+
+    /// Allocations that were freed again on their own thread before the
+    /// shim's next flush, which it therefore never sent: each stands for an
+    /// ALLOC and a FREE that cancel out (never for a leak).
+    pub fn settled(&self) -> u64 {
+        self.settled
     }
 
     /// The stack behind `id` (see [`Backend::raw_stack`]).

@@ -3,7 +3,9 @@
 //! check that it does).
 
 pub use leakscope_event::wire::VERSION;
-use leakscope_event::wire::{T_ALLOC, T_CHUNK, T_END, T_FREE, T_HELLO, T_LOST, T_MAP, T_STACK};
+use leakscope_event::wire::{
+    T_ALLOC, T_CHUNK, T_END, T_FREE, T_HELLO, T_LOST, T_MAP, T_PAIRS, T_STACK,
+};
 
 /// One decoded top-level record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +26,10 @@ pub enum Record {
         path: String,
     },
     Lost {
+        count: u64,
+    },
+    /// Allocation/free pairs the shim cancelled without sending them.
+    Pairs {
         count: u64,
     },
     /// One thread's records: `body` is their byte range in the decoded
@@ -67,10 +73,9 @@ pub fn decode_chunk(b: &[u8], mut f: impl FnMut(Item)) -> Result<(), (usize, &'s
         let tag = c.u8().ok_or((at, "truncated"))?;
         let item = match tag {
             T_ALLOC | T_FREE => (|| {
-                seq = seq.wrapping_add(c.var()?);
-                time = time.wrapping_add(c.var()?);
-                let z = c.var()?;
-                addr = addr.wrapping_add((z >> 1) ^ (z & 1).wrapping_neg());
+                seq = seq.wrapping_add(unzigzag(c.var()?));
+                time = time.wrapping_add(unzigzag(c.var()?));
+                addr = addr.wrapping_add(unzigzag(c.var()?));
                 Some(if tag == T_ALLOC {
                     Item::Alloc {
                         seq,
@@ -100,6 +105,12 @@ pub fn decode_chunk(b: &[u8], mut f: impl FnMut(Item)) -> Result<(), (usize, &'s
         f(item.ok_or((at, "truncated or malformed record in a chunk"))?);
     }
     Ok(())
+}
+
+/// Undoes the shim's zigzag encoding of a signed delta.
+#[inline]
+fn unzigzag(z: u64) -> u64 {
+    (z >> 1) ^ (z & 1).wrapping_neg()
 }
 
 struct Cur<'a> {
@@ -191,6 +202,7 @@ pub fn decode(b: &[u8]) -> Decoded {
             })
         })(),
         T_LOST => (|| Some(Record::Lost { count: c.u64()? }))(),
+        T_PAIRS => (|| Some(Record::Pairs { count: c.u64()? }))(),
         t => return Decoded::BadTag(t),
     };
     match rec {
@@ -206,10 +218,12 @@ mod tests {
     #[test]
     fn chunk_records_round_trip_and_partial_is_incomplete() {
         // ALLOC seq 5 time 7 addr 0x1000 size 64 stack 3, then FREE seq 9
-        // time 7 addr 0xff0 (deltas, zigzag address).
+        // time 7 addr 0xff0, then FREE seq 2 time 6 addr 0xff0 (zigzag
+        // deltas: pending allocations are encoded out of order).
         let body = [
-            T_ALLOC, 5, 7, 0x80, 0x40, 64, 3, //
-            T_FREE, 4, 0, 31, //
+            T_ALLOC, 10, 14, 0x80, 0x40, 64, 3, //
+            T_FREE, 8, 0, 31, //
+            T_FREE, 13, 1, 0, //
             T_STACK, 9, 1, 0xaa, 0, 0, 0, 0, 0, 0, 0,
         ];
         let mut b = vec![T_CHUNK];
@@ -238,6 +252,11 @@ mod tests {
                     time: 7,
                     addr: 0xff0
                 },
+                Item::Free {
+                    seq: 2,
+                    time: 6,
+                    addr: 0xff0
+                },
                 Item::Stack {
                     id: 9,
                     addrs: vec![0xaa]
@@ -245,6 +264,12 @@ mod tests {
             ]
         );
         assert_eq!(decode(&b[used..]), Decoded::Record(Record::End, 1));
+        let mut pairs = vec![T_PAIRS];
+        pairs.extend_from_slice(&1234u64.to_le_bytes());
+        assert_eq!(
+            decode(&pairs),
+            Decoded::Record(Record::Pairs { count: 1234 }, 9)
+        );
         assert_eq!(decode(&b[..20]), Decoded::Incomplete);
         assert_eq!(decode(&[]), Decoded::Incomplete);
         assert_eq!(decode(&[99]), Decoded::BadTag(99));

@@ -43,14 +43,23 @@
 //!   side of the handshake is `membarrier(2)` (see `Thread`). A flush takes
 //!   the flush lock, stops every thread's appends at once, and sends all
 //!   buffers as one batch; each batch therefore holds every record
-//!   numbered below its highest one. Records
-//!   are numbered by `SEQ` (frees take a number before libc gets the block
-//!   back, allocations read the counter after libc returned it; see there),
-//!   and the collector sorts each batch by that number, so a free on one
-//!   thread always comes before the allocation that reuses the address on
-//!   another. A flush happens when a thread's buffer reaches 32 KiB, 10 ms
-//!   after the previous flush, before exec, and at exit (from then on every
-//!   record is sent at once).
+//!   numbered below its highest one. Records are numbered by `SEQ` (a
+//!   sent free takes a number before libc gets the block back, allocations
+//!   read the counter after libc returned it; see there), and the
+//!   collector sorts each batch by that number, so a free on one thread
+//!   always comes before the allocation that reuses the address on
+//!   another. A flush happens when a thread's buffer reaches 32 KiB or its
+//!   pending table half its size, 10 ms after the previous flush, before
+//!   exec, and at exit (from then on every record is sent at once).
+//! - Allocations wait in their thread's pending table (by address) until
+//!   the next flush encodes them. A free of a block still pending there
+//!   cancels the pair: nothing is sent, and the flush only reports how
+//!   many pairs were settled (`PAIRS`). Most blocks die young on their
+//!   own thread, so most pairs never leave the process, and a free takes
+//!   no shared number. A free of a block already sent, or allocated by
+//!   another thread, is sent as before, and raises its address class in
+//!   `FREED`, so that the allocating thread never cancels a stale entry
+//!   for an address that was freed and handed out again elsewhere.
 //! - At init the shim connects to `$LEAKSCOPE_SHIM_SOCK` and moves the fd
 //!   to 1000 or above with `F_DUPFD_CLOEXEC`, so the program's fd numbers are
 //!   untouched and exec closes it. `LD_PRELOAD` and `LEAKSCOPE_SHIM_SOCK`
@@ -60,7 +69,7 @@
 //! - If the collector goes away (`send` fails; `MSG_NOSIGNAL`, so no
 //!   SIGPIPE) the shim prints one line to stderr and stops tracking.
 //!
-//! # Wire format (version 2)
+//! # Wire format (version 3)
 //! A stream of records, all fixed-size integers little-endian, no padding.
 //! Each record is a tag byte followed by its body:
 //!
@@ -71,10 +80,12 @@
 //! | 6 | LOST | `count:u64`: events not recorded since the last LOST |
 //! | 7 | CHUNK | `tid:u32 len:u32 body:[u8; len]`: one thread's records, below |
 //! | 8 | END | (none): the end of a batch of chunks |
+//! | 9 | PAIRS | `count:u64`: allocations freed again on their thread before a flush, never sent |
 //!
 //! Inside a chunk, `var` is LEB128, and seq, time and address are deltas
-//! from the chunk's previous ALLOC/FREE (from 0 for the first; the address
-//! delta zigzag-encoded):
+//! from the chunk's previous ALLOC/FREE (from 0 for the first), each
+//! zigzag-encoded (pending allocations are encoded in table order, after
+//! frees):
 //!
 //! | tag | record | body |
 //! |-----|--------|------|
@@ -93,7 +104,8 @@
 //! - track fds, mmap or sbrk (glibc-internal fd calls bypass PLT hooks);
 //! - catch allocators that do not go through malloc (jemalloc linked in,
 //!   raw `mmap`), nor processes that `_exit` or die by a signal with records
-//!   still buffered (at most 10 ms or 32 KiB per thread of them);
+//!   still buffered (at most 10 ms of them: 32 KiB or 2048 pending
+//!   allocations per thread);
 //! - follow children made by a raw `clone(2)` without `fork` (they would
 //!   share the parent's connection), or flush before `fexecve` (records
 //!   buffered then are lost; `execve`, `execv`, `execvp`, `execvpe` and the
@@ -104,7 +116,10 @@
 // their man pages (malloc(3), execve(2), ...).
 #![allow(clippy::missing_safety_doc)]
 
+mod pending;
 mod unwind;
+
+use pending::{Alloc, Pending};
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::{Cell, UnsafeCell};
@@ -176,7 +191,7 @@ static ALLOC: LibcAlloc = LibcAlloc;
 // Wire format.
 
 use leakscope_event::wire::{
-    T_ALLOC, T_CHUNK, T_END, T_FREE, T_HELLO, T_LOST, T_MAP, T_STACK, VERSION,
+    T_ALLOC, T_CHUNK, T_END, T_FREE, T_HELLO, T_LOST, T_MAP, T_PAIRS, T_STACK, VERSION,
 };
 
 /// A thread's buffer this big asks for a flush of every buffer.
@@ -289,7 +304,9 @@ static LOST: AtomicU64 = AtomicU64::new(0);
 /// the ALLOC reads a larger number; an ALLOC followed by the FREE of its
 /// block may read the same number, and the collector sorts by (number,
 /// FREE after ALLOC). Within a thread the numbers never decrease. Only
-/// frees write the counter: allocations pay a shared read, not an RMW.
+/// sent frees write the counter (a free that cancels a pending allocation
+/// takes no number: neither record exists for the collector), so
+/// allocations pay a shared read of a line that is rarely written.
 static SEQ: AtomicU64 = AtomicU64::new(1);
 /// Bumped in a fork child: every stack id must be re-announced.
 static ID_GEN: AtomicU32 = AtomicU32::new(0);
@@ -416,12 +433,18 @@ fn zigzag(v: u64) -> u64 {
 // Per-thread recorders.
 
 /// One thread's records, encoded relative to the previous record of the
-/// same buffer (the first one of a buffer relative to zero).
+/// same buffer (the first one of a buffer relative to zero), and its
+/// allocations not sent yet.
 struct Enc {
     buf: Vec<u8>,
     seq: u64,
     time: u64,
     addr: u64,
+    /// Allocations waiting for their free (which cancels both) or for the
+    /// next flush (which encodes them into `buf`).
+    pending: Pending,
+    /// Pairs cancelled since the last flush.
+    cancelled: u64,
 }
 
 impl Enc {
@@ -438,12 +461,26 @@ impl Enc {
     fn head(&mut self, tag: u8, seq: u64, time: u64, addr: u64) {
         self.start();
         self.buf.push(tag);
-        put_var(&mut self.buf, seq.wrapping_sub(self.seq));
-        put_var(&mut self.buf, time.wrapping_sub(self.time));
+        // Zigzag: pending allocations are encoded in table order at a
+        // flush, after frees that may have larger numbers.
+        put_var(&mut self.buf, zigzag(seq.wrapping_sub(self.seq)));
+        put_var(&mut self.buf, zigzag(time.wrapping_sub(self.time)));
         put_var(&mut self.buf, zigzag(addr.wrapping_sub(self.addr)));
         self.seq = seq;
         self.time = time;
         self.addr = addr;
+    }
+    #[inline]
+    fn alloc(&mut self, a: &Alloc) {
+        self.head(T_ALLOC, a.seq, a.time, a.addr);
+        put_var(&mut self.buf, a.size);
+        put_var(&mut self.buf, a.stack as u64);
+    }
+    /// Encodes every pending allocation (a flush, or exit).
+    fn spill(&mut self) {
+        let mut pending = std::mem::replace(&mut self.pending, Pending::new());
+        pending.drain(|a| self.alloc(a));
+        self.pending = pending;
     }
     fn stack(&mut self, id: u32, frames: &[u64]) {
         self.start();
@@ -638,6 +675,8 @@ fn new_thread(shared: bool) -> *mut Thread {
             seq: 0,
             time: 0,
             addr: 0,
+            pending: Pending::new(),
+            cancelled: 0,
         }),
         own: UnsafeCell::new(Own {
             cache: unwind::Cache::new(),
@@ -804,9 +843,12 @@ impl State {
         }
         hold_all();
         let mut any = false;
+        let mut pairs = 0;
         for t in threads() {
             // SAFETY: held.
             let enc = unsafe { &mut *t.enc.get() };
+            pairs += std::mem::take(&mut enc.cancelled);
+            enc.spill();
             if enc.buf.is_empty() {
                 continue;
             }
@@ -820,6 +862,10 @@ impl State {
         release_all();
         if any {
             self.buf.push(T_END);
+        }
+        if pairs > 0 {
+            self.buf.push(T_PAIRS);
+            put_u64(&mut self.buf, pairs);
         }
         self.send();
     }
@@ -997,6 +1043,8 @@ unsafe extern "C" fn fork_child() {
     let spare = SPARE.load(Ordering::Relaxed);
     for t in threads() {
         (*t.enc.get()).buf.clear();
+        (*t.enc.get()).pending.clear();
+        (*t.enc.get()).cancelled = 0;
         let p = t as *const Thread as *mut Thread;
         if p == me {
             t.tid.store(libc::gettid() as u32, Ordering::Relaxed);
@@ -1209,14 +1257,18 @@ fn stack_of(t: &Thread, own: &mut Own, hook: u64, sp: u64, bp: u64) -> u32 {
     id
 }
 
-/// After a record: flush if this buffer is full or the last flush is old.
+/// After a record: flush if this buffer or its pending table is full or
+/// the last flush is old.
 #[inline]
-fn after_record(len: usize, time: u64) {
+fn after_record(len: usize, pending: usize, time: u64) {
     if len >= FLUSH_BYTES
+        || pending >= pending::FULL
         || UNBUFFERED.load(Ordering::Relaxed)
         || time.wrapping_sub(LAST_FLUSH.load(Ordering::Relaxed)) >= FLUSH_NS
     {
-        flush_all(len >= HARD_BYTES || UNBUFFERED.load(Ordering::Relaxed));
+        flush_all(
+            len >= HARD_BYTES || pending >= pending::HARD || UNBUFFERED.load(Ordering::Relaxed),
+        );
     }
 }
 
@@ -1240,13 +1292,48 @@ fn on_alloc(p: *mut c_void, size: usize, hook: u64, sp: u64, bp: u64) {
     t.begin();
     // SAFETY: between begin() and end().
     let enc = unsafe { &mut *t.enc.get() };
-    let seq = SEQ.load(Ordering::Acquire);
-    enc.head(T_ALLOC, seq, time, p as u64);
-    put_var(&mut enc.buf, size as u64);
-    put_var(&mut enc.buf, id as u64);
-    let len = enc.buf.len();
+    let a = Alloc {
+        addr: p as u64,
+        seq: SEQ.load(Ordering::Acquire),
+        time,
+        size: size as u64,
+        stack: id,
+    };
+    if enc.pending.len() >= pending::HARD {
+        enc.alloc(&a);
+    } else if let Some(old) = enc.pending.insert(a) {
+        // The old block was freed by another thread and the address came
+        // back here: its record still goes out (before that free).
+        enc.alloc(&old);
+    }
+    let (len, n) = (enc.buf.len(), enc.pending.len());
     t.end();
-    after_record(len, time);
+    after_record(len, n, time);
+}
+
+/// Address classes of [`FREED`].
+const FREED_SLOTS: usize = 1024;
+
+/// For each class of addresses, one more than the highest [`SEQ`] number a
+/// sent FREE of an address in it took (raised before libc gets the block
+/// back). A thread's pending allocation `a` whose class has a value above
+/// `a.seq` may have been freed by another thread since (and the address
+/// handed out again, and handed back to this thread): its free is then
+/// sent, not cancelled. Equal classes of other addresses only make that
+/// conservative. Whoever gets the block next from libc (through its arena
+/// lock) sees the raised value, so the check never misses a free.
+static FREED: [AtomicU64; FREED_SLOTS] = [const { AtomicU64::new(0) }; FREED_SLOTS];
+
+#[inline]
+fn freed_class(addr: u64) -> &'static AtomicU64 {
+    &FREED[((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % FREED_SLOTS]
+}
+
+/// Whether a free of a block whose pending allocation is `a` cancels it:
+/// no sent FREE of its address class since it was allocated.
+#[inline]
+fn cancels(a: &Alloc) -> bool {
+    freed_class(a.addr).load(Ordering::Relaxed) <= a.seq
 }
 
 #[inline(never)]
@@ -1254,17 +1341,34 @@ fn on_free(p: *mut c_void) {
     if p.is_null() || !active() {
         return;
     }
-    let Some(g) = Guard::enter() else { return };
+    let Some(g) = Guard::enter() else {
+        // Not recorded (a hook interrupted by a signal handler that frees):
+        // a pending allocation of this block must not be cancelled later.
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        freed_class(p as u64).fetch_max(seq + 1, Ordering::Relaxed);
+        return;
+    };
     let t = me(&g);
-    let time = now_ns();
     t.begin();
     // SAFETY: between begin() and end().
     let enc = unsafe { &mut *t.enc.get() };
+    if let Some(a) = enc.pending.remove(p as u64) {
+        if cancels(&a) {
+            // Allocated and freed on this thread since the last flush:
+            // neither record is sent.
+            enc.cancelled += 1;
+            t.end();
+            return;
+        }
+        enc.alloc(&a);
+    }
+    let time = now_ns();
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    freed_class(p as u64).fetch_max(seq + 1, Ordering::Relaxed);
     enc.head(T_FREE, seq, time, p as u64);
-    let len = enc.buf.len();
+    let (len, n) = (enc.buf.len(), enc.pending.len());
     t.end();
-    after_record(len, time);
+    after_record(len, n, time);
 }
 
 fn flush_now() {
