@@ -119,7 +119,7 @@
 mod pending;
 mod unwind;
 
-use pending::{Alloc, Pending};
+use pending::{Alloc, Cancel, Pending};
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::{Cell, UnsafeCell};
@@ -704,13 +704,21 @@ unsafe extern "C" fn thread_exit(p: *mut c_void) {
 }
 
 /// This thread's recorder, made or adopted on first use.
+#[inline]
 fn me(g: &Guard) -> &'static Thread {
-    let spare = SPARE.load(Ordering::Relaxed);
     let p = g.0.me.get();
     if !p.is_null() {
         // SAFETY: recorders are never freed.
         return unsafe { &*p };
     }
+    adopt(g)
+}
+
+/// [`me`] for a thread without a recorder yet.
+#[cold]
+#[inline(never)]
+fn adopt(g: &Guard) -> &'static Thread {
+    let spare = SPARE.load(Ordering::Relaxed);
     // Registered under the flush lock, so that a flush holding every
     // recorder's lock holds every recorder that may have records.
     G.lock.lock();
@@ -1316,8 +1324,8 @@ const FREED_SLOTS: usize = 1024;
 
 /// For each class of addresses, one more than the highest [`SEQ`] number a
 /// sent FREE of an address in it took (raised before libc gets the block
-/// back). A thread's pending allocation `a` whose class has a value above
-/// `a.seq` may have been freed by another thread since (and the address
+/// back). A free cancels a pending allocation `a` only if its class is at
+/// most `a.seq`; above, the block may have been freed by another thread since (and the address
 /// handed out again, and handed back to this thread): its free is then
 /// sent, not cancelled. Equal classes of other addresses only make that
 /// conservative. Whoever gets the block next from libc (through its arena
@@ -1327,13 +1335,6 @@ static FREED: [AtomicU64; FREED_SLOTS] = [const { AtomicU64::new(0) }; FREED_SLO
 #[inline]
 fn freed_class(addr: u64) -> &'static AtomicU64 {
     &FREED[((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % FREED_SLOTS]
-}
-
-/// Whether a free of a block whose pending allocation is `a` cancels it:
-/// no sent FREE of its address class since it was allocated.
-#[inline]
-fn cancels(a: &Alloc) -> bool {
-    freed_class(a.addr).load(Ordering::Relaxed) <= a.seq
 }
 
 #[inline(never)]
@@ -1352,19 +1353,25 @@ fn on_free(p: *mut c_void) {
     t.begin();
     // SAFETY: between begin() and end().
     let enc = unsafe { &mut *t.enc.get() };
-    if let Some(a) = enc.pending.remove(p as u64) {
-        if cancels(&a) {
+    let class = freed_class(p as u64);
+    match enc
+        .pending
+        .cancel(p as u64, |seq| class.load(Ordering::Relaxed) <= seq)
+    {
+        Cancel::Done => {
             // Allocated and freed on this thread since the last flush:
             // neither record is sent.
             enc.cancelled += 1;
             t.end();
             return;
         }
-        enc.alloc(&a);
+        // Freed elsewhere since (and handed back): still sent.
+        Cancel::Kept(a) => enc.alloc(&a),
+        Cancel::Absent => {}
     }
     let time = now_ns();
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    freed_class(p as u64).fetch_max(seq + 1, Ordering::Relaxed);
+    class.fetch_max(seq + 1, Ordering::Relaxed);
     enc.head(T_FREE, seq, time, p as u64);
     let (len, n) = (enc.buf.len(), enc.pending.len());
     t.end();

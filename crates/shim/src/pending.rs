@@ -15,8 +15,7 @@
 /// A not-yet-sent allocation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Alloc {
-    /// The block; 0 marks an empty slot (malloc never returns 0 for a
-    /// recorded block).
+    /// The block (never 0: malloc's NULL is not recorded).
     pub addr: u64,
     /// The `SEQ` number read after libc returned the block.
     pub seq: u64,
@@ -39,12 +38,35 @@ pub const HARD: usize = CAP * 3 / 4;
 
 const MASK: usize = CAP - 1;
 
-/// See the module docs.
+/// The rest of an entry, apart from its key.
+#[derive(Clone, Copy, Default)]
+struct Val {
+    seq: u64,
+    time: u64,
+    size: u64,
+    stack: u32,
+}
+
+/// See the module docs. Keys and values apart: a probe reads only keys,
+/// eight to a cache line.
 pub struct Pending {
-    /// Allocated on first insert (most recorders of short-lived threads
-    /// never need it; a fork child's inherited ones may never be used).
-    slots: Vec<Alloc>,
+    /// Block addresses, 0: empty. Allocated on first insert (most
+    /// recorders of short-lived threads never need it).
+    keys: Vec<u64>,
+    vals: Vec<Val>,
     len: usize,
+}
+
+/// What [`Pending::cancel`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cancel {
+    /// The entry was found and the pair cancelled.
+    Done,
+    /// The entry was found but may not be cancelled: it is taken out and
+    /// returned, to be sent.
+    Kept(Alloc),
+    /// No entry for the address.
+    Absent,
 }
 
 #[inline]
@@ -53,14 +75,17 @@ fn home(addr: u64) -> usize {
     ((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - CAP.trailing_zeros())) as usize
 }
 
-/// CAP empty slots, from calloc (pages of a large block are mapped
-/// zeroed on first touch, not written now).
-fn zeroed() -> Vec<Alloc> {
-    let layout = std::alloc::Layout::array::<Alloc>(CAP).expect("fits");
-    // SAFETY: an all-zero `Alloc` is a valid (empty) one; the pointer comes
-    // from the global allocator with exactly this layout and length.
+/// `CAP` zeroed `T`s from calloc (pages of a large block are mapped zeroed
+/// on first touch, not written now).
+///
+/// # Safety
+/// All-zero bytes must be a valid `T`.
+unsafe fn zeroed<T>() -> Vec<T> {
+    let layout = std::alloc::Layout::array::<T>(CAP).expect("fits");
+    // SAFETY: the caller vouches for zeroed `T`s; the pointer comes from
+    // the global allocator with exactly this layout and length.
     unsafe {
-        let p = std::alloc::alloc_zeroed(layout) as *mut Alloc;
+        let p = std::alloc::alloc_zeroed(layout) as *mut T;
         if p.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
@@ -72,7 +97,8 @@ impl Pending {
     /// An empty table that has not allocated yet.
     pub const fn new() -> Pending {
         Pending {
-            slots: Vec::new(),
+            keys: Vec::new(),
+            vals: Vec::new(),
             len: 0,
         }
     }
@@ -83,6 +109,37 @@ impl Pending {
         self.len
     }
 
+    #[inline]
+    fn entry(&self, i: usize) -> Alloc {
+        let v = self.vals[i];
+        Alloc {
+            addr: self.keys[i],
+            seq: v.seq,
+            time: v.time,
+            size: v.size,
+            stack: v.stack,
+        }
+    }
+
+    /// The slot holding `addr`, if any.
+    #[inline]
+    fn find(&self, addr: u64) -> Option<usize> {
+        if self.len == 0 || addr == 0 {
+            return None;
+        }
+        let mut i = home(addr);
+        loop {
+            let k = self.keys[i];
+            if k == addr {
+                return Some(i);
+            }
+            if k == 0 {
+                return None;
+            }
+            i = (i + 1) & MASK;
+        }
+    }
+
     /// Adds `a`. An entry already held for the same address is replaced
     /// and returned: its block was freed by some other route (another
     /// thread) and handed out again, so its record must still be sent.
@@ -90,87 +147,108 @@ impl Pending {
     #[inline]
     pub fn insert(&mut self, a: Alloc) -> Option<Alloc> {
         debug_assert!(a.addr != 0 && self.len < CAP - 1);
-        if self.slots.is_empty() {
-            self.slots = zeroed();
+        if self.keys.is_empty() {
+            // SAFETY: zero is an empty key and a valid `Val`.
+            unsafe {
+                self.keys = zeroed();
+                self.vals = zeroed();
+            }
         }
+        let val = Val {
+            seq: a.seq,
+            time: a.time,
+            size: a.size,
+            stack: a.stack,
+        };
         let mut i = home(a.addr);
         loop {
-            let s = &mut self.slots[i];
-            if s.addr == 0 {
-                *s = a;
+            let k = self.keys[i];
+            if k == 0 {
+                self.keys[i] = a.addr;
+                self.vals[i] = val;
                 self.len += 1;
                 return None;
             }
-            if s.addr == a.addr {
-                return Some(std::mem::replace(s, a));
+            if k == a.addr {
+                let old = self.entry(i);
+                self.vals[i] = val;
+                return Some(old);
             }
             i = (i + 1) & MASK;
         }
     }
 
-    /// Takes the entry for `addr` out, if held.
+    /// A free of `addr`: if it is held, cancels the pair when `may(seq)`
+    /// says so for the entry's number, else takes the entry out for
+    /// sending.
     #[inline]
+    pub fn cancel(&mut self, addr: u64, may: impl FnOnce(u64) -> bool) -> Cancel {
+        let Some(i) = self.find(addr) else {
+            return Cancel::Absent;
+        };
+        let r = if may(self.vals[i].seq) {
+            Cancel::Done
+        } else {
+            Cancel::Kept(self.entry(i))
+        };
+        self.remove_at(i);
+        r
+    }
+
+    /// Takes the entry for `addr` out, if held.
+    #[cfg(test)]
     pub fn remove(&mut self, addr: u64) -> Option<Alloc> {
-        if self.len == 0 || addr == 0 {
-            return None;
-        }
-        let mut i = home(addr);
-        loop {
-            let s = self.slots[i];
-            if s.addr == 0 {
-                return None;
-            }
-            if s.addr == addr {
-                break;
-            }
-            i = (i + 1) & MASK;
-        }
-        let found = self.slots[i];
+        let i = self.find(addr)?;
+        let a = self.entry(i);
+        self.remove_at(i);
+        Some(a)
+    }
+
+    #[inline]
+    fn remove_at(&mut self, mut i: usize) {
         // Backward shift: move later members of the probe run into the
         // hole unless that would put them before their home slot.
         let mut j = i;
         loop {
             j = (j + 1) & MASK;
-            let s = self.slots[j];
-            if s.addr == 0 {
+            let k = self.keys[j];
+            if k == 0 {
                 break;
             }
-            let k = home(s.addr);
-            // Is k cyclically in (i, j]? Then s must stay where it is.
+            let h = home(k);
+            // Is h cyclically in (i, j]? Then the entry must stay.
             let stays = if i <= j {
-                i < k && k <= j
+                i < h && h <= j
             } else {
-                i < k || k <= j
+                i < h || h <= j
             };
             if !stays {
-                self.slots[i] = s;
+                self.keys[i] = k;
+                self.vals[i] = self.vals[j];
                 i = j;
             }
         }
-        self.slots[i] = Alloc::default();
+        self.keys[i] = 0;
         self.len -= 1;
-        Some(found)
     }
 
     /// Hands every entry to `f` and empties the table.
     pub fn drain(&mut self, mut f: impl FnMut(&Alloc)) {
-        if self.len == 0 {
-            return;
-        }
-        for s in self.slots.iter_mut().filter(|s| s.addr != 0) {
-            f(s);
-            *s = Alloc::default();
-            self.len -= 1;
-            if self.len == 0 {
-                break;
+        let mut i = 0;
+        while self.len > 0 {
+            if self.keys[i] != 0 {
+                f(&self.entry(i));
+                self.keys[i] = 0;
+                self.len -= 1;
             }
+            i += 1;
         }
     }
 
     /// Forgets every entry (a fork child: they are the parent's to send).
     pub fn clear(&mut self) {
         if self.len != 0 {
-            self.slots.fill(Alloc::default());
+            self.keys.fill(0);
             self.len = 0;
         }
     }
@@ -243,6 +321,26 @@ mod tests {
         for (addr, e) in &model {
             assert_eq!(p.remove(*addr), Some(*e));
         }
+        assert_eq!(p.len(), 0);
+    }
+
+    #[test]
+    fn cancel_settles_or_hands_the_entry_back() {
+        let mut p = Pending::new();
+        assert_eq!(p.cancel(0x1000, |_| true), Cancel::Absent);
+        p.insert(a(0x1000, 5));
+        p.insert(a(0x2000, 6));
+        // The caller's check sees the entry's number.
+        assert_eq!(
+            p.cancel(0x1000, |seq| {
+                assert_eq!(seq, 5);
+                true
+            }),
+            Cancel::Done
+        );
+        assert_eq!(p.cancel(0x1000, |_| true), Cancel::Absent);
+        // Refused: the entry comes out, to be sent.
+        assert_eq!(p.cancel(0x2000, |_| false), Cancel::Kept(a(0x2000, 6)));
         assert_eq!(p.len(), 0);
     }
 
