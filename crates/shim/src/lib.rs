@@ -205,7 +205,9 @@ const HIGH_FD: c_int = 1000;
 // Per-thread state: plain const TLS (no destructor, so no lazy registration
 // that would allocate).
 
-/// One TLS block, so that a hook looks its thread up once.
+/// One TLS block, so that a hook looks its thread up once. All zero bytes
+/// is its initial value (not in a hook, no recorder).
+#[repr(C)]
 struct Tls {
     in_hook: Cell<bool>,
     /// Set around shim-internal calls into libc that may allocate: those
@@ -215,22 +217,40 @@ struct Tls {
     me: Cell<*mut Thread>,
 }
 
-thread_local! {
-    static TLS: Tls = const {
-        Tls {
-            in_hook: Cell::new(false),
-            internal: Cell::new(false),
-            me: Cell::new(std::ptr::null_mut()),
-        }
-    };
-}
+// The block lives in static TLS, reached with the initial-exec model (the
+// thread pointer plus a GOT offset): Rust's `thread_local!` in a shared
+// object uses the general-dynamic model, a `__tls_get_addr` call on every
+// hook. Initial-exec suits a library loaded at startup (LD_PRELOAD), whose
+// TLS the loader places in the static block; the linker marks the shim
+// DF_STATIC_TLS.
+std::arch::global_asm!(
+    ".pushsection .tbss,\"awT\",@nobits",
+    ".p2align 3",
+    ".hidden leakscope_shim_tls",
+    "leakscope_shim_tls:",
+    ".zero 16",
+    ".popsection",
+);
+const _: () = assert!(std::mem::size_of::<Tls>() == 16 && std::mem::align_of::<Tls>() == 8);
 
-/// This thread's TLS block; None during thread teardown.
+/// This thread's TLS block. (An `Option` for the callers' sake: it is
+/// always there.)
 #[inline]
 fn tls() -> Option<&'static Tls> {
-    // SAFETY: the block lives as long as the thread, which outlives every
-    // hook call that uses the reference.
-    TLS.try_with(|t| unsafe { &*(t as *const Tls) }).ok()
+    let p: *const Tls;
+    // SAFETY: %fs:0 is the thread pointer (x86_64 TLS ABI) and the GOT slot
+    // holds the block's offset from it; the block lives as long as the
+    // thread, which outlives every hook call that uses the reference, and
+    // zero bytes are a valid `Tls`.
+    unsafe {
+        std::arch::asm!(
+            "mov {p}, qword ptr fs:[0]",
+            "add {p}, qword ptr [rip + leakscope_shim_tls@GOTTPOFF]",
+            p = out(reg) p,
+            options(pure, readonly, nostack),
+        );
+        Some(&*p)
+    }
 }
 
 /// Holds the reentrancy flag for the current thread.
@@ -1184,6 +1204,20 @@ fn stack_id(t: &Thread, frames: &[u64]) -> u32 {
     id
 }
 
+/// Whether every (address, value) stack word still holds its value. No
+/// early exit: the words are few and all usually match, so a branch-free
+/// fold lets the loads overlap.
+#[inline]
+fn unchanged(words: &[(u64, u64)]) -> bool {
+    let mut diff = 0u64;
+    for &(a, v) in words {
+        // SAFETY: these words were read from this thread's live stack,
+        // above the hook's `sp`, which is live as long as the hook runs.
+        diff |= unsafe { *(a as *const u64) } ^ v;
+    }
+    diff == 0
+}
+
 /// The stack id for a hook called with return address `*sp` and frame
 /// pointer `bp`, from `t`'s (this thread's) capture cache or a capture.
 fn stack_of(t: &Thread, own: &mut Own, hook: u64, sp: u64, bp: u64) -> u32 {
@@ -1207,11 +1241,7 @@ fn stack_of(t: &Thread, own: &mut Own, hook: u64, sp: u64, bp: u64) -> u32 {
             && c.sp == sp
             && c.hook == hook
             && (c.bp_free || c.bp == bp)
-            && c.slots[..c.n as usize]
-                .iter()
-                // SAFETY: these words were read from this thread's live
-                // stack, above `sp`, which is live as long as we run.
-                .all(|&(a, v)| unsafe { *(a as *const u64) } == v)
+            && unchanged(&c.slots[..c.n as usize])
         {
             return c.id;
         }
