@@ -1260,6 +1260,7 @@ fn unchanged(words: &[(u64, u64)]) -> bool {
 
 /// The stack id for a hook called with return address `*sp` and frame
 /// pointer `bp`, from `t`'s (this thread's) capture cache or a capture.
+#[inline(always)]
 fn stack_of(t: &Thread, own: &mut Own, hook: u64, sp: u64, bp: u64) -> u32 {
     let id_gen = ID_GEN.load(Ordering::Relaxed);
     if own.id_gen != id_gen {
@@ -1286,6 +1287,21 @@ fn stack_of(t: &Thread, own: &mut Own, hook: u64, sp: u64, bp: u64) -> u32 {
             return c.id;
         }
     }
+    capture_stack(t, own, hook, ra, sp, bp, slot)
+}
+
+/// [`stack_of`] when the cache cannot answer: unwind, intern, cache.
+#[cold]
+#[inline(never)]
+fn capture_stack(
+    t: &Thread,
+    own: &mut Own,
+    hook: u64,
+    ra: u64,
+    sp: u64,
+    bp: u64,
+    slot: usize,
+) -> u32 {
     let mut frames = [0u64; MAX_FRAMES];
     let mut slots = [(0u64, 0u64); unwind::SLOTS];
     let Some(mut cap) = unwind::capture(hook, ra, sp, bp, &mut own.cache, &mut frames, &mut slots)
