@@ -507,6 +507,17 @@ struct Enc {
 }
 
 impl Enc {
+    fn new() -> Enc {
+        Enc {
+            buf: Vec::with_capacity(FLUSH_BYTES + 4096),
+            seq: 0,
+            time: 0,
+            addr: 0,
+            pending: Pending::new(),
+            cancelled: 0,
+        }
+    }
+
     #[inline]
     fn start(&mut self) {
         if self.buf.is_empty() {
@@ -729,14 +740,7 @@ fn new_thread(shared: bool) -> *mut Thread {
         owned: AtomicBool::new(true),
         tid: AtomicU32::new(0),
         next: THREADS.load(Ordering::Relaxed),
-        enc: UnsafeCell::new(Enc {
-            buf: Vec::with_capacity(FLUSH_BYTES + 4096),
-            seq: 0,
-            time: 0,
-            addr: 0,
-            pending: Pending::new(),
-            cancelled: 0,
-        }),
+        enc: UnsafeCell::new(Enc::new()),
         own: UnsafeCell::new(Own {
             cache: unwind::Cache::new(),
             id_gen: ID_GEN.load(Ordering::Relaxed),
@@ -1386,41 +1390,98 @@ fn on_alloc(p: *mut c_void, size: usize, hook: u64, sp: u64, bp: u64) {
     t.begin();
     // SAFETY: between begin() and end().
     let enc = unsafe { &mut *t.enc.get() };
-    let a = Alloc {
+    enc.on_alloc(Alloc {
         addr: p as u64,
         seq: SEQ.load(Ordering::Acquire),
         time,
         size: size as u64,
         stack: id,
-    };
-    if enc.pending.len() >= pending::HARD {
-        enc.alloc(&a);
-    } else if let Some(old) = enc.pending.insert(a) {
-        // The old block was freed by another thread and the address came
-        // back here: its record still goes out (before that free).
-        enc.alloc(&old);
-    }
+    });
     let (len, n) = (enc.buf.len(), enc.pending.len());
     t.end();
     after_record(len, n, time);
 }
 
-/// Address classes of [`FREED`].
+/// Address classes of [`Freed`].
 const FREED_SLOTS: usize = 1024;
 
 /// For each class of addresses, one more than the highest [`SEQ`] number a
 /// sent FREE of an address in it took (raised before libc gets the block
 /// back). A free cancels a pending allocation `a` only if its class is at
-/// most `a.seq`; above, the block may have been freed by another thread since (and the address
-/// handed out again, and handed back to this thread): its free is then
-/// sent, not cancelled. Equal classes of other addresses only make that
-/// conservative. Whoever gets the block next from libc (through its arena
-/// lock) sees the raised value, so the check never misses a free.
-static FREED: [AtomicU64; FREED_SLOTS] = [const { AtomicU64::new(0) }; FREED_SLOTS];
+/// most `a.seq`; above, the block may have been freed by another thread
+/// since (and the address handed out again, and handed back to this
+/// thread): its free is then sent, not cancelled. Equal classes of other
+/// addresses only make that conservative. Whoever gets the block next
+/// from libc (through its arena lock) sees the raised value, so the check
+/// never misses a free.
+struct Freed([AtomicU64; FREED_SLOTS]);
 
-#[inline]
-fn freed_class(addr: u64) -> &'static AtomicU64 {
-    &FREED[((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % FREED_SLOTS]
+impl Freed {
+    const fn new() -> Freed {
+        Freed([const { AtomicU64::new(0) }; FREED_SLOTS])
+    }
+
+    #[inline]
+    fn class(&self, addr: u64) -> &AtomicU64 {
+        &self.0[((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % FREED_SLOTS]
+    }
+
+    /// A free of `addr` that the collector will see (or that nobody will):
+    /// takes its number from `seq` and raises the class.
+    #[inline]
+    fn raise(&self, seq: &AtomicU64, addr: u64) -> u64 {
+        let n = seq.fetch_add(1, Ordering::Relaxed);
+        self.class(addr).fetch_max(n + 1, Ordering::Relaxed);
+        n
+    }
+}
+
+static FREED: Freed = Freed::new();
+
+impl Enc {
+    /// An allocation: pending, so that its free may cancel it.
+    #[inline]
+    fn on_alloc(&mut self, a: Alloc) {
+        if self.pending.len() >= pending::HARD {
+            self.alloc(&a);
+        } else if let Some(old) = self.pending.insert(a) {
+            // The old block was freed by another thread and the address
+            // came back here: its record still goes out (before that free).
+            self.alloc(&old);
+        }
+    }
+
+    /// A free of `addr` by the owning thread. Cancels a pending allocation
+    /// of it (returns None: nothing to send), or appends a FREE numbered
+    /// from `seq` at time `now()` (returns that time).
+    #[inline]
+    fn on_free(
+        &mut self,
+        addr: u64,
+        seq: &AtomicU64,
+        freed: &Freed,
+        now: impl FnOnce() -> u64,
+    ) -> Option<u64> {
+        let class = freed.class(addr);
+        match self
+            .pending
+            .cancel(addr, |n| class.load(Ordering::Relaxed) <= n)
+        {
+            Cancel::Done => {
+                // Allocated and freed on this thread since the last flush:
+                // neither record is sent.
+                self.cancelled += 1;
+                return None;
+            }
+            // Freed elsewhere since (and handed back): still sent.
+            Cancel::Kept(a) => self.alloc(&a),
+            Cancel::Absent => {}
+        }
+        let time = now();
+        let n = freed.raise(seq, addr);
+        self.head(T_FREE, n, time, addr);
+        Some(time)
+    }
 }
 
 #[inline(never)]
@@ -1431,37 +1492,19 @@ fn on_free(p: *mut c_void) {
     let Some(g) = Guard::enter() else {
         // Not recorded (a hook interrupted by a signal handler that frees):
         // a pending allocation of this block must not be cancelled later.
-        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-        freed_class(p as u64).fetch_max(seq + 1, Ordering::Relaxed);
+        FREED.raise(&SEQ, p as u64);
         return;
     };
     let t = me(&g);
     t.begin();
     // SAFETY: between begin() and end().
     let enc = unsafe { &mut *t.enc.get() };
-    let class = freed_class(p as u64);
-    match enc
-        .pending
-        .cancel(p as u64, |seq| class.load(Ordering::Relaxed) <= seq)
-    {
-        Cancel::Done => {
-            // Allocated and freed on this thread since the last flush:
-            // neither record is sent.
-            enc.cancelled += 1;
-            t.end();
-            return;
-        }
-        // Freed elsewhere since (and handed back): still sent.
-        Cancel::Kept(a) => enc.alloc(&a),
-        Cancel::Absent => {}
-    }
-    let time = now_ns();
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    class.fetch_max(seq + 1, Ordering::Relaxed);
-    enc.head(T_FREE, seq, time, p as u64);
+    let sent = enc.on_free(p as u64, &SEQ, &FREED, now_ns);
     let (len, n) = (enc.buf.len(), enc.pending.len());
     t.end();
-    after_record(len, n, time);
+    if let Some(time) = sent {
+        after_record(len, n, time);
+    }
 }
 
 fn flush_now() {
@@ -1825,3 +1868,235 @@ execl_trampoline!(
     execle,
     EXECLE
 );
+
+#[cfg(test)]
+mod tests {
+    //! The recording rules, with two or three `Enc`s standing for threads
+    //! and a model collector: decode, sort by (number, FREE after ALLOC),
+    //! keep a table of live blocks.
+
+    use super::*;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Rec {
+        Alloc { seq: u64, addr: u64, size: u64 },
+        Free { seq: u64, addr: u64 },
+    }
+
+    fn var(b: &[u8], i: &mut usize) -> u64 {
+        let mut v = 0u64;
+        let mut shift = 0;
+        loop {
+            let byte = b[*i];
+            *i += 1;
+            v |= ((byte & 0x7f) as u64) << shift;
+            if byte & 0x80 == 0 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+
+    fn unzigzag(z: u64) -> u64 {
+        (z >> 1) ^ (z & 1).wrapping_neg()
+    }
+
+    /// A flush of one thread: its pending allocations encoded, its buffer
+    /// taken and decoded.
+    fn flush(enc: &mut Enc) -> Vec<Rec> {
+        enc.spill();
+        let b = std::mem::take(&mut enc.buf);
+        let (mut i, mut seq, mut addr) = (0, 0u64, 0u64);
+        let mut out = Vec::new();
+        while i < b.len() {
+            let tag = b[i];
+            i += 1;
+            seq = seq.wrapping_add(unzigzag(var(&b, &mut i)));
+            let _time = var(&b, &mut i);
+            addr = addr.wrapping_add(unzigzag(var(&b, &mut i)));
+            out.push(match tag {
+                T_ALLOC => {
+                    let size = var(&b, &mut i);
+                    let _stack = var(&b, &mut i);
+                    Rec::Alloc { seq, addr, size }
+                }
+                T_FREE => Rec::Free { seq, addr },
+                t => panic!("unexpected tag {t}"),
+            });
+        }
+        out
+    }
+
+    /// The collector: each batch sorted, applied in order.
+    fn live(batches: &[Vec<Rec>]) -> Vec<(u64, u64)> {
+        let mut live = std::collections::BTreeMap::new();
+        for batch in batches {
+            let mut b = batch.clone();
+            b.sort_by_key(|r| match *r {
+                Rec::Alloc { seq, .. } => (seq, false),
+                Rec::Free { seq, .. } => (seq, true),
+            });
+            for r in b {
+                match r {
+                    Rec::Alloc { addr, size, .. } => {
+                        live.insert(addr, size);
+                    }
+                    Rec::Free { addr, .. } => {
+                        live.remove(&addr);
+                    }
+                }
+            }
+        }
+        live.into_iter().collect()
+    }
+
+    /// A program's view: allocation numbers come from `seq` as the shim
+    /// reads them, after libc returned the block.
+    struct World {
+        seq: AtomicU64,
+        freed: Box<Freed>,
+    }
+
+    impl World {
+        fn new() -> World {
+            World {
+                seq: AtomicU64::new(1),
+                freed: Box::new(Freed::new()),
+            }
+        }
+        fn alloc(&self, t: &mut Enc, addr: u64, size: u64) {
+            t.on_alloc(Alloc {
+                addr,
+                seq: self.seq.load(Ordering::Acquire),
+                time: 1,
+                size,
+                stack: 1,
+            });
+        }
+        /// Whether the free was sent.
+        fn free(&self, t: &mut Enc, addr: u64) -> bool {
+            t.on_free(addr, &self.seq, &self.freed, || 2).is_some()
+        }
+    }
+
+    #[test]
+    fn alloc_and_free_on_one_thread_cancel() {
+        let w = World::new();
+        let mut a = Enc::new();
+        w.alloc(&mut a, 0x1000, 16);
+        w.alloc(&mut a, 0x2000, 32);
+        assert!(!w.free(&mut a, 0x1000));
+        assert_eq!(a.cancelled, 1);
+        // No shared number taken for it.
+        assert_eq!(w.seq.load(Ordering::Relaxed), 1);
+        let batch = flush(&mut a);
+        assert_eq!(
+            batch,
+            [Rec::Alloc {
+                seq: 1,
+                addr: 0x2000,
+                size: 32
+            }]
+        );
+        assert_eq!(live(&[batch]), [(0x2000, 32)]);
+    }
+
+    #[test]
+    fn free_of_a_sent_block_is_sent_after_its_allocation() {
+        let w = World::new();
+        let mut a = Enc::new();
+        w.alloc(&mut a, 0x1000, 16);
+        let first = flush(&mut a);
+        assert!(w.free(&mut a, 0x1000));
+        // The same address again, freed again: cancelled this time.
+        w.alloc(&mut a, 0x1000, 24);
+        assert!(!w.free(&mut a, 0x1000));
+        let second = flush(&mut a);
+        let (Rec::Alloc { seq: s1, .. }, [Rec::Free { seq: s2, addr }]) =
+            (first[0], second.as_slice())
+        else {
+            panic!("{first:?} {second:?}");
+        };
+        assert!(*s2 >= s1 && *addr == 0x1000);
+        assert!(live(&[first, second]).is_empty());
+    }
+
+    /// A allocates p; B frees it (libc hands p to B's next malloc); B
+    /// allocates p and hands it back; A frees it. A's pending entry for p
+    /// is stale: cancelling it would leave B's allocation as a false leak.
+    #[test]
+    fn cross_thread_free_and_reuse_never_cancel_a_stale_entry() {
+        let w = World::new();
+        let (mut a, mut b) = (Enc::new(), Enc::new());
+        w.alloc(&mut a, 0x1000, 16);
+        assert!(w.free(&mut b, 0x1000), "B never allocated p: sent");
+        w.alloc(&mut b, 0x1000, 48);
+        assert!(w.free(&mut a, 0x1000), "A's entry is stale: sent");
+        assert_eq!(a.cancelled + b.cancelled, 0);
+        let batch: Vec<Rec> = [flush(&mut a), flush(&mut b)].concat();
+        assert_eq!(batch.len(), 4, "{batch:?}");
+        assert!(live(&[batch]).is_empty());
+    }
+
+    /// The address comes back to the allocating thread itself after
+    /// another thread freed it: the old entry is sent, the new one may
+    /// still cancel.
+    #[test]
+    fn address_back_on_the_allocating_thread() {
+        let w = World::new();
+        let (mut a, mut b) = (Enc::new(), Enc::new());
+        w.alloc(&mut a, 0x1000, 16);
+        assert!(w.free(&mut b, 0x1000));
+        w.alloc(&mut a, 0x1000, 32);
+        assert!(!w.free(&mut a, 0x1000));
+        w.alloc(&mut a, 0x1000, 64);
+        let batch: Vec<Rec> = [flush(&mut a), flush(&mut b)].concat();
+        assert_eq!(live(&[batch]), [(0x1000, 64)]);
+    }
+
+    /// realloc(p, n) is a free of p then an allocation of q.
+    #[test]
+    fn realloc_moving_a_block() {
+        let w = World::new();
+        let mut a = Enc::new();
+        // Pending block moved: only the new one is ever sent.
+        w.alloc(&mut a, 0x1000, 16);
+        assert!(!w.free(&mut a, 0x1000));
+        w.alloc(&mut a, 0x2000, 64);
+        let first = flush(&mut a);
+        assert_eq!(
+            first,
+            [Rec::Alloc {
+                seq: 1,
+                addr: 0x2000,
+                size: 64
+            }]
+        );
+        // A sent block moved: its free is sent, the new block pending.
+        assert!(w.free(&mut a, 0x2000));
+        w.alloc(&mut a, 0x3000, 128);
+        let second = flush(&mut a);
+        assert_eq!(second.len(), 2, "{second:?}");
+        assert_eq!(live(&[first, second]), [(0x3000, 128)]);
+    }
+
+    /// Past `HARD` pending entries, allocations are encoded at once (not
+    /// cancellable) and their frees sent: nothing is lost.
+    #[test]
+    fn a_full_table_sends_allocations_as_they_come() {
+        let w = World::new();
+        let mut a = Enc::new();
+        let n = pending::HARD as u64 + 10;
+        for i in 1..=n {
+            w.alloc(&mut a, i * 16, 8);
+        }
+        assert_eq!(a.pending.len(), pending::HARD);
+        for i in 1..=n {
+            w.free(&mut a, i * 16);
+        }
+        assert_eq!(a.cancelled, pending::HARD as u64);
+        let batch = flush(&mut a);
+        assert_eq!(batch.len(), 20, "10 sent allocations and their frees");
+        assert!(live(&[batch]).is_empty());
+    }
+}
