@@ -221,6 +221,8 @@ pub struct Preload {
     t0: u64,
     /// Allocations freed again that the shims cancelled without sending.
     settled: u64,
+    /// Read buffer, reused.
+    chunk: Vec<u8>,
 }
 
 impl std::fmt::Debug for Preload {
@@ -300,6 +302,7 @@ impl Preload {
             seen: HashSet::new(),
             t0: monotonic_ns(),
             settled: 0,
+            chunk: Vec::new(),
         })
     }
 
@@ -388,7 +391,10 @@ impl Preload {
         let deadline = wait.map(|w| Instant::now() + w);
         let mut eof = false;
         let mut got = 0;
-        let mut chunk = vec![0u8; 256 * 1024];
+        // One read buffer for every call (256 KiB zeroed anew each time
+        // was an mmap, page faults and a munmap per poll).
+        let mut chunk = std::mem::take(&mut self.chunk);
+        chunk.resize(256 * 1024, 0);
         while got < budget {
             match self.conns[i].stream.read(&mut chunk) {
                 Ok(0) => {
@@ -421,6 +427,7 @@ impl Preload {
                 }
             }
         }
+        self.chunk = chunk;
         self.decode_buffered(i, sink)?;
         if eof {
             self.finish(i, sink);
@@ -543,9 +550,11 @@ impl Preload {
     /// reused its address on another (see the shim's `SEQ`).
     fn emit_pending(&mut self, i: usize, sink: &mut dyn FnMut(Event)) {
         let mut pending = std::mem::take(&mut self.conns[i].pending);
-        // Per-thread runs, already sorted: a merge. An ALLOC reads the
-        // number a later FREE of its block may take: ALLOC first on ties.
-        pending.sort_by_key(|p| (p.seq, p.size.is_none()));
+        // An ALLOC reads the number a later FREE of its block may take:
+        // ALLOC first on ties. Other ties are of different addresses (every
+        // sent FREE has a number of its own, and an address allocated again
+        // after a sent FREE reads a larger one), so their order is free.
+        pending.sort_unstable_by_key(|p| (p.seq, p.size.is_none()));
         let c = &self.conns[i];
         let (ns, floor) = (c.ns, c.floor);
         let pid = Pid(c.pid.unwrap_or(0));
