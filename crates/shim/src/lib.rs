@@ -366,7 +366,12 @@ static LOST: AtomicU64 = AtomicU64::new(0);
 /// sent frees write the counter (a free that cancels a pending allocation
 /// takes no number: neither record exists for the collector), so
 /// allocations pay a shared read of a line that is rarely written.
-static SEQ: AtomicU64 = AtomicU64::new(1);
+static SEQ: Line<AtomicU64> = Line(AtomicU64::new(1));
+
+/// A cache line of its own: `SEQ` and `FREED` are written by sent frees,
+/// and must not drag the read-mostly flags every hook reads with them.
+#[repr(C, align(64))]
+struct Line<T>(T);
 /// Bumped in a fork child: every stack id must be re-announced.
 static ID_GEN: AtomicU32 = AtomicU32::new(0);
 
@@ -1392,7 +1397,7 @@ fn on_alloc(p: *mut c_void, size: usize, hook: u64, sp: u64, bp: u64) {
     let enc = unsafe { &mut *t.enc.get() };
     enc.on_alloc(Alloc {
         addr: p as u64,
-        seq: SEQ.load(Ordering::Acquire),
+        seq: SEQ.0.load(Ordering::Acquire),
         time,
         size: size as u64,
         stack: id,
@@ -1414,6 +1419,7 @@ const FREED_SLOTS: usize = 1024;
 /// addresses only make that conservative. Whoever gets the block next
 /// from libc (through its arena lock) sees the raised value, so the check
 /// never misses a free.
+#[repr(C, align(64))]
 struct Freed([AtomicU64; FREED_SLOTS]);
 
 impl Freed {
@@ -1492,14 +1498,14 @@ fn on_free(p: *mut c_void) {
     let Some(g) = Guard::enter() else {
         // Not recorded (a hook interrupted by a signal handler that frees):
         // a pending allocation of this block must not be cancelled later.
-        FREED.raise(&SEQ, p as u64);
+        FREED.raise(&SEQ.0, p as u64);
         return;
     };
     let t = me(&g);
     t.begin();
     // SAFETY: between begin() and end().
     let enc = unsafe { &mut *t.enc.get() };
-    let sent = enc.on_free(p as u64, &SEQ, &FREED, now_ns);
+    let sent = enc.on_free(p as u64, &SEQ.0, &FREED, now_ns);
     let (len, n) = (enc.buf.len(), enc.pending.len());
     t.end();
     if let Some(time) = sent {
