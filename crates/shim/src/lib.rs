@@ -104,7 +104,7 @@
 //! - track fds, mmap or sbrk (glibc-internal fd calls bypass PLT hooks);
 //! - catch allocators that do not go through malloc (jemalloc linked in,
 //!   raw `mmap`), nor processes that `_exit` or die by a signal with records
-//!   still buffered (at most 10 ms of them: 32 KiB or 2048 pending
+//!   still buffered (at most 10 ms of them: 32 KiB or 1024 pending
 //!   allocations per thread);
 //! - follow children made by a raw `clone(2)` without `fork` (they would
 //!   share the parent's connection), or flush before `fexecve` (records
@@ -573,16 +573,19 @@ impl Enc {
 /// return address and stack pointer (and frame pointer, if the walk used
 /// it), the snapshot is the same and every stack word the walk read still
 /// holds the value it read then.
+/// The fields a hit compares come first, in the cache line that also holds
+/// the first stack words.
 #[derive(Clone, Copy)]
+#[repr(C)]
 struct Cached {
-    hook: u64,
     ra: u64,
     sp: u64,
+    hook: u64,
     bp: u64,
-    bp_free: bool,
     gen: u32,
     id: u32,
     n: u32,
+    bp_free: bool,
     slots: [(u64, u64); unwind::SLOTS],
 }
 

@@ -27,8 +27,9 @@ pub struct Alloc {
     pub stack: u32,
 }
 
-/// Slots of a table (a power of two).
-pub const CAP: usize = 4096;
+/// Slots of a table (a power of two): 80 KiB per thread, touched only
+/// where used.
+pub const CAP: usize = 2048;
 /// Entries at which the owner asks for a flush.
 pub const FULL: usize = CAP / 2;
 /// Entries beyond which new allocations bypass the table (sent as they
