@@ -241,6 +241,15 @@ impl Session {
         }
         Ok(n)
     }
+
+    /// Brings the ledger up to date with what the processes hold now,
+    /// including acquisitions the backend was still holding back.
+    fn catch_up(&mut self) -> anyhow::Result<()> {
+        self.backend.settle();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.pump(Duration::ZERO)? > 0 && Instant::now() < deadline {}
+        Ok(())
+    }
 }
 
 pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
@@ -276,7 +285,7 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
         s.maps.apply(&ev);
     }
     signals::install();
-    s.pump(Duration::ZERO)?;
+    s.catch_up()?;
     let traced: HashSet<i32> = s.ledger.open_fds(pid).iter().map(|f| f.0).collect();
     let before = preexisting(pid, &traced);
     if !alive(pid) {
@@ -350,12 +359,14 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
         if let (Some(at), Some(every)) = (next_interval, args.interval) {
             if Instant::now() >= at {
                 next_interval = Some(at + Duration::from_secs_f64(every));
+                s.catch_up()?;
                 let mut report = make_report(&mut s, &args, tracking, &command, pid, start, None);
                 growth.update(&mut report.leaks);
                 emit(&args, &report, true, &mut first_write)?;
             }
         }
     }
+    s.catch_up()?;
     let deadline = Instant::now() + Duration::from_secs(2);
     while s.pump(Duration::from_millis(10))? > 0 && Instant::now() < deadline {}
     let mut report = make_report(&mut s, &args, tracking, &command, pid, start, exit_code);
@@ -403,7 +414,7 @@ fn make_report(
         backend: s.backend.name().to_string(),
         duration_s: start.elapsed().as_secs_f64(),
         events: Counts {
-            total: s.ledger.events(),
+            total: s.ledger.events() + 2 * s.backend.settled(),
             lost,
         },
         notes: {

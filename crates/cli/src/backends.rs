@@ -80,7 +80,7 @@ pub fn open(
         ));
     }
     let fd: Option<Box<dyn Backend>> = if tracking.needs_fd_backend() {
-        match leakscope_ebpf::Tracer::new(Default::default()) {
+        match leakscope_ebpf::Tracer::new(leakscope_ebpf::Config { tcp: tracking.tcp }) {
             Ok(t) => Some(Box::new(t)),
             Err(e) => {
                 let hint = if tracking.heap {
@@ -224,5 +224,15 @@ impl Backend for Combined {
         if let Some(f) = &mut self.fd {
             f.forget_process(pid, fds);
         }
+    }
+
+    fn settle(&mut self) {
+        if let Some(f) = &mut self.fd {
+            f.settle();
+        }
+    }
+
+    fn settled(&self) -> u64 {
+        self.fd.as_ref().map_or(0, |f| f.settled())
     }
 }

@@ -162,7 +162,8 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
         _ => Status::Code(0),
     };
 
-    let events = ledger.events();
+    // Pairs settled in the kernel are an acquisition and a release each.
+    let events = ledger.events() + 2 * backend.settled();
     let lost = ledger.lost();
     let leaks = ledger.finish();
     let groups = build_groups(leaks, &mut backend, &maps, config.tracking);

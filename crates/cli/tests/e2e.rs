@@ -113,11 +113,50 @@ fixture_tests! {
     root_fd_kinds => "fd_kinds",
     root_net_leak => "net_leak",
     root_fork_exec => "fork_exec",
+    root_settle => "settle",
     root_threads => "threads",
     root_close_range => "close_range",
     root_short_lived => "short_lived",
     root_static_leak => "static_leak",
     root_demo => "demo",
+}
+
+/// fds the kernel side held back keep their description when they reach
+/// the report: a dup of a file closed since names the file, a pipe's
+/// surviving end is its write end; and the pairs it settled are counted.
+#[test]
+fn root_settled_fds_keep_their_description() {
+    if !require_root("root_settled_fds_keep_their_description") {
+        return;
+    }
+    let r = report(&[fixture("settle").to_str().unwrap()]);
+    let groups = r["leaks"].as_array().unwrap();
+    let details = |function: &str| -> Vec<String> {
+        let g = groups
+            .iter()
+            .find(|g| stack_has(g, function))
+            .unwrap_or_else(|| panic!("no group for {function}"));
+        g["examples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["detail"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let dups = details("dup_copies");
+    assert!(
+        !dups.is_empty() && dups.iter().all(|d| d.ends_with("/dupsrc")),
+        "dup copies described as {dups:?}"
+    );
+    let pipes = details("pipe_write_ends");
+    assert!(
+        !pipes.is_empty() && pipes.iter().all(|d| d == "write end"),
+        "pipe ends described as {pipes:?}"
+    );
+    // 20000 balanced opens and closes in churn_balanced: 40000 events,
+    // counted even though most never left the kernel.
+    let total = r["events"]["total"].as_u64().unwrap();
+    assert!(total >= 40000, "events total {total}");
 }
 
 /// Stacks must be right through libc without frame pointers anywhere.

@@ -4,14 +4,20 @@
 //! stream of [`leakscope_event::Event`]s for the whole process tree, from
 //! its first instruction, plus [`RawStack`]s on demand.
 //!
-//! How: syscall tracepoints for every fd-creating and fd-releasing syscall
-//! (`tracepoint/syscalls/sys_{enter,exit}_*`), `tp_btf/sched_process_fork`,
-//! `sched_process_exec` and `sched_process_exit`. At each acquisition the
-//! registers and up to 8 KiB of user stack are copied into a kernel hash
-//! map keyed by a sequence number and deleted again when the fd is closed,
-//! so only stacks of fds that stay open are ever read and unwound. Executable
-//! mappings (exec, ld.so, dlopen) are sent as [`Event::Map`] so stacks can be
-//! unwound after the process is gone. No kprobes, no fentry.
+//! How: one `tp_btf/sys_exit` program decodes every fd-creating and
+//! fd-releasing syscall from the saved registers, plus
+//! `tp_btf/sched_process_fork`, `sched_process_exec` and
+//! `sched_process_exit`. At each acquisition the registers and the user
+//! stack (from sp up to the top of the thread's stack, at most 8 KiB) are
+//! copied. The acquisition is then held back in a kernel map: an fd closed
+//! again before anything else refers to it is settled there and never
+//! becomes an event (only counted, [`Tracer::settled`]). Held-back
+//! acquisitions are sent when the stream needs them (fork, exec, exit,
+//! close_range, dup or connect of the fd, or [`Tracer::settle`]); from then
+//! on their stacks wait in a map keyed by a sequence number until the fd is
+//! closed, so only stacks of fds that stay open are ever read and unwound.
+//! Executable mappings (exec, ld.so, dlopen) are sent as [`Event::Map`] so
+//! stacks can be unwound after the process is gone. No kprobes, no fentry.
 //!
 //! ```no_run
 //! let mut tracer = leakscope_ebpf::Tracer::new(Default::default()).unwrap();
@@ -81,7 +87,10 @@ pub enum Error {
 
 /// Tracer settings.
 #[derive(Debug, Clone, Default)]
-pub struct Config {}
+pub struct Config {
+    /// Follow the TCP states of the sockets traced processes acquire.
+    pub tcp: bool,
+}
 
 /// Stacks read back from the kernel, kept for fds whose holders outlive
 /// the kernel copy (fork, exit).
@@ -101,7 +110,7 @@ pub struct Tracer {
 impl Tracer {
     /// Loads and attaches the programs. Nothing is traced until
     /// [`Tracer::spawn`] or [`Tracer::trace_pid`].
-    pub fn new(_config: Config) -> Result<Tracer, Error> {
+    pub fn new(config: Config) -> Result<Tracer, Error> {
         leakscope_bpf::quiet_libbpf();
         leakscope_bpf::ensure_tracefs().map_err(Error::Tracefs)?;
         let open_object = Box::leak(Box::new(MaybeUninit::uninit()));
@@ -112,6 +121,7 @@ impl Tracer {
         })?;
         if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
             ro.spawner_pid = std::process::id();
+            ro.track_tcp = u32::from(config.tcp);
         }
         let skel = open.load().map_err(|source| {
             if is_permission(&source) {
@@ -200,7 +210,7 @@ impl Tracer {
         self.skel
             .maps
             .traced
-            .update(&pid.0.to_ne_bytes(), &[1u8], MapFlags::ANY)
+            .update(&pid.0.to_ne_bytes(), &[0u8; 16], MapFlags::ANY)
             .map_err(|source| Error::Bpf {
                 what: "map update",
                 source,
@@ -258,9 +268,28 @@ impl Tracer {
         self.counter(CNT_BLOB_FULL)
     }
 
-    /// Syscall entries whose arguments could not be kept (their exits are lost).
-    pub fn pending_dropped(&self) -> u64 {
-        self.counter(CNT_PENDING_FULL)
+    /// fds opened and closed again that the kernel side settled without
+    /// sending anything (each stands for an acquisition and a release).
+    pub fn settled(&self) -> u64 {
+        self.counter(CNT_SETTLED)
+    }
+
+    /// Asks the kernel side to send every acquisition it holds back, so
+    /// that the events read next bring a ledger up to date with the fds
+    /// open now. Needed before reading a ledger of processes still running.
+    pub fn settle(&mut self) {
+        // The sys_exit program recognises this close() by leakscope itself;
+        // the fd is invalid, so the call does nothing else.
+        // SAFETY: closing an fd number that cannot be open.
+        unsafe { libc::close(SETTLE_FD) };
+    }
+
+    fn blob_map(&self, id: u64) -> &dyn MapCore {
+        match id >> SEQ_CLASS_SHIFT {
+            0 => &self.skel.maps.blobs_s,
+            1 => &self.skel.maps.blobs_m,
+            _ => &self.skel.maps.blobs,
+        }
     }
 
     /// Copies the stack of an acquisition out of the kernel into this
@@ -272,9 +301,10 @@ impl Tracer {
             return;
         }
         let key = id.0.to_ne_bytes();
-        if let Ok(Some(bytes)) = self.skel.maps.blobs.lookup(&key, MapFlags::ANY) {
+        let map = self.blob_map(id.0);
+        if let Ok(Some(bytes)) = map.lookup(&key, MapFlags::ANY) {
+            let _ = map.delete(&key);
             self.stacks.insert(id.0, blob_to_stack(&bytes));
-            let _ = self.skel.maps.blobs.delete(&key);
         }
     }
 
@@ -438,14 +468,11 @@ fn decode(bytes: &[u8], base: u64, queue: &mut Vec<Event>) -> Option<Event> {
                 detail,
                 stack: StackId(a.seq),
             };
-            if a.fd2 >= 0 {
-                let mut second = acquire.clone();
-                second.fd = Fd(a.fd2);
-                if kind == FdKind::Pipe {
-                    second.detail = Some("write end".into());
-                }
-                queue.push(Event::Acquire(acquire));
-                return Some(Event::Acquire(second));
+            if a.flags & ACQ_SECOND != 0 && kind == FdKind::Pipe {
+                return Some(Event::Acquire(Acquire {
+                    detail: Some("write end".into()),
+                    ..acquire
+                }));
             }
             Some(Event::Acquire(acquire))
         }
@@ -653,5 +680,13 @@ impl leakscope_event::Backend for Tracer {
 
     fn forget_process(&mut self, pid: Pid, fds: &[Fd]) {
         self.forget_fds(pid, fds)
+    }
+
+    fn settle(&mut self) {
+        Tracer::settle(self)
+    }
+
+    fn settled(&self) -> u64 {
+        Tracer::settled(self)
     }
 }

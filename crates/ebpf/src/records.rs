@@ -16,10 +16,14 @@ pub const EV_EXIT: u32 = 8;
 pub const EV_TCP: u32 = 9;
 
 pub const ACQ_CLOEXEC: u32 = 1;
+pub const ACQ_SECOND: u32 = 8;
+
+pub const SETTLE_FD: i32 = -7919;
+pub const SEQ_CLASS_SHIFT: u32 = 60;
 
 pub const CNT_RB_DROP: u32 = 0;
 pub const CNT_BLOB_FULL: u32 = 1;
-pub const CNT_PENDING_FULL: u32 = 2;
+pub const CNT_SETTLED: u32 = 2;
 
 /// Syscall names, indexed by `enum sc` in events.h.
 pub const SYSCALLS: &[&str] = &[
@@ -68,7 +72,7 @@ pub struct Hdr {
     pub ty: u32,
     pub pid: u32,
     pub tid: u32,
-    pub _pad: u32,
+    pub _claim: u32,
     pub time: u64,
 }
 

@@ -504,4 +504,14 @@ pub trait Backend {
     }
     /// `pid` exited holding `fds`: the backend may drop its per-process state.
     fn forget_process(&mut self, _pid: Pid, _fds: &[Fd]) {}
+    /// Makes the backend send, with its next [`Backend::poll`]s, what it
+    /// holds back for now (acquisitions that may still be released before
+    /// anything needs them). Call it before reading a ledger of processes
+    /// that still run.
+    fn settle(&mut self) {}
+    /// Acquisitions released again that the backend settled itself
+    /// without sending events (each stands for two events).
+    fn settled(&self) -> u64 {
+        0
+    }
 }

@@ -350,6 +350,17 @@ pub fn expected_leaks(name: &str) -> &'static [ExpectedLeak] {
                 ]
             }
         }
+        "settle" => {
+            const {
+                &[
+                    child("held_across_fork", "file", 3),
+                    leak("churn_keep", "file", 7),
+                    leak("dup_copies", "file", 2),
+                    leak("pipe_write_ends", "pipe", 5),
+                    leak("shared_table_open", "file", 2),
+                ]
+            }
+        }
         "threads" => const { &[leak("worker_leak", "file", 26)] },
         "close_range" => const { &[leak("open_many", "file", 2)] },
         "short_lived" => const { &[leak("quick_leak", "file", 3)] },

@@ -31,4 +31,15 @@ static __always_inline void submit(void *e)
 	bpf_ringbuf_submit(e, avail >= WAKE_BYTES ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
+/* Copies a record built elsewhere into the ring buffer (same wakeup rule). */
+static __always_inline long output(void *data, __u64 size)
+{
+	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	long r = bpf_ringbuf_output(&events, data, size,
+				    avail >= WAKE_BYTES ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+	if (r)
+		count(CNT_RB_DROP);
+	return r;
+}
+
 #endif

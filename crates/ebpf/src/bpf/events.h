@@ -41,12 +41,23 @@ enum sc {
 #define ACQ_CLOEXEC 1
 #define ACQ_NO_STACK 2 /* the user stack could not be read */
 #define ACQ_NO_BLOB 4  /* the stack map was full */
+#define ACQ_SECOND 8   /* the second fd of pipe/socketpair (pipe: write end) */
+
+/* close(SETTLE_FD) by leakscope itself asks the kernel side to send every
+ * acquisition it still holds back (see `deferred` in leakscope.bpf.c). */
+#define SETTLE_FD (-7919)
+
+/* A stack blob's key is a sequence number with its size class in the top
+ * bits: blobs of 1 KiB, 4 KiB and 8 KiB live in three maps. */
+#define SEQ_CLASS_SHIFT 60 /* below the bit leakscope uses to tell heap stacks apart */
+#define STACK_S 1024
+#define STACK_M 4096
 
 struct ev_hdr {
 	__u32 type;
 	__u32 pid; /* tgid */
 	__u32 tid;
-	__u32 _pad;
+	__u32 claim; /* kernel side only: who sends or settles a held-back record */
 	__u64 time; /* bpf_ktime_get_ns */
 };
 
@@ -135,20 +146,31 @@ struct ev_exit {
 	__u32 _pad;
 };
 
-struct blob {
-	__u32 refs;
-	__u32 len;
-	__u64 ip;
-	__u64 sp;
+#define BLOB_HDR \
+	__u32 refs; \
+	__u32 len; \
+	__u64 ip; \
+	__u64 sp; \
 	__u64 bp;
+
+struct blob {
+	BLOB_HDR
 	__u8 data[STACK_MAX];
+};
+struct blob_s {
+	BLOB_HDR
+	__u8 data[STACK_S];
+};
+struct blob_m {
+	BLOB_HDR
+	__u8 data[STACK_M];
 };
 
 /* counters map indexes */
 enum counter {
 	CNT_RB_DROP = 0,   /* ring buffer full: events lost */
 	CNT_BLOB_FULL = 1, /* stack map full: stacks lost */
-	CNT_PENDING_FULL = 2,
+	CNT_SETTLED = 2,   /* fds opened and closed again without an event */
 	CNT_MAX = 4,
 };
 

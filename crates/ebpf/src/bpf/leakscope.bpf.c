@@ -29,23 +29,24 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
  * `spawning` is set are traced from their first instruction. */
 const volatile __u32 spawner_pid = 0;
 volatile __u32 spawning = 0;
-__u64 seq_counter = 0;
+/* Set by the loader: keep socket inodes for TCP state tracking. */
+const volatile __u32 track_tcp = 0;
+
+/* Traced processes (by tgid). */
+struct proc {
+	__u64 fork_time; /* its last fork: a child may hold copies of older fds */
+	__s32 deferred;  /* entries of `deferred` it may have (never fewer) */
+	__u8 nodefer;    /* shares its fd table with another process */
+	__u8 inherited;  /* forked by a traced process: holds inherited fds */
+	__u16 _pad;
+};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u32);
-	__type(value, __u8);
+	__type(value, struct proc);
 } traced SEC(".maps");
-
-/* Processes that forked: their children may hold copies of fds whose stack
- * blobs must survive the parent's close; userspace frees those. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u32);
-	__type(value, __u8);
-} forked SEC(".maps");
 
 /* Inodes of sockets that traced processes acquired, so TCP state changes
  * (which run in softirq, where the current pid means nothing) can be tied
@@ -69,28 +70,80 @@ struct pending {
 	char path[DETAIL_MAX];
 };
 
-
 struct fdkey {
 	__u32 tgid;
 	__s32 fd;
+};
+
+/* fds the ledger knows: their stack blob and acquisition time. */
+struct known {
+	__u64 seq; /* key of the stack blob, 0 if none */
+	__u64 time;
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);
 	__type(key, struct fdkey);
-	__type(value, __u64);
+	__type(value, struct known);
 } fdseq SEC(".maps");
+
+/* Stacks of fds the ledger knows, by size class (the stack from sp up to
+ * the top of the thread's stack mostly fits in 1 KiB), allocated on use and
+ * freed on close. At most 65536 per class at once; beyond, stacks are
+ * counted missing. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct blob_s);
+} blobs_s SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	/* 8 KiB each, allocated on use: at most 512 MiB of stacks of fds
-	 * open at once; beyond, stacks are counted missing. */
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct blob_m);
+} blobs_m SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
 	__type(value, struct blob);
 } blobs SEC(".maps");
+
+/* An acquisition held back, with its stack when that fits in 1 KiB. */
+#define ACQ_INLINE 0x80000000u /* kernel side only: `stack` holds it */
+struct held {
+	struct ev_acquire rec;
+	struct blob_s stack;
+};
+
+/* Acquisitions held back: an fd that is closed again before anything else
+ * refers to it never becomes an event, nor a map entry other than this one
+ * (most fds of a busy program). One is sent when something needs it in the
+ * stream: a fork, exec, exit or close_range of its process, a dup or
+ * connect of it, or leakscope asking (close(SETTLE_FD)). Whoever sends or
+ * settles an entry first claims it (ev_hdr.claim), and a sender reserves its
+ * ring record before claiming, so a release that lost the race always
+ * follows the acquisition it releases. Full: acquisitions are sent at once. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct fdkey);
+	__type(value, struct held);
+} deferred SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct held);
+} held_scratch SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -106,11 +159,19 @@ struct {
 	__type(value, struct pending);
 } pending_scratch SEC(".maps");
 
+/* Per-CPU halves of the blob keys: no shared counter to bounce between CPUs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} seq_percpu SEC(".maps");
+
 #include "common.bpf.h"
 
-static __always_inline int is_traced(__u32 tgid)
+static __always_inline struct proc *is_traced(__u32 tgid)
 {
-	return bpf_map_lookup_elem(&traced, &tgid) != NULL;
+	return bpf_map_lookup_elem(&traced, &tgid);
 }
 
 static __always_inline void fill_hdr(struct ev_hdr *h, __u32 type)
@@ -119,7 +180,7 @@ static __always_inline void fill_hdr(struct ev_hdr *h, __u32 type)
 	h->type = type;
 	h->pid = id >> 32;
 	h->tid = (__u32)id;
-	h->_pad = 0;
+	h->claim = 0;
 	h->time = bpf_ktime_get_ns();
 }
 
@@ -155,37 +216,111 @@ static __always_inline void read_sock(struct file *f, struct sock_addrs *a)
 	}
 }
 
-/* Copy registers and the user stack into a new blob; returns its key, or
- * 0 with *flags updated when that was impossible. */
-static __always_inline __u64 save_stack(__u32 refs, __u32 *flags)
+/* How much of the user stack above sp is worth copying: up to the top of
+ * the stack the thread runs on, when that is known and near. The main
+ * thread's stack ends at mm->start_stack; a glibc or musl thread's stack
+ * ends just below its thread control block, where the fs base points. */
+static __always_inline __u64 stack_len(struct task_struct *task, __u64 sp)
 {
-	__u32 zero = 0;
-	struct blob *b = bpf_map_lookup_elem(&blob_scratch, &zero);
-	if (!b)
-		return 0;
+	__u64 top = task->mm->start_stack;
+	if (top > sp && top - sp <= STACK_MAX)
+		return top - sp;
+	top = task->thread.fsbase;
+	if (top > sp && top - sp <= STACK_MAX)
+		return top - sp;
+	return STACK_MAX;
+}
+
+/* Registers and the user stack of the current thread: into `small` when
+ * the stack fits in 1 KiB (returns STACK_IN_SMALL), else into the per-CPU
+ * 8 KiB scratch (STACK_IN_BIG), or nowhere (STACK_NONE). */
+#define STACK_IN_SMALL 1
+#define STACK_IN_BIG 2
+#define STACK_NONE 0
+static __always_inline int read_stack(struct blob_s *small)
+{
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	b->ip = regs->ip;
-	b->sp = regs->sp;
-	b->bp = regs->bp;
-	b->refs = refs;
-	/* Near the top of the main thread's stack a long read faults: fall
-	 * back to shorter copies (verified on this kernel). */
-	if (bpf_probe_read_user(b->data, STACK_MAX, (void *)b->sp) == 0)
-		b->len = STACK_MAX;
-	else if (bpf_probe_read_user(b->data, 4096, (void *)b->sp) == 0)
-		b->len = 4096;
-	else if (bpf_probe_read_user(b->data, 1024, (void *)b->sp) == 0)
-		b->len = 1024;
-	else if (bpf_probe_read_user(b->data, 256, (void *)b->sp) == 0)
-		b->len = 256;
+	__u64 sp = regs->sp;
+	__u64 len = stack_len(task, sp);
+	/* A guess that crosses the end of the mapping faults: fall back to
+	 * shorter copies (verified on this kernel). */
+	if (len <= STACK_S) {
+		small->ip = regs->ip;
+		small->sp = sp;
+		small->bp = regs->bp;
+		small->refs = 1;
+		if (len && bpf_probe_read_user(small->data, len, (void *)sp) == 0)
+			small->len = len;
+		else if (bpf_probe_read_user(small->data, 256, (void *)sp) == 0)
+			small->len = 256;
+		else
+			small->len = 0;
+		return STACK_IN_SMALL;
+	}
+	__u32 zero = 0;
+	struct blob *big = bpf_map_lookup_elem(&blob_scratch, &zero);
+	if (!big)
+		return STACK_NONE;
+	big->ip = regs->ip;
+	big->sp = sp;
+	big->bp = regs->bp;
+	big->refs = 1;
+	if (len > STACK_MAX)
+		len = STACK_MAX;
+	if (bpf_probe_read_user(big->data, len, (void *)sp) == 0)
+		big->len = len;
+	else if (bpf_probe_read_user(big->data, 1024, (void *)sp) == 0)
+		big->len = 1024;
+	else if (bpf_probe_read_user(big->data, 256, (void *)sp) == 0)
+		big->len = 256;
 	else
-		b->len = 0;
-	if (b->len == 0)
-		*flags |= ACQ_NO_STACK;
-	/* Unique per acquisition across CPUs. */
-	__u64 seq = __sync_fetch_and_add(&seq_counter, 1) + 1;
-	if (bpf_map_update_elem(&blobs, &seq, b, BPF_NOEXIST) != 0) {
+		big->len = 0;
+	return STACK_IN_BIG;
+}
+
+/* A new blob key: this CPU's counter, the CPU, and the size class. */
+static __always_inline __u64 next_seq(__u32 len)
+{
+	__u32 zero = 0;
+	__u64 *ctr = bpf_map_lookup_elem(&seq_percpu, &zero);
+	if (!ctr)
+		return 0;
+	*ctr += 1;
+	__u64 class = len <= STACK_S ? 0 : len <= STACK_M ? 1 : 2;
+	return (*ctr & ((1ULL << 40) - 1)) | ((__u64)bpf_get_smp_processor_id() << 40) |
+	       (class << SEQ_CLASS_SHIFT);
+}
+
+static __always_inline void *blob_map(__u64 seq)
+{
+	switch (seq >> SEQ_CLASS_SHIFT) {
+	case 0:
+		return &blobs_s;
+	case 1:
+		return &blobs_m;
+	default:
+		return &blobs;
+	}
+}
+
+/* Stores a stack under `seq` for the ledger; returns seq or 0. `small`
+ * says that `b` holds at most 1 KiB (class 0), else it is the 8 KiB
+ * scratch. Two calls the compiler cannot merge, so the verifier sees each
+ * buffer with the maps it fits. */
+static __noinline long update_small(__u64 *seq, struct blob_s *b)
+{
+	return bpf_map_update_elem(&blobs_s, seq, b, BPF_NOEXIST);
+}
+
+static __noinline long update_big(__u64 *seq, struct blob *b)
+{
+	return bpf_map_update_elem(blob_map(*seq), seq, b, BPF_NOEXIST);
+}
+
+static __always_inline __u64 stored(long err, __u64 seq, __u32 *flags)
+{
+	if (err) {
 		count(CNT_BLOB_FULL);
 		*flags |= ACQ_NO_BLOB;
 		return 0;
@@ -193,33 +328,156 @@ static __always_inline __u64 save_stack(__u32 refs, __u32 *flags)
 	return seq;
 }
 
-static __always_inline void unref_blob(__u64 seq, __u32 tgid)
-{
-	struct blob *b = bpf_map_lookup_elem(&blobs, &seq);
-	if (!b)
-		return;
-	if (__sync_fetch_and_add(&b->refs, -1) == 1 &&
-	    !bpf_map_lookup_elem(&forked, &tgid))
-		bpf_map_delete_elem(&blobs, &seq);
-}
-
-static __always_inline void forget_fd(__u32 tgid, __s32 fd)
+/* The ledger no longer knows (tgid, fd): free its stack, unless a child
+ * forked since may hold a copy (userspace copies and frees those). */
+static __always_inline void forget_fd(struct proc *pr, __u32 tgid, __s32 fd)
 {
 	struct fdkey k = { .tgid = tgid, .fd = fd };
-	__u64 *seq = bpf_map_lookup_elem(&fdseq, &k);
-	if (!seq)
+	struct known *kn = bpf_map_lookup_elem(&fdseq, &k);
+	if (!kn)
 		return;
-	__u64 s = *seq;
+	__u64 seq = kn->seq, time = kn->time;
 	bpf_map_delete_elem(&fdseq, &k);
-	unref_blob(s, tgid);
+	if (!seq || (pr && pr->fork_time && time <= pr->fork_time))
+		return;
+	bpf_map_delete_elem(blob_map(seq), &seq);
 }
 
-static __always_inline void remember_fd(__u32 tgid, __s32 fd, __u64 seq)
+static __always_inline void remember_fd(struct proc *pr, __u32 tgid, __s32 fd, __u64 seq, __u64 time)
 {
 	struct fdkey k = { .tgid = tgid, .fd = fd };
-	forget_fd(tgid, fd); /* a stale entry the ledger already released */
-	if (seq)
-		bpf_map_update_elem(&fdseq, &k, &seq, BPF_ANY);
+	struct known kn = { .seq = seq, .time = time };
+	if (bpf_map_update_elem(&fdseq, &k, &kn, BPF_NOEXIST) == 0)
+		return;
+	forget_fd(pr, tgid, fd); /* a stale entry: its release went unseen */
+	bpf_map_update_elem(&fdseq, &k, &kn, BPF_ANY);
+}
+
+/* Claims a held-back record for its key: 0 if this caller now owns it. */
+static __always_inline int claim(struct held *v, __u32 tgid, __s32 fd)
+{
+	if (__sync_val_compare_and_swap(&v->rec.h.claim, 0, 1) != 0)
+		return -1;
+	if (v->rec.h.pid != tgid || v->rec.fd != fd) {
+		/* The slot was reused for another fd meanwhile: not ours. */
+		v->rec.h.claim = 0;
+		return -1;
+	}
+	return 0;
+}
+
+static __always_inline void dec_deferred(__u32 tgid)
+{
+	struct proc *pr = is_traced(tgid);
+	if (pr)
+		__sync_fetch_and_add(&pr->deferred, -1);
+}
+
+/* Sends a held-back record now: the ledger learns of the fd. */
+static __always_inline void send_deferred(struct held *v)
+{
+	__u32 tgid = v->rec.h.pid;
+	__s32 fd = v->rec.fd;
+	/* Reserved before the claim: a release losing it is queued after. */
+	struct ev_acquire *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (claim(v, tgid, fd) != 0) {
+		if (e)
+			bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
+		return;
+	}
+	struct fdkey k = { .tgid = tgid, .fd = fd };
+	struct proc *pr = is_traced(tgid);
+	__u32 flags = v->rec.flags & ~ACQ_INLINE;
+	__u64 seq = v->rec.seq;
+	if (v->rec.flags & ACQ_INLINE)
+		seq = stored(seq ? update_small(&seq, &v->stack) : -1, seq, &flags);
+	remember_fd(pr, tgid, fd, seq, v->rec.h.time);
+	if (e) {
+		__builtin_memcpy(e, &v->rec, sizeof(*e));
+		e->h.claim = 0;
+		e->flags = flags;
+		e->seq = seq;
+	}
+	bpf_map_delete_elem(&deferred, &k);
+	if (pr)
+		__sync_fetch_and_add(&pr->deferred, -1);
+	if (e)
+		submit(e);
+	else
+		count(CNT_RB_DROP);
+}
+
+/* Drops a held-back record; 0 if it was there and this caller got it. */
+static __always_inline int drop_deferred(__u32 tgid, __s32 fd)
+{
+	struct fdkey k = { .tgid = tgid, .fd = fd };
+	struct held *v = bpf_map_lookup_elem(&deferred, &k);
+	if (!v || claim(v, tgid, fd) != 0)
+		return -1;
+	__u64 ino = v->rec.ino;
+	__u32 mode = v->rec.mode;
+	bpf_map_delete_elem(&deferred, &k);
+	dec_deferred(tgid);
+	if (track_tcp && ino && (mode & 0170000) == 0140000)
+		bpf_map_delete_elem(&socks, &ino);
+	return 0;
+}
+
+/* close() of a held-back fd: forget it without an event. Returns 0 if it
+ * was settled so, -1 if a release must be sent. */
+static __always_inline int settle(__u32 tgid, __s32 fd)
+{
+	if (drop_deferred(tgid, fd) != 0)
+		return -1;
+	count(CNT_SETTLED);
+	return 0;
+}
+
+static __always_inline void send_one(__u32 tgid, __s32 fd)
+{
+	struct fdkey k = { .tgid = tgid, .fd = fd };
+	struct held *v = bpf_map_lookup_elem(&deferred, &k);
+	if (v)
+		send_deferred(v);
+}
+
+struct sweep {
+	__u32 tgid;          /* 0: every process */
+	__u32 max_fds;       /* exec: fds below this are in `open` */
+	unsigned long *open; /* exec: the kernel's open-fd bitmap */
+};
+
+static long sweep_one(struct bpf_map *map, struct fdkey *key, struct held *v, struct sweep *sw)
+{
+	if (sw->tgid && key->tgid != sw->tgid)
+		return 0;
+	if (sw->open) {
+		/* After exec: an fd the kernel closed (close-on-exec) is settled. */
+		__s32 fd = key->fd;
+		unsigned long word = 0;
+		if (fd >= 0 && (__u32)fd < sw->max_fds)
+			bpf_probe_read_kernel(&word, sizeof(word), &sw->open[fd / 64]);
+		if (!(word & (1UL << (fd & 63)))) {
+			settle(key->tgid, fd);
+			return 0;
+		}
+	}
+	send_deferred(v);
+	return 0;
+}
+
+/* Sends (or, after exec, settles) every held-back record of `tgid`. */
+static __always_inline void sweep(__u32 tgid, struct fdtable *after_exec)
+{
+	struct proc *pr = is_traced(tgid);
+	if (tgid && pr && pr->deferred <= 0)
+		return;
+	struct sweep sw = { .tgid = tgid, .max_fds = 0, .open = NULL };
+	if (after_exec) {
+		sw.max_fds = BPF_CORE_READ(after_exec, max_fds);
+		sw.open = BPF_CORE_READ(after_exec, open_fds);
+	}
+	bpf_for_each_map_elem(&deferred, sweep_one, &sw, 0);
 }
 
 /* Decoded at syscall exit: on x86-64 and arm64 the argument registers in
@@ -247,27 +505,89 @@ static __always_inline void read_detail(struct pending *p, long ret)
 		bpf_probe_read_user_str(p->path, sizeof(p->path), path);
 }
 
-static __always_inline void emit_acquire(struct pending *p, __s32 fd, __s32 fd2, __u32 cloexec)
+/* Holds an acquisition back (see `deferred`); 0 if it was not possible. */
+static __always_inline int hold(struct held *h, struct proc *pr)
 {
-	__u32 flags = cloexec ? ACQ_CLOEXEC : 0;
+	struct fdkey k = { .tgid = h->rec.h.pid, .fd = h->rec.fd };
+	h->rec.flags |= ACQ_INLINE;
+	if (bpf_map_update_elem(&deferred, &k, h, BPF_NOEXIST) != 0) {
+		/* A stale entry (its release went unseen): replace it. */
+		drop_deferred(k.tgid, k.fd);
+		if (bpf_map_update_elem(&deferred, &k, h, BPF_NOEXIST) != 0) {
+			h->rec.flags &= ~ACQ_INLINE;
+			return 0;
+		}
+	}
+	h->rec.flags &= ~ACQ_INLINE;
+	__sync_fetch_and_add(&pr->deferred, 1);
+	return 1;
+}
+
+/* One new fd: held back when possible, else sent with its stack stored. */
+static __always_inline void put_acquire(struct held *h, int where, struct proc *pr, int defer)
+{
+	__u64 seq;
+	long err = -1;
+	if (where == STACK_IN_SMALL) {
+		if (!h->stack.len)
+			h->rec.flags |= ACQ_NO_STACK;
+		seq = next_seq(h->stack.len);
+		h->rec.seq = seq;
+		if (defer && hold(h, pr))
+			return;
+		if (seq)
+			err = update_small(&seq, &h->stack);
+	} else {
+		__u32 zero = 0;
+		struct blob *big = bpf_map_lookup_elem(&blob_scratch, &zero);
+		if (!big || where == STACK_NONE) {
+			h->rec.flags |= ACQ_NO_STACK;
+			seq = 0;
+		} else {
+			if (!big->len)
+				h->rec.flags |= ACQ_NO_STACK;
+			seq = next_seq(big->len);
+			if (seq)
+				err = update_big(&seq, big);
+		}
+	}
+	h->rec.seq = stored(err, seq, &h->rec.flags);
+	remember_fd(pr, h->rec.h.pid, h->rec.fd, h->rec.seq, h->rec.h.time);
+	output(&h->rec, sizeof(h->rec));
+}
+
+static __always_inline void emit_acquire(struct proc *pr, struct pending *p, __s32 fd, __s32 fd2, __u32 cloexec)
+{
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tgid = id >> 32;
-	__u64 seq = save_stack(fd2 >= 0 ? 2 : 1, &flags);
-	remember_fd(tgid, fd, seq);
-	if (fd2 >= 0)
-		remember_fd(tgid, fd2, seq);
+	int defer = !pr->nodefer;
 
-	struct ev_acquire *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		count(CNT_RB_DROP);
-		return;
+	switch (p->sc) {
+	case SC_DUP:
+	case SC_DUP2:
+	case SC_DUP3:
+	case SC_FCNTL: {
+		/* The ledger describes a copy by its source: if it knows (or
+		 * may know) the source, the copy must reach it while the
+		 * source is still the one it knows. */
+		struct fdkey src = { .tgid = tgid, .fd = (__s32)p->args[0] };
+		send_one(tgid, src.fd);
+		if (pr->inherited || bpf_map_lookup_elem(&fdseq, &src))
+			defer = 0;
+		break;
 	}
+	}
+
+	__u32 zero = 0;
+	struct held *h = bpf_map_lookup_elem(&held_scratch, &zero);
+	if (!h)
+		return;
+	struct ev_acquire *e = &h->rec;
 	fill_hdr(&e->h, EV_ACQUIRE);
 	e->fd = fd;
-	e->fd2 = fd2;
+	e->fd2 = -1;
 	e->sc = p->sc;
-	e->flags = flags;
-	e->seq = seq;
+	e->flags = cloexec ? ACQ_CLOEXEC : 0;
 	e->dup_of = -1;
 	e->args[0] = p->args[0];
 	e->args[1] = p->args[1];
@@ -285,20 +605,27 @@ static __always_inline void emit_acquire(struct pending *p, __s32 fd, __s32 fd2,
 	struct file *f = fd_file(task, fd);
 	e->mode = f ? BPF_CORE_READ(f, f_inode, i_mode) : 0;
 	e->ino = f ? BPF_CORE_READ(f, f_inode, i_ino) : 0;
-	if ((e->mode & 0170000) == 0140000 && e->ino) {
+	int sock = (e->mode & 0170000) == 0140000;
+	if (track_tcp && sock && e->ino)
 		bpf_map_update_elem(&socks, &e->ino, &tgid, BPF_ANY);
-		if (fd2 >= 0) {
-			/* socketpair: the second end has its own inode */
-			struct file *f2 = fd_file(task, fd2);
-			__u64 ino2 = f2 ? BPF_CORE_READ(f2, f_inode, i_ino) : 0;
-			if (ino2)
-				bpf_map_update_elem(&socks, &ino2, &tgid, BPF_ANY);
-		}
-	}
 	if (f && (p->sc == SC_ACCEPT || p->sc == SC_ACCEPT4))
 		read_sock(f, &e->addrs);
 	__builtin_memcpy(e->detail, p->path, DETAIL_MAX);
-	submit(e);
+	int where = read_stack(&h->stack);
+	put_acquire(h, where, pr, defer);
+	if (fd2 < 0)
+		return;
+	/* pipe, socketpair: the second end is a record of its own (a socket
+	 * with its own inode), with its own copy of the stack. */
+	e->fd = fd2;
+	e->flags = (cloexec ? ACQ_CLOEXEC : 0) | ACQ_SECOND;
+	if (sock) {
+		struct file *f2 = fd_file(task, fd2);
+		e->ino = f2 ? BPF_CORE_READ(f2, f_inode, i_ino) : 0;
+		if (track_tcp && e->ino)
+			bpf_map_update_elem(&socks, &e->ino, &tgid, BPF_ANY);
+	}
+	put_acquire(h, where, pr, defer);
 }
 
 static __always_inline void emit_release(__u32 sc, __s32 fd, __u32 first, __u32 last, __u32 flags)
@@ -388,7 +715,16 @@ static __always_inline void on_mmap_exit(struct pending *p, long ret)
 	submit(e);
 }
 
-static __always_inline int on_exit(__u64 id, struct pending *p, long ret)
+/* An fd was closed: settled if it was held back, else a release event. */
+static __always_inline void release(struct proc *pr, __u32 sc, __u32 tgid, __s32 fd)
+{
+	if (settle(tgid, fd) == 0)
+		return;
+	forget_fd(pr, tgid, fd);
+	emit_release(sc, fd, 0, 0, 0);
+}
+
+static __always_inline int on_exit(struct proc *pr, __u64 id, struct pending *p, long ret)
 {
 	__u32 tgid = id >> 32;
 	__u32 sc = p->sc;
@@ -399,17 +735,18 @@ static __always_inline int on_exit(__u64 id, struct pending *p, long ret)
 	case SC_CLOSE:
 		/* close(2): the fd is released even when an error such as EINTR
 		 * is returned; only EBADF means nothing was open. */
-		if (ret != -EBADF) {
-			forget_fd(tgid, (__s32)p->args[0]);
-			emit_release(sc, (__s32)p->args[0], 0, 0, 0);
-		}
+		if (ret != -EBADF)
+			release(pr, sc, tgid, (__s32)p->args[0]);
 		goto done;
 	case SC_CLOSE_RANGE:
-		if (ret == 0)
+		if (ret == 0) {
+			sweep(tgid, NULL);
 			emit_release(sc, -1, (__u32)p->args[0], (__u32)p->args[1], (__u32)p->args[2]);
+		}
 		goto done;
 	case SC_CONNECT:
 		if (ret == 0 || ret == -EINPROGRESS) {
+			send_one(tgid, (__s32)p->args[0]);
 			struct ev_connect *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 			if (!e) {
 				count(CNT_RB_DROP);
@@ -469,8 +806,7 @@ static __always_inline int on_exit(__u64 id, struct pending *p, long ret)
 		 * is closed before being reused". dup2(fd, fd) changes nothing. */
 		if ((__s32)p->args[0] == (__s32)ret)
 			goto done;
-		forget_fd(tgid, (__s32)ret);
-		emit_release(sc, (__s32)ret, 0, 0, 0);
+		release(pr, sc, tgid, (__s32)ret);
 		cloexec = sc == SC_DUP3 && (p->args[2] & O_CLOEXEC);
 		break;
 	case SC_FCNTL:
@@ -514,9 +850,9 @@ static __always_inline int on_exit(__u64 id, struct pending *p, long ret)
 	}
 
 	if (sc == SC_PIPE || sc == SC_PIPE2 || sc == SC_SOCKETPAIR)
-		emit_acquire(p, fds[0], fds[1], cloexec);
+		emit_acquire(pr, p, fds[0], fds[1], cloexec);
 	else
-		emit_acquire(p, (__s32)ret, -1, cloexec);
+		emit_acquire(pr, p, (__s32)ret, -1, cloexec);
 done:
 	return 0;
 }
@@ -540,8 +876,12 @@ SEC("tp_btf/sys_exit")
 int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	if (!is_traced(id >> 32))
+	struct proc *pr = is_traced(id >> 32);
+	if (!pr) {
+		if ((id >> 32) == spawner_pid && (int)PT_REGS_PARM1_SYSCALL(regs) == SETTLE_FD)
+			sweep(0, NULL);
 		return 0;
+	}
 	__u32 nr = regs->orig_ax;
 	if (nr >= NR_MAX)
 		return 0;
@@ -563,7 +903,7 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 	if (p->sc == SC_MMAP && (!(p->args[2] & PROT_EXEC) || (long)p->args[4] < 0))
 		return 0;
 	read_detail(p, ret);
-	return on_exit(id, p, ret);
+	return on_exit(pr, id, p, ret);
 }
 
 #define IPPROTO_TCP 6
@@ -580,7 +920,7 @@ int BPF_PROG(on_tcp_state, const struct sock *sk, int oldstate, int newstate)
 		return 0;
 	__u64 ino = f->f_inode->i_ino;
 	if (!bpf_map_lookup_elem(&socks, &ino))
-		return 0;
+		return 0; /* also: TCP states are not tracked (track_tcp) */
 	struct ev_tcp *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(CNT_RB_DROP);
@@ -604,12 +944,22 @@ int BPF_PROG(on_fork, struct task_struct *parent, struct task_struct *child)
 	if (ptgid == ctgid)
 		return 0; /* a thread: same fd table, same process */
 	int spawn = spawning && ptgid == spawner_pid;
-	if (!spawn && !is_traced(ptgid))
+	struct proc *pp = is_traced(ptgid);
+	if (!spawn && !pp)
 		return 0;
-	__u8 one = 1;
-	bpf_map_update_elem(&traced, &ctgid, &one, BPF_ANY);
-	if (!spawn)
-		bpf_map_update_elem(&forked, &ptgid, &one, BPF_ANY);
+	int shares = parent->files == child->files;
+	struct proc child_proc = { .fork_time = 0, .deferred = 0, .nodefer = shares, .inherited = !spawn };
+	bpf_map_update_elem(&traced, &ctgid, &child_proc, BPF_ANY);
+	if (!spawn) {
+		/* The child copies the table: the ledger must know every fd in
+		 * it first. With CLONE_FILES both close each other's fds, so
+		 * neither holds records back any more. */
+		sweep(ptgid, NULL);
+		if (pp && shares)
+			pp->nodefer = 1;
+		if (pp)
+			pp->fork_time = bpf_ktime_get_ns();
+	}
 	struct ev_fork *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(CNT_RB_DROP);
@@ -618,7 +968,7 @@ int BPF_PROG(on_fork, struct task_struct *parent, struct task_struct *child)
 	fill_hdr(&e->h, EV_FORK);
 	e->h.pid = ptgid;
 	e->child = ctgid;
-	e->shares_files = parent->files == child->files;
+	e->shares_files = shares;
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
@@ -630,6 +980,8 @@ int on_exec(struct trace_event_raw_sched_process_exec *ctx)
 	__u32 tgid = id >> 32;
 	if (!is_traced(tgid))
 		return 0;
+	struct task_struct *cur = bpf_get_current_task_btf();
+	sweep(tgid, cur->files->fdt);
 	struct ev_exec *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(CNT_RB_DROP);
@@ -689,6 +1041,7 @@ int on_exit_task(struct trace_event_raw_sched_process_exit *ctx)
 		group_dead = BPF_CORE_READ(task, signal, live.counter) == 0;
 	if (!group_dead)
 		return 0; /* other threads remain: the process lives on */
+	sweep(tgid, NULL); /* what it still held */
 	bpf_map_delete_elem(&traced, &tgid);
 	struct ev_exit *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
