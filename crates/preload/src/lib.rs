@@ -317,9 +317,20 @@ impl Preload {
     }
 
     /// Whether some traced process image is still connected (or has
-    /// unread records).
+    /// unread records), counting connections not accepted yet: an image
+    /// that connected and exited after the last [`Preload::poll`] (a short
+    /// exec'd child) still has its records waiting in the listen queue.
     pub fn has_connections(&self) -> bool {
-        !self.conns.is_empty()
+        if !self.conns.is_empty() {
+            return true;
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no waiting.
+        unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
     }
 
     /// Starts `cmd` with the shim preloaded (see [`Backend::spawn`]).
