@@ -75,7 +75,7 @@ mod wire;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -223,6 +223,8 @@ pub struct Preload {
     settled: u64,
     /// Read buffer, reused.
     chunk: Vec<u8>,
+    /// A pidfd of the child [`Preload::spawn`] started, until it exited.
+    child_exit: Option<OwnedFd>,
 }
 
 impl std::fmt::Debug for Preload {
@@ -303,6 +305,7 @@ impl Preload {
             t0: monotonic_ns(),
             settled: 0,
             chunk: Vec::new(),
+            child_exit: None,
         })
     }
 
@@ -336,7 +339,22 @@ impl Preload {
     /// Starts `cmd` with the shim preloaded (see [`Backend::spawn`]).
     pub fn spawn(&mut self, cmd: &mut Command) -> io::Result<Child> {
         self.prepare(cmd);
-        cmd.spawn()
+        let child = cmd.spawn()?;
+        // pidfd_open(2) (Linux 5.3): readable once the child exits, so a
+        // poll waiting for records returns at its exit instead of sleeping
+        // out its timeout. Without it, polls just time out.
+        // SAFETY: plain syscall; the fd is ours.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        if fd >= 0 {
+            // SAFETY: a fresh fd we own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+            // Close-on-exec, like every fd std makes: later spawns must not
+            // inherit it.
+            // SAFETY: fcntl on our own fd.
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+            self.child_exit = Some(fd);
+        }
+        Ok(child)
     }
 
     /// Sets `LD_PRELOAD` (prepended to any existing value) and the collector
@@ -680,6 +698,7 @@ impl Preload {
     pub fn poll(&mut self, timeout: Duration, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
         let mut pfds: Vec<libc::pollfd> = std::iter::once(self.listener.as_raw_fd())
             .chain(self.conns.iter().map(|c| c.stream.as_raw_fd()))
+            .chain(self.child_exit.as_ref().map(|f| f.as_raw_fd()))
             .map(|fd| libc::pollfd {
                 fd,
                 events: libc::POLLIN,
@@ -695,6 +714,11 @@ impl Preload {
                 return Ok(());
             }
             return Err(Error::Io { source });
+        }
+        if self.child_exit.is_some() && pfds.pop().is_some_and(|p| p.revents != 0) {
+            // The spawned child exited: this poll returned for it; later
+            // ones wait for records (or time out) again.
+            self.child_exit = None;
         }
         let ready: Vec<bool> = pfds[1..].iter().map(|p| p.revents != 0).collect();
         // Existing connections first: a new connection may be an exec that
