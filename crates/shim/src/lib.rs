@@ -1462,8 +1462,9 @@ impl Enc {
 
     /// A free of `addr` by the owning thread. Cancels a pending allocation
     /// of it (returns None: nothing to send), or appends a FREE numbered
-    /// from `seq` at time `now()` (returns that time).
-    #[inline]
+    /// from `seq` at time `now()` (returns that time). The hook runs the
+    /// two halves itself, the second out of line.
+    #[cfg(test)]
     fn on_free(
         &mut self,
         addr: u64,
@@ -1471,25 +1472,45 @@ impl Enc {
         freed: &Freed,
         now: impl FnOnce() -> u64,
     ) -> Option<u64> {
-        let class = freed.class(addr);
-        match self
-            .pending
-            .cancel(addr, |n| class.load(Ordering::Relaxed) <= n)
-        {
-            Cancel::Done => {
-                // Allocated and freed on this thread since the last flush:
-                // neither record is sent.
-                self.cancelled += 1;
-                return None;
-            }
-            // Freed elsewhere since (and handed back): still sent.
-            Cancel::Kept(a) => self.alloc(&a),
-            Cancel::Absent => {}
+        match self.cancel_free(addr, freed) {
+            Cancel::Done => None,
+            c => Some(self.send_free(addr, c, seq, freed, now())),
         }
-        let time = now();
+    }
+
+    /// The first half of [`Enc::on_free`]: `Done` if the free cancelled a
+    /// pending allocation (counted).
+    #[inline]
+    fn cancel_free(&mut self, addr: u64, freed: &Freed) -> Cancel {
+        let class = freed.class(addr);
+        let c = self
+            .pending
+            .cancel(addr, |n| class.load(Ordering::Relaxed) <= n);
+        if c == Cancel::Done {
+            // Allocated and freed on this thread since the last flush:
+            // neither record is sent.
+            self.cancelled += 1;
+        }
+        c
+    }
+
+    /// The second half: the free is sent, after the pending allocation the
+    /// check refused (freed elsewhere since, and handed back), if any.
+    #[inline]
+    fn send_free(
+        &mut self,
+        addr: u64,
+        c: Cancel,
+        seq: &AtomicU64,
+        freed: &Freed,
+        time: u64,
+    ) -> u64 {
+        if let Cancel::Kept(a) = c {
+            self.alloc(&a);
+        }
         let n = freed.raise(seq, addr);
         self.head(T_FREE, n, time, addr);
-        Some(time)
+        time
     }
 }
 
@@ -1508,12 +1529,20 @@ fn on_free(p: *mut c_void) {
     t.begin();
     // SAFETY: between begin() and end().
     let enc = unsafe { &mut *t.enc.get() };
-    let sent = enc.on_free(p as u64, &SEQ.0, &FREED, now_ns);
+    match enc.cancel_free(p as u64, &FREED) {
+        Cancel::Done => t.end(),
+        c => sent_free(t, enc, p as u64, c),
+    }
+}
+
+/// [`on_free`] when the free is sent (out of line: the cancelled case is
+/// the common one and wants a small frame).
+#[inline(never)]
+fn sent_free(t: &Thread, enc: &mut Enc, addr: u64, c: Cancel) {
+    let time = enc.send_free(addr, c, &SEQ.0, &FREED, now_ns());
     let (len, n) = (enc.buf.len(), enc.pending.len());
     t.end();
-    if let Some(time) = sent {
-        after_record(len, n, time);
-    }
+    after_record(len, n, time);
 }
 
 fn flush_now() {
