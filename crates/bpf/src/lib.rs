@@ -4,7 +4,7 @@
 //!   `.bpf.c` with clang against the shared `vmlinux.h` (CO-RE:
 //!   one header serves every kernel) and generates the libbpf-rs skeleton.
 //! - Loader helpers: [`quiet_libbpf`], [`ensure_tracefs`],
-//!   [`is_permission`], [`attach_all`], [`detach_all`], [`percpu_sum`],
+//!   [`is_permission`], [`attach_all`], [`detach_all`], [`Detaching`], [`percpu_sum`],
 //!   [`monotonic_ns`].
 //! - Ring-buffer records: [`Pod`], [`read`], [`cstr`].
 //!
@@ -120,12 +120,31 @@ pub fn attach_all(object: &Object) -> Result<Vec<Link>, libbpf_rs::Error> {
 /// Detaches `links`. Each detach waits for an RCU grace period (~40-75 ms
 /// on the machines we measured); concurrent detaches overlap that wait.
 pub fn detach_all(links: &mut Vec<Link>) {
-    let handles: Vec<_> = links
-        .drain(..)
-        .map(|link| std::thread::spawn(move || drop(link)))
-        .collect();
-    for h in handles {
-        let _ = h.join();
+    drop(Detaching::start(links));
+}
+
+/// Links being detached on background threads, so that the wait overlaps
+/// other work (building the report); dropping it waits for the end.
+#[derive(Debug, Default)]
+pub struct Detaching(Vec<std::thread::JoinHandle<()>>);
+
+impl Detaching {
+    /// Starts detaching every link of `links` (leaving it empty).
+    pub fn start(links: &mut Vec<Link>) -> Detaching {
+        Detaching(
+            links
+                .drain(..)
+                .map(|link| std::thread::spawn(move || drop(link)))
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Detaching {
+    fn drop(&mut self) {
+        for h in self.0.drain(..) {
+            let _ = h.join();
+        }
     }
 }
 

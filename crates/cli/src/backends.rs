@@ -232,6 +232,12 @@ impl Backend for Combined {
         }
     }
 
+    fn stop(&mut self) {
+        for b in [&mut self.fd, &mut self.heap].into_iter().flatten() {
+            b.stop();
+        }
+    }
+
     fn settled(&self) -> u64 {
         self.fd.as_ref().map_or(0, |f| f.settled())
     }

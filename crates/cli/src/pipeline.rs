@@ -81,7 +81,9 @@ fn resolve(prog: &str) -> anyhow::Result<PathBuf> {
 
 /// How long to keep reading after the last process exited, for events
 /// still in flight.
-pub(crate) const DRAIN: Duration = Duration::from_millis(50);
+/// Every process's exit event is written before its parent can reap it;
+/// this covers records other CPUs were still writing.
+pub(crate) const DRAIN: Duration = Duration::from_millis(10);
 
 pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     let prog = resolve(&config.command[0])?;
@@ -111,8 +113,10 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     let mut gone_since: Option<Instant> = None;
     let mut batch = Vec::new();
     loop {
+        // Once the command has exited, only a short drain remains.
+        let timeout = Duration::from_millis(if status.is_some() { 5 } else { 50 });
         backend
-            .poll(Duration::from_millis(50), &mut |ev| batch.push(ev))
+            .poll(timeout, &mut |ev| batch.push(ev))
             .map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
         for ev in batch.drain(..) {
             apply(&ev, &mut backend, &mut ledger, &mut maps, &mut live);
@@ -140,7 +144,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
                     let deadline = Instant::now() + Duration::from_secs(2);
                     loop {
                         backend
-                            .poll(Duration::from_millis(10), &mut |ev| batch.push(ev))
+                            .poll(Duration::from_millis(5), &mut |ev| batch.push(ev))
                             .map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
                         if batch.is_empty() || Instant::now() > deadline {
                             break;
@@ -155,6 +159,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
         }
     }
     let duration = start.elapsed();
+    backend.stop();
     let status = status.expect("the loop ends after the child was reaped");
     let status = match (status.code(), status.signal()) {
         (Some(c), _) => Status::Code(c),

@@ -105,6 +105,7 @@ pub struct Tracer {
     queue: Rc<RefCell<Vec<Event>>>,
     stacks: StackCache,
     lost_seen: [u64; 3],
+    detaching: leakscope_bpf::Detaching,
 }
 
 impl Tracer {
@@ -185,6 +186,7 @@ impl Tracer {
             queue,
             stacks: HashMap::new(),
             lost_seen: [0; 3],
+            detaching: Default::default(),
         })
     }
 
@@ -272,6 +274,12 @@ impl Tracer {
     /// sending anything (each stands for an acquisition and a release).
     pub fn settled(&self) -> u64 {
         self.counter(CNT_SETTLED)
+    }
+
+    /// Stops tracing (in the background: detaching takes tens of
+    /// milliseconds); the stacks already captured stay readable.
+    pub fn stop(&mut self) {
+        self.detaching = leakscope_bpf::Detaching::start(&mut self.links);
     }
 
     /// Asks the kernel side to send every acquisition it holds back, so
@@ -684,6 +692,10 @@ impl leakscope_event::Backend for Tracer {
 
     fn settle(&mut self) {
         Tracer::settle(self)
+    }
+
+    fn stop(&mut self) {
+        Tracer::stop(self)
     }
 
     fn settled(&self) -> u64 {

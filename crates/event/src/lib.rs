@@ -509,6 +509,8 @@ pub trait Backend {
     /// anything needs them). Call it before reading a ledger of processes
     /// that still run.
     fn settle(&mut self) {}
+    /// Stops recording (the trace is over); stacks stay readable.
+    fn stop(&mut self) {}
     /// Acquisitions released again that the backend settled itself
     /// without sending events (each stands for two events).
     fn settled(&self) -> u64 {

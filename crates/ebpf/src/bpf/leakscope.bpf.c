@@ -194,7 +194,9 @@ static __always_inline struct file *fd_file(struct task_struct *task, int fd)
 	if (fd < 0 || (unsigned int)fd >= max)
 		return NULL;
 	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
-	return f;
+	/* Typed again: its fields are then plain (fault-safe) loads rather
+	 * than a probe-read helper call each. */
+	return f ? bpf_core_cast(f, struct file) : NULL;
 }
 
 static __always_inline void read_sock(struct file *f, struct sock_addrs *a)
@@ -366,9 +368,10 @@ static __always_inline int claim(struct held *v, __u32 tgid, __s32 fd)
 	return 0;
 }
 
-static __always_inline void dec_deferred(__u32 tgid)
+static __always_inline void dec_deferred(struct proc *pr, __u32 tgid)
 {
-	struct proc *pr = is_traced(tgid);
+	if (!pr)
+		pr = is_traced(tgid);
 	if (pr)
 		__sync_fetch_and_add(&pr->deferred, -1);
 }
@@ -408,7 +411,7 @@ static __always_inline void send_deferred(struct held *v)
 }
 
 /* Drops a held-back record; 0 if it was there and this caller got it. */
-static __always_inline int drop_deferred(__u32 tgid, __s32 fd)
+static __always_inline int drop_deferred(struct proc *pr, __u32 tgid, __s32 fd)
 {
 	struct fdkey k = { .tgid = tgid, .fd = fd };
 	struct held *v = bpf_map_lookup_elem(&deferred, &k);
@@ -417,7 +420,7 @@ static __always_inline int drop_deferred(__u32 tgid, __s32 fd)
 	__u64 ino = v->rec.ino;
 	__u32 mode = v->rec.mode;
 	bpf_map_delete_elem(&deferred, &k);
-	dec_deferred(tgid);
+	dec_deferred(pr, tgid);
 	if (track_tcp && ino && (mode & 0170000) == 0140000)
 		bpf_map_delete_elem(&socks, &ino);
 	return 0;
@@ -425,9 +428,9 @@ static __always_inline int drop_deferred(__u32 tgid, __s32 fd)
 
 /* close() of a held-back fd: forget it without an event. Returns 0 if it
  * was settled so, -1 if a release must be sent. */
-static __always_inline int settle(__u32 tgid, __s32 fd)
+static __always_inline int settle(struct proc *pr, __u32 tgid, __s32 fd)
 {
-	if (drop_deferred(tgid, fd) != 0)
+	if (drop_deferred(pr, tgid, fd) != 0)
 		return -1;
 	count(CNT_SETTLED);
 	return 0;
@@ -458,7 +461,7 @@ static long sweep_one(struct bpf_map *map, struct fdkey *key, struct held *v, st
 		if (fd >= 0 && (__u32)fd < sw->max_fds)
 			bpf_probe_read_kernel(&word, sizeof(word), &sw->open[fd / 64]);
 		if (!(word & (1UL << (fd & 63)))) {
-			settle(key->tgid, fd);
+			settle(NULL, key->tgid, fd);
 			return 0;
 		}
 	}
@@ -505,6 +508,25 @@ static __always_inline void read_detail(struct pending *p, long ret)
 		bpf_probe_read_user_str(p->path, sizeof(p->path), path);
 }
 
+static __always_inline void emit_release(__u32 sc, __s32 fd, __u32 first, __u32 last, __u32 flags)
+{
+	struct ev_release *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_RB_DROP);
+		return;
+	}
+	fill_hdr(&e->h, EV_RELEASE);
+	if (sc == SC_CLOSE_RANGE)
+		e->h.type = EV_CLOSE_RANGE;
+	e->fd = fd;
+	e->sc = sc;
+	e->first = first;
+	e->last = last;
+	e->flags = flags;
+	e->_pad = 0;
+	submit(e);
+}
+
 /* Holds an acquisition back (see `deferred`); 0 if it was not possible. */
 static __always_inline int hold(struct held *h, struct proc *pr)
 {
@@ -512,7 +534,7 @@ static __always_inline int hold(struct held *h, struct proc *pr)
 	h->rec.flags |= ACQ_INLINE;
 	if (bpf_map_update_elem(&deferred, &k, h, BPF_NOEXIST) != 0) {
 		/* A stale entry (its release went unseen): replace it. */
-		drop_deferred(k.tgid, k.fd);
+		drop_deferred(pr, k.tgid, k.fd);
 		if (bpf_map_update_elem(&deferred, &k, h, BPF_NOEXIST) != 0) {
 			h->rec.flags &= ~ACQ_INLINE;
 			return 0;
@@ -528,6 +550,13 @@ static __always_inline void put_acquire(struct held *h, int where, struct proc *
 {
 	__u64 seq;
 	long err = -1;
+	/* The ledger still knows an older fd at this number: its close
+	 * raced with this acquisition (see release()), or dup2 replaced it. */
+	struct fdkey k = { .tgid = h->rec.h.pid, .fd = h->rec.fd };
+	if (bpf_map_lookup_elem(&fdseq, &k)) {
+		forget_fd(pr, k.tgid, k.fd);
+		emit_release(h->rec.sc, k.fd, 0, 0, 0);
+	}
 	if (where == STACK_IN_SMALL) {
 		if (!h->stack.len)
 			h->rec.flags |= ACQ_NO_STACK;
@@ -603,8 +632,9 @@ static __always_inline void emit_acquire(struct proc *pr, struct pending *p, __s
 	}
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct file *f = fd_file(task, fd);
-	e->mode = f ? BPF_CORE_READ(f, f_inode, i_mode) : 0;
-	e->ino = f ? BPF_CORE_READ(f, f_inode, i_ino) : 0;
+	struct inode *inode = f ? f->f_inode : NULL;
+	e->mode = inode ? inode->i_mode : 0;
+	e->ino = inode ? inode->i_ino : 0;
 	int sock = (e->mode & 0170000) == 0140000;
 	if (track_tcp && sock && e->ino)
 		bpf_map_update_elem(&socks, &e->ino, &tgid, BPF_ANY);
@@ -621,30 +651,12 @@ static __always_inline void emit_acquire(struct proc *pr, struct pending *p, __s
 	e->flags = (cloexec ? ACQ_CLOEXEC : 0) | ACQ_SECOND;
 	if (sock) {
 		struct file *f2 = fd_file(task, fd2);
-		e->ino = f2 ? BPF_CORE_READ(f2, f_inode, i_ino) : 0;
+		struct inode *inode2 = f2 ? f2->f_inode : NULL;
+		e->ino = inode2 ? inode2->i_ino : 0;
 		if (track_tcp && e->ino)
 			bpf_map_update_elem(&socks, &e->ino, &tgid, BPF_ANY);
 	}
 	put_acquire(h, where, pr, defer);
-}
-
-static __always_inline void emit_release(__u32 sc, __s32 fd, __u32 first, __u32 last, __u32 flags)
-{
-	struct ev_release *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		count(CNT_RB_DROP);
-		return;
-	}
-	fill_hdr(&e->h, EV_RELEASE);
-	if (sc == SC_CLOSE_RANGE)
-		e->h.type = EV_CLOSE_RANGE;
-	e->fd = fd;
-	e->sc = sc;
-	e->first = first;
-	e->last = last;
-	e->flags = flags;
-	e->_pad = 0;
-	submit(e);
 }
 
 /* Walk a path from a dentry up to the root, crossing mounts; components
@@ -718,7 +730,13 @@ static __always_inline void on_mmap_exit(struct pending *p, long ret)
 /* An fd was closed: settled if it was held back, else a release event. */
 static __always_inline void release(struct proc *pr, __u32 sc, __u32 tgid, __s32 fd)
 {
-	if (settle(tgid, fd) == 0)
+	/* Open again already: another thread got the number between the
+	 * close and this program (or dup2 put a copy there). Its acquisition
+	 * replaces the old record; settling or releasing now would hit the
+	 * new one instead. */
+	if (fd_file(bpf_get_current_task_btf(), fd))
+		return;
+	if (settle(pr, tgid, fd) == 0)
 		return;
 	forget_fd(pr, tgid, fd);
 	emit_release(sc, fd, 0, 0, 0);
