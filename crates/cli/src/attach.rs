@@ -416,6 +416,7 @@ fn make_report(
         events: Counts {
             total: s.ledger.events() + 2 * s.backend.settled(),
             lost,
+            settled: 2 * s.backend.settled(),
         },
         notes: {
             let mut notes = s.backend.notes();

@@ -188,6 +188,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
         events: Counts {
             total: events,
             lost,
+            settled: 2 * backend.settled(),
         },
         notes,
         leaks: groups,

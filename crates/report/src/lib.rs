@@ -11,7 +11,7 @@
 //! let r = Report {
 //!     target: Target { command: vec!["./srv".into()], pid: Some(7), exit_code: Some(0) },
 //!     backend: "ebpf".into(), duration_s: 1.0,
-//!     events: Counts { total: 10, lost: 0 }, notes: vec![], leaks: vec![],
+//!     events: Counts { total: 10, lost: 0, settled: 0 }, notes: vec![], leaks: vec![],
 //!     preexisting: vec![],
 //! };
 //! assert!(render_text(&r, 10).contains("No leaks found"));
@@ -46,6 +46,10 @@ pub struct Counts {
     pub total: u64,
     /// Events lost (never hidden).
     pub lost: u64,
+    /// Of `total`: acquisitions and releases that the kernel side matched
+    /// and settled itself (an fd closed again before anything needed it),
+    /// without sending them.
+    pub settled: u64,
 }
 
 /// One example of a leaked resource.

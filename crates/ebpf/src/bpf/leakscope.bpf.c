@@ -116,11 +116,13 @@ struct {
 	__type(value, struct blob);
 } blobs SEC(".maps");
 
-/* An acquisition held back, with its stack when that fits in 1 KiB. */
+/* An acquisition held back, with its stack when that fits in 4 KiB (a
+ * glibc thread's stack top is ~1.7 KiB of static TLS below its fs base,
+ * so 1 KiB would leave out every thread). */
 #define ACQ_INLINE 0x80000000u /* kernel side only: `stack` holds it */
 struct held {
 	struct ev_acquire rec;
-	struct blob_s stack;
+	struct blob_m stack;
 };
 
 /* Acquisitions held back: an fd that is closed again before anything else
@@ -133,7 +135,7 @@ struct held {
  * follows the acquisition it releases. Full: acquisitions are sent at once. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 4096);
 	__type(key, struct fdkey);
 	__type(value, struct held);
 } deferred SEC(".maps");
@@ -234,12 +236,12 @@ static __always_inline __u64 stack_len(struct task_struct *task, __u64 sp)
 }
 
 /* Registers and the user stack of the current thread: into `small` when
- * the stack fits in 1 KiB (returns STACK_IN_SMALL), else into the per-CPU
+ * the stack fits in 4 KiB (returns STACK_IN_SMALL), else into the per-CPU
  * 8 KiB scratch (STACK_IN_BIG), or nowhere (STACK_NONE). */
 #define STACK_IN_SMALL 1
 #define STACK_IN_BIG 2
 #define STACK_NONE 0
-static __always_inline int read_stack(struct blob_s *small)
+static __always_inline int read_stack(struct blob_m *small)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
@@ -247,7 +249,7 @@ static __always_inline int read_stack(struct blob_s *small)
 	__u64 len = stack_len(task, sp);
 	/* A guess that crosses the end of the mapping faults: fall back to
 	 * shorter copies (verified on this kernel). */
-	if (len <= STACK_S) {
+	if (len <= STACK_M) {
 		small->ip = regs->ip;
 		small->sp = sp;
 		small->bp = regs->bp;
@@ -310,9 +312,10 @@ static __always_inline void *blob_map(__u64 seq)
  * says that `b` holds at most 1 KiB (class 0), else it is the 8 KiB
  * scratch. Two calls the compiler cannot merge, so the verifier sees each
  * buffer with the maps it fits. */
-static __noinline long update_small(__u64 *seq, struct blob_s *b)
+static __noinline long update_small(__u64 *seq, struct blob_m *b)
 {
-	return bpf_map_update_elem(&blobs_s, seq, b, BPF_NOEXIST);
+	void *map = (*seq >> SEQ_CLASS_SHIFT) == 0 ? (void *)&blobs_s : (void *)&blobs_m;
+	return bpf_map_update_elem(map, seq, b, BPF_NOEXIST);
 }
 
 static __noinline long update_big(__u64 *seq, struct blob *b)
@@ -419,7 +422,11 @@ static __always_inline int drop_deferred(struct proc *pr, __u32 tgid, __s32 fd)
 		return -1;
 	__u64 ino = v->rec.ino;
 	__u32 mode = v->rec.mode;
+	__u64 seq = v->rec.seq;
+	int inl = v->rec.flags & ACQ_INLINE;
 	bpf_map_delete_elem(&deferred, &k);
+	if (!inl && seq)
+		bpf_map_delete_elem(blob_map(seq), &seq); /* a stack too big to hold inline */
 	dec_deferred(pr, tgid);
 	if (track_tcp && ino && (mode & 0170000) == 0140000)
 		bpf_map_delete_elem(&socks, &ino);
@@ -528,10 +535,11 @@ static __always_inline void emit_release(__u32 sc, __s32 fd, __u32 first, __u32 
 }
 
 /* Holds an acquisition back (see `deferred`); 0 if it was not possible. */
-static __always_inline int hold(struct held *h, struct proc *pr)
+static __always_inline int hold(struct held *h, struct proc *pr, int inl)
 {
 	struct fdkey k = { .tgid = h->rec.h.pid, .fd = h->rec.fd };
-	h->rec.flags |= ACQ_INLINE;
+	if (inl)
+		h->rec.flags |= ACQ_INLINE;
 	if (bpf_map_update_elem(&deferred, &k, h, BPF_NOEXIST) != 0) {
 		/* A stale entry (its release went unseen): replace it. */
 		drop_deferred(pr, k.tgid, k.fd);
@@ -562,7 +570,7 @@ static __always_inline void put_acquire(struct held *h, int where, struct proc *
 			h->rec.flags |= ACQ_NO_STACK;
 		seq = next_seq(h->stack.len);
 		h->rec.seq = seq;
-		if (defer && hold(h, pr))
+		if (defer && hold(h, pr, 1))
 			return;
 		if (seq)
 			err = update_small(&seq, &h->stack);
@@ -581,6 +589,9 @@ static __always_inline void put_acquire(struct held *h, int where, struct proc *
 		}
 	}
 	h->rec.seq = stored(err, seq, &h->rec.flags);
+	/* A deeper stack waits in its blob map; the record is held all the same. */
+	if (where != STACK_IN_SMALL && defer && hold(h, pr, 0))
+		return;
 	remember_fd(pr, h->rec.h.pid, h->rec.fd, h->rec.seq, h->rec.h.time);
 	output(&h->rec, sizeof(h->rec));
 }
