@@ -239,6 +239,10 @@ impl Backend for Combined {
     }
 
     fn settled(&self) -> u64 {
-        self.fd.as_ref().map_or(0, |f| f.settled())
+        [&self.fd, &self.heap]
+            .into_iter()
+            .flatten()
+            .map(|b| b.settled())
+            .sum()
     }
 }

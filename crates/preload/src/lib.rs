@@ -793,4 +793,8 @@ impl Backend for Preload {
     fn raw_stack(&mut self, id: StackId) -> RawStack {
         Preload::raw_stack(self, id)
     }
+
+    fn settled(&self) -> u64 {
+        Preload::settled(self)
+    }
 }
