@@ -372,6 +372,7 @@ static SEQ: Line<AtomicU64> = Line(AtomicU64::new(1));
 /// and must not drag the read-mostly flags every hook reads with them.
 #[repr(C, align(64))]
 struct Line<T>(T);
+
 /// Bumped in a fork child: every stack id must be re-announced.
 static ID_GEN: AtomicU32 = AtomicU32::new(0);
 
@@ -573,6 +574,7 @@ impl Enc {
 /// return address and stack pointer (and frame pointer, if the walk used
 /// it), the snapshot is the same and every stack word the walk read still
 /// holds the value it read then.
+///
 /// The fields a hit compares come first, in the cache line that also holds
 /// the first stack words.
 #[derive(Clone, Copy)]
