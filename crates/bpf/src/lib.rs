@@ -138,6 +138,36 @@ impl Detaching {
                 .collect(),
         )
     }
+
+    /// Detaches `links` in a short-lived child process instead, so that
+    /// not even leakscope's exit waits for it: the child inherits the
+    /// link fds, closes every fd it has (stdio first, so no pipe reader
+    /// waits for it) and exits; this process's copies then close at once.
+    /// Falls back to [`Detaching::start`] if fork fails.
+    pub fn hand_off(links: &mut Vec<Link>) -> Detaching {
+        if links.is_empty() {
+            return Detaching::default();
+        }
+        // SAFETY: the child calls only async-signal-safe functions
+        // (close_range, close, _exit) before it exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: see above; nothing of this process's state is used.
+            unsafe {
+                if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
+                    for fd in 0..65536 {
+                        libc::close(fd);
+                    }
+                }
+                libc::_exit(0);
+            }
+        }
+        if pid < 0 {
+            return Detaching::start(links);
+        }
+        links.clear();
+        Detaching::default()
+    }
 }
 
 impl Drop for Detaching {

@@ -369,6 +369,7 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
     s.catch_up()?;
     let deadline = Instant::now() + Duration::from_secs(2);
     while s.pump(Duration::from_millis(10))? > 0 && Instant::now() < deadline {}
+    s.backend.stop();
     let mut report = make_report(&mut s, &args, tracking, &command, pid, start, exit_code);
     if args.interval.is_some() {
         growth.update(&mut report.leaks);

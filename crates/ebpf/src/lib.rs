@@ -276,10 +276,10 @@ impl Tracer {
         self.counter(CNT_SETTLED)
     }
 
-    /// Stops tracing (in the background: detaching takes tens of
-    /// milliseconds); the stacks already captured stay readable.
+    /// Stops tracing without waiting for it (detaching takes ~100 ms: a
+    /// child process does it); the stacks already captured stay readable.
     pub fn stop(&mut self) {
-        self.detaching = leakscope_bpf::Detaching::start(&mut self.links);
+        self.detaching = leakscope_bpf::Detaching::hand_off(&mut self.links);
     }
 
     /// Asks the kernel side to send every acquisition it holds back, so
