@@ -64,6 +64,7 @@ pub const SYSCALLS: &[&str] = &[
     "close_range",
     "connect",
     "mmap",
+    "recvmsg",
 ];
 
 #[repr(C)]
@@ -261,6 +262,7 @@ pub fn syscall_numbers() -> Vec<(u32, u32)> {
         (libc::SYS_close_range, "close_range"),
         (libc::SYS_connect, "connect"),
         (libc::SYS_mmap, "mmap"),
+        (libc::SYS_recvmsg, "recvmsg"),
     ];
     numbers
         .iter()

@@ -738,6 +738,90 @@ static __always_inline void on_mmap_exit(struct pending *p, long ret)
 	submit(e);
 }
 
+/* fds received with SCM_RIGHTS: read back from the caller's control
+ * buffer after recvmsg() returned (the kernel wrote their numbers there). */
+#define SOL_SOCKET 1
+#define SCM_RIGHTS 1
+#define MSG_CMSG_CLOEXEC 0x40000000
+#define SCM_MAX_FDS 8   /* per recvmsg(); more are counted missing */
+#define SCM_CTL_MAX 256 /* bytes of control buffer read */
+
+struct scm {
+	__u8 ctl[SCM_CTL_MAX];
+	__s32 fds[SCM_MAX_FDS];
+	__u32 n;
+	__u32 cloexec;
+};
+
+struct scm_ctx {
+	struct scm *m;
+	struct proc *pr;
+	struct pending *p;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scm);
+} scm_scratch SEC(".maps");
+
+static long scm_acquire(__u64 i, struct scm_ctx *c)
+{
+	struct scm *m = c->m;
+	if (i >= SCM_MAX_FDS || i >= m->n)
+		return 1;
+	emit_acquire(c->pr, c->p, m->fds[i & (SCM_MAX_FDS - 1)], -1, m->cloexec);
+	return 0;
+}
+
+static __always_inline void on_recvmsg(struct proc *pr, struct pending *p, long ret)
+{
+	struct user_msghdr mh;
+	if (ret < 0 || bpf_probe_read_user(&mh, sizeof(mh), (void *)p->args[1]) != 0)
+		return;
+	__u64 len = mh.msg_controllen; /* set by the kernel to what it wrote */
+	if (len < sizeof(struct cmsghdr) + sizeof(int) || !mh.msg_control)
+		return;
+	__u32 zero = 0;
+	struct scm *m = bpf_map_lookup_elem(&scm_scratch, &zero);
+	if (!m)
+		return;
+	if (len > SCM_CTL_MAX)
+		len = SCM_CTL_MAX;
+	if (bpf_probe_read_user(m->ctl, len, mh.msg_control) != 0)
+		return;
+	__u32 n = 0;
+	__u32 off = 0;
+	for (int c = 0; c < 4; c++) { /* control messages */
+		if (off + sizeof(struct cmsghdr) > len || off > SCM_CTL_MAX - sizeof(struct cmsghdr))
+			break;
+		struct cmsghdr *h = (struct cmsghdr *)&m->ctl[off];
+		__u64 clen = h->cmsg_len;
+		if (clen < sizeof(struct cmsghdr) || off + clen > len)
+			break;
+		if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS) {
+			__u32 nfd = (clen - sizeof(struct cmsghdr)) / sizeof(int);
+			for (int j = 0; j < SCM_MAX_FDS; j++) {
+				__u32 at = off + sizeof(struct cmsghdr) + j * sizeof(int);
+				if (j >= nfd || n >= SCM_MAX_FDS || at > SCM_CTL_MAX - sizeof(int))
+					break;
+				__s32 fd = 0;
+				__builtin_memcpy(&fd, &m->ctl[at & (SCM_CTL_MAX - 1)], sizeof(fd));
+				m->fds[n & (SCM_MAX_FDS - 1)] = fd;
+				n++;
+			}
+			if (nfd > SCM_MAX_FDS)
+				count(CNT_BLOB_FULL); /* beyond what one call records */
+		}
+		off += (clen + 7) & ~7ULL;
+	}
+	m->n = n;
+	m->cloexec = (p->args[2] & MSG_CMSG_CLOEXEC) != 0;
+	struct scm_ctx c = { .m = m, .pr = pr, .p = p };
+	bpf_loop(SCM_MAX_FDS, scm_acquire, &c, 0);
+}
+
 /* An fd was closed: settled if it was held back, else a release event. */
 static __always_inline void release(struct proc *pr, __u32 sc, __u32 tgid, __s32 fd)
 {
@@ -793,6 +877,9 @@ static __always_inline int on_exit(struct proc *pr, __u64 id, struct pending *p,
 		goto done;
 	case SC_MMAP:
 		on_mmap_exit(p, ret);
+		goto done;
+	case SC_RECVMSG:
+		on_recvmsg(pr, p, ret);
 		goto done;
 	}
 
