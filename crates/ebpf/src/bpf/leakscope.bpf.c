@@ -743,7 +743,7 @@ static __always_inline void on_mmap_exit(struct pending *p, long ret)
 #define SOL_SOCKET 1
 #define SCM_RIGHTS 1
 #define MSG_CMSG_CLOEXEC 0x40000000
-#define SCM_MAX_FDS 8   /* per recvmsg(); more are counted missing */
+#define SCM_MAX_FDS 8   /* per recvmsg(); more are counted as lost */
 #define SCM_CTL_MAX 256 /* bytes of control buffer read */
 
 struct scm {
@@ -811,8 +811,8 @@ static __always_inline void on_recvmsg(struct proc *pr, struct pending *p, long 
 				m->fds[n & (SCM_MAX_FDS - 1)] = fd;
 				n++;
 			}
-			if (nfd > SCM_MAX_FDS)
-				count(CNT_BLOB_FULL); /* beyond what one call records */
+			for (__u32 j = SCM_MAX_FDS; j < nfd && j < 64; j++)
+				count(CNT_RB_DROP); /* not recorded: counted as lost events */
 		}
 		off += (clen + 7) & ~7ULL;
 	}
