@@ -48,11 +48,12 @@
 //!   read the counter after libc returned it; see there), and the
 //!   collector sorts each batch by that number, so a free on one thread
 //!   always comes before the allocation that reuses the address on
-//!   another. A flush happens when a thread's buffer reaches 32 KiB or its
-//!   pending table half its size, 10 ms after the previous flush, before
-//!   exec, and at exit (from then on every record is sent at once).
+//!   another. A flush happens when a thread's buffer reaches 32 KiB, 10 ms
+//!   after the previous flush, before exec, and at exit (from then on
+//!   every record is sent at once).
 //! - Allocations wait in their thread's pending table (by address) until
-//!   the next flush encodes them. A free of a block still pending there
+//!   the next flush encodes them (or the thread does, when 1024 are
+//!   waiting). A free of a block still pending there
 //!   cancels the pair: nothing is sent, and the flush only reports how
 //!   many pairs were settled (`PAIRS`). Most blocks die young on their
 //!   own thread, so most pairs never leave the process, and a free takes
@@ -104,7 +105,7 @@
 //! - track fds, mmap or sbrk (glibc-internal fd calls bypass PLT hooks);
 //! - catch allocators that do not go through malloc (jemalloc linked in,
 //!   raw `mmap`), nor processes that `_exit` or die by a signal with records
-//!   still buffered (at most 10 ms of them: 32 KiB or 1024 pending
+//!   still buffered (at most 10 ms of them: 32 KiB and 1024 pending
 //!   allocations per thread);
 //! - follow children made by a raw `clone(2)` without `fork` (they would
 //!   share the parent's connection), or flush before `fexecve` (records
@@ -1365,18 +1366,14 @@ fn capture_stack(
     id
 }
 
-/// After a record: flush if this buffer or its pending table is full or
-/// the last flush is old.
+/// After a record: flush if this buffer is full or the last flush is old.
 #[inline]
-fn after_record(len: usize, pending: usize, time: u64) {
+fn after_record(len: usize, time: u64) {
     if len >= FLUSH_BYTES
-        || pending >= pending::FULL
         || UNBUFFERED.load(Ordering::Relaxed)
         || time.wrapping_sub(LAST_FLUSH.load(Ordering::Relaxed)) >= FLUSH_NS
     {
-        flush_all(
-            len >= HARD_BYTES || pending >= pending::HARD || UNBUFFERED.load(Ordering::Relaxed),
-        );
+        flush_all(len >= HARD_BYTES || UNBUFFERED.load(Ordering::Relaxed));
     }
 }
 
@@ -1407,9 +1404,9 @@ fn on_alloc(p: *mut c_void, size: usize, hook: u64, sp: u64, bp: u64) {
         size: size as u64,
         stack: id,
     });
-    let (len, n) = (enc.buf.len(), enc.pending.len());
+    let len = enc.buf.len();
     t.end();
-    after_record(len, n, time);
+    after_record(len, time);
 }
 
 /// Address classes of [`Freed`].
@@ -1450,12 +1447,15 @@ impl Freed {
 static FREED: Freed = Freed::new();
 
 impl Enc {
-    /// An allocation: pending, so that its free may cancel it.
+    /// An allocation: pending, so that its free may cancel it. A full
+    /// table is encoded into the buffer first (by its owner: a flush would
+    /// stop every thread), and then flushes by size like any record.
     #[inline]
     fn on_alloc(&mut self, a: Alloc) {
-        if self.pending.len() >= pending::HARD {
-            self.alloc(&a);
-        } else if let Some(old) = self.pending.insert(a) {
+        if self.pending.len() >= pending::FULL {
+            self.spill();
+        }
+        if let Some(old) = self.pending.insert(a) {
             // The old block was freed by another thread and the address
             // came back here: its record still goes out (before that free).
             self.alloc(&old);
@@ -1542,9 +1542,9 @@ fn on_free(p: *mut c_void) {
 #[inline(never)]
 fn sent_free(t: &Thread, enc: &mut Enc, addr: u64, c: Cancel) {
     let time = enc.send_free(addr, c, &SEQ.0, &FREED, now_ns());
-    let (len, n) = (enc.buf.len(), enc.pending.len());
+    let len = enc.buf.len();
     t.end();
-    after_record(len, n, time);
+    after_record(len, time);
 }
 
 fn flush_now() {
@@ -2120,23 +2120,29 @@ mod tests {
         assert_eq!(live(&[first, second]), [(0x3000, 128)]);
     }
 
-    /// Past `HARD` pending entries, allocations are encoded at once (not
-    /// cancellable) and their frees sent: nothing is lost.
+    /// A full table is encoded into the thread's buffer: those allocations
+    /// are no longer cancellable and their frees are sent; nothing is lost.
     #[test]
-    fn a_full_table_sends_allocations_as_they_come() {
+    fn a_full_table_is_encoded_by_its_owner() {
         let w = World::new();
         let mut a = Enc::new();
-        let n = pending::HARD as u64 + 10;
+        let n = pending::FULL as u64 + 10;
         for i in 1..=n {
             w.alloc(&mut a, i * 16, 8);
         }
-        assert_eq!(a.pending.len(), pending::HARD);
-        for i in 1..=n {
+        assert_eq!(a.pending.len(), 10);
+        // Newest first: the pending ones cancel (before any sent free could
+        // make their address classes look freed elsewhere).
+        for i in (1..=n).rev() {
             w.free(&mut a, i * 16);
         }
-        assert_eq!(a.cancelled, pending::HARD as u64);
+        assert_eq!(a.cancelled, 10);
         let batch = flush(&mut a);
-        assert_eq!(batch.len(), 20, "10 sent allocations and their frees");
+        assert_eq!(
+            batch.len(),
+            2 * pending::FULL,
+            "encoded allocations and their frees"
+        );
         assert!(live(&[batch]).is_empty());
     }
 }

@@ -30,12 +30,10 @@ pub struct Alloc {
 /// Slots of a table (a power of two): 80 KiB per thread, touched only
 /// where used.
 pub const CAP: usize = 2048;
-/// Entries at which the owner asks for a flush.
+/// Entries at which the owner encodes the whole table into its buffer
+/// (they are sent with the next flush, no longer cancellable), so that
+/// probes stay short.
 pub const FULL: usize = CAP / 2;
-/// Entries beyond which new allocations bypass the table (sent as they
-/// are, not cancellable), so that probes stay short even when every
-/// flush attempt finds the flush lock taken.
-pub const HARD: usize = CAP * 3 / 4;
 
 const MASK: usize = CAP - 1;
 
