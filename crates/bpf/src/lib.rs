@@ -108,8 +108,62 @@ pub fn ensure_tracefs() -> io::Result<()> {
 
 /// Whether libbpf failed because the kernel refused us (no CAP_BPF, ...).
 pub fn is_permission(e: &libbpf_rs::Error) -> bool {
-    matches!(e.kind(), libbpf_rs::ErrorKind::PermissionDenied)
-        || e.to_string().contains("Operation not permitted")
+    if e.to_string().contains("Operation not permitted") {
+        return true;
+    }
+    // The verifier rejects a program with EACCES too: as root, that is
+    // what EACCES means (missing capabilities give EPERM).
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    matches!(e.kind(), libbpf_rs::ErrorKind::PermissionDenied) && !root
+}
+
+/// Why leakscope's eBPF programs could not be loaded or attached; the
+/// crates that own a program wrap it in their own error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// Loading or attaching BPF programs was refused.
+    #[error(
+        "loading eBPF programs was refused ({source}): this needs root or \
+         CAP_BPF+CAP_PERFMON (run leakscope with sudo)"
+    )]
+    Permission {
+        /// What libbpf said.
+        source: libbpf_rs::Error,
+    },
+    /// tracefs is missing and could not be mounted.
+    #[error(
+        "tracefs is not mounted and mounting it failed ({0}); run \
+         `mount -t tracefs tracefs /sys/kernel/tracing`"
+    )]
+    Tracefs(io::Error),
+    /// libbpf failed for another reason (the verifier, a missing kernel
+    /// feature, ...).
+    #[error("eBPF {what} failed")]
+    Bpf {
+        /// Which step.
+        what: &'static str,
+        /// What libbpf said.
+        #[source]
+        source: libbpf_rs::Error,
+    },
+}
+
+impl LoadError {
+    /// Classifies a libbpf failure at step `what`.
+    pub fn libbpf(what: &'static str, source: libbpf_rs::Error) -> LoadError {
+        if is_permission(&source) {
+            LoadError::Permission { source }
+        } else {
+            LoadError::Bpf { what, source }
+        }
+    }
+}
+
+/// `map_err` for a libbpf step: `.map_err(step("attach"))?`.
+pub fn step(what: &'static str) -> impl FnOnce(libbpf_rs::Error) -> LoadError {
+    move |source| LoadError::libbpf(what, source)
 }
 
 /// Attaches every program of `object`.

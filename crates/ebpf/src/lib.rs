@@ -40,7 +40,6 @@ use std::process::{Child, Command};
 use std::rc::Rc;
 use std::time::Duration;
 
-use leakscope_bpf::is_permission;
 use leakscope_event::{
     AbsAddr, Acquire, Event, Fd, FdKind, FileOffset, Mapping, Pid, RawStack, StackId, TcpState,
     Tid, TimeNs,
@@ -59,30 +58,9 @@ mod skel {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Loading BPF programs was refused.
-    #[error(
-        "loading eBPF programs was refused ({source}): the ebpf backend needs root or \
-         CAP_BPF+CAP_PERFMON (run leakscope with sudo)"
-    )]
-    Permission {
-        /// What libbpf said.
-        source: libbpf_rs::Error,
-    },
-    /// tracefs is missing and could not be mounted.
-    #[error(
-        "tracefs is not mounted and mounting it failed ({0}); run \
-         `mount -t tracefs tracefs /sys/kernel/tracing`"
-    )]
-    Tracefs(io::Error),
-    /// libbpf failed for another reason.
-    #[error("eBPF {what} failed")]
-    Bpf {
-        /// Which step.
-        what: &'static str,
-        /// What libbpf said.
-        #[source]
-        source: libbpf_rs::Error,
-    },
+    /// Loading or attaching the BPF programs failed.
+    #[error(transparent)]
+    Load(#[from] leakscope_bpf::LoadError),
 }
 
 /// Tracer settings.
@@ -113,50 +91,28 @@ impl Tracer {
     /// [`Tracer::spawn`] or [`Tracer::trace_pid`].
     pub fn new(config: Config) -> Result<Tracer, Error> {
         leakscope_bpf::quiet_libbpf();
-        leakscope_bpf::ensure_tracefs().map_err(Error::Tracefs)?;
+        leakscope_bpf::ensure_tracefs()
+            .map_err(|e| Error::from(leakscope_bpf::LoadError::Tracefs(e)))?;
         let open_object = Box::leak(Box::new(MaybeUninit::uninit()));
         let builder = skel::LeakscopeSkelBuilder::default();
-        let mut open = builder.open(open_object).map_err(|source| Error::Bpf {
-            what: "open",
-            source,
-        })?;
+        let mut open = builder
+            .open(open_object)
+            .map_err(leakscope_bpf::step("open"))?;
         if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
             ro.spawner_pid = std::process::id();
             ro.track_tcp = u32::from(config.tcp);
         }
-        let skel = open.load().map_err(|source| {
-            if is_permission(&source) {
-                Error::Permission { source }
-            } else {
-                Error::Bpf {
-                    what: "load",
-                    source,
-                }
-            }
-        })?;
+        let skel = open.load().map_err(leakscope_bpf::step("load"))?;
         for (nr, code) in syscall_numbers() {
             skel.maps
                 .sc_of
                 .update(&nr.to_ne_bytes(), &code.to_ne_bytes(), MapFlags::ANY)
-                .map_err(|source| Error::Bpf {
-                    what: "syscall table setup",
-                    source,
-                })?;
+                .map_err(leakscope_bpf::step("syscall table setup"))?;
         }
-        let links = leakscope_bpf::attach_all(skel.object()).map_err(|source| {
-            if is_permission(&source) {
-                Error::Permission { source }
-            } else {
-                Error::Bpf {
-                    what: "attach",
-                    source,
-                }
-            }
-        })?;
-        let handle = MapHandle::try_from(&skel.maps.events).map_err(|source| Error::Bpf {
-            what: "ring buffer",
-            source,
-        })?;
+        let links =
+            leakscope_bpf::attach_all(skel.object()).map_err(leakscope_bpf::step("attach"))?;
+        let handle =
+            MapHandle::try_from(&skel.maps.events).map_err(leakscope_bpf::step("ring buffer"))?;
         let handle: &'static MapHandle = Box::leak(Box::new(handle));
         let queue: Rc<RefCell<Vec<Event>>> = Rc::default();
         let q = queue.clone();
@@ -170,14 +126,10 @@ impl Tracer {
                 }
                 0
             })
-            .map_err(|source| Error::Bpf {
-                what: "ring buffer",
-                source,
-            })?;
-        let ring = builder.build().map_err(|source| Error::Bpf {
-            what: "ring buffer",
-            source,
-        })?;
+            .map_err(leakscope_bpf::step("ring buffer"))?;
+        let ring = builder
+            .build()
+            .map_err(leakscope_bpf::step("ring buffer"))?;
         Ok(Tracer {
             base,
             links,
@@ -213,35 +165,29 @@ impl Tracer {
             .maps
             .traced
             .update(&pid.0.to_ne_bytes(), &[0u8; 16], MapFlags::ANY)
-            .map_err(|source| Error::Bpf {
-                what: "map update",
-                source,
-            })
+            .map_err(|e| Error::from(leakscope_bpf::step("map update")(e)))
     }
 
     /// Waits up to `timeout` for events and hands each to `sink`, in order.
     /// Losses since the last call arrive as [`Event::Lost`].
     pub fn poll(&mut self, timeout: Duration, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
-        self.ring.poll(timeout).map_err(|source| Error::Bpf {
-            what: "ring buffer poll",
-            source,
-        })?;
+        self.ring
+            .poll(timeout)
+            .map_err(leakscope_bpf::step("ring buffer poll"))?;
         // Records are submitted without a wakeup until enough wait, so a
         // timed-out poll must still read what is there.
-        self.ring.consume().map_err(|source| Error::Bpf {
-            what: "ring buffer consume",
-            source,
-        })?;
+        self.ring
+            .consume()
+            .map_err(leakscope_bpf::step("ring buffer consume"))?;
         self.drain(sink);
         Ok(())
     }
 
     /// Reads everything still in the ring buffer.
     pub fn flush(&mut self, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
-        self.ring.consume().map_err(|source| Error::Bpf {
-            what: "ring buffer consume",
-            source,
-        })?;
+        self.ring
+            .consume()
+            .map_err(leakscope_bpf::step("ring buffer consume"))?;
         self.drain(sink);
         Ok(())
     }

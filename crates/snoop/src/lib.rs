@@ -51,7 +51,6 @@ use std::mem::MaybeUninit;
 use std::rc::Rc;
 use std::time::Duration;
 
-use leakscope_bpf::is_permission;
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBuffer, RingBufferBuilder};
 
@@ -66,15 +65,9 @@ mod skel {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Loading or attaching BPF programs was refused.
-    #[error(
-        "loading eBPF programs was refused: snoop needs root or \
-         CAP_BPF+CAP_PERFMON (run leakscope with sudo)"
-    )]
-    Permission {
-        /// What libbpf said.
-        source: libbpf_rs::Error,
-    },
+    /// Loading or attaching the BPF programs failed.
+    #[error(transparent)]
+    Load(#[from] leakscope_bpf::LoadError),
     /// A syscall name that is not traced.
     #[error("unknown syscall `{name}`; valid names: {}", syscall_names().join(","))]
     UnknownSyscall {
@@ -86,15 +79,6 @@ pub enum Error {
     NoSuchProcess {
         /// The pid.
         pid: u32,
-    },
-    /// libbpf failed for another reason.
-    #[error("eBPF {what} failed")]
-    Bpf {
-        /// Which step.
-        what: &'static str,
-        /// What libbpf said.
-        #[source]
-        source: libbpf_rs::Error,
     },
 }
 
@@ -189,19 +173,10 @@ impl Snooper {
             }
         }
         leakscope_bpf::quiet_libbpf();
-        let bpf_err = |what| {
-            move |source: libbpf_rs::Error| {
-                if is_permission(&source) {
-                    Error::Permission { source }
-                } else {
-                    Error::Bpf { what, source }
-                }
-            }
-        };
         let open_object = Box::leak(Box::new(MaybeUninit::uninit()));
         let mut open = skel::SnoopSkelBuilder::default()
             .open(open_object)
-            .map_err(bpf_err("open"))?;
+            .map_err(leakscope_bpf::step("open"))?;
         if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
             ro.self_pid = std::process::id();
             ro.filter_pids = u8::from(!filter.pids.is_empty());
@@ -216,7 +191,7 @@ impl Snooper {
                 ro.comm_want = want;
             }
         }
-        let skel = open.load().map_err(bpf_err("load"))?;
+        let skel = open.load().map_err(leakscope_bpf::step("load"))?;
         for (nr, name) in record::syscall_numbers() {
             if !filter.syscalls.is_empty() && !filter.syscalls.contains(&name) {
                 continue;
@@ -225,16 +200,18 @@ impl Snooper {
             skel.maps
                 .sc_of
                 .update(&nr.to_ne_bytes(), &code.to_ne_bytes(), MapFlags::ANY)
-                .map_err(bpf_err("syscall table setup"))?;
+                .map_err(leakscope_bpf::step("syscall table setup"))?;
         }
         for pid in &filter.pids {
             skel.maps
                 .pids
                 .update(&pid.to_ne_bytes(), &[1u8], MapFlags::ANY)
-                .map_err(bpf_err("pid filter setup"))?;
+                .map_err(leakscope_bpf::step("pid filter setup"))?;
         }
-        let links = leakscope_bpf::attach_all(skel.object()).map_err(bpf_err("attach"))?;
-        let handle = MapHandle::try_from(&skel.maps.events).map_err(bpf_err("ring buffer"))?;
+        let links =
+            leakscope_bpf::attach_all(skel.object()).map_err(leakscope_bpf::step("attach"))?;
+        let handle =
+            MapHandle::try_from(&skel.maps.events).map_err(leakscope_bpf::step("ring buffer"))?;
         let handle: &'static MapHandle = Box::leak(Box::new(handle));
         let queue: Queue = Rc::default();
         let q = queue.clone();
@@ -246,8 +223,10 @@ impl Snooper {
                 q.extend_from_slice(bytes);
                 0
             })
-            .map_err(bpf_err("ring buffer"))?;
-        let ring = builder.build().map_err(bpf_err("ring buffer"))?;
+            .map_err(leakscope_bpf::step("ring buffer"))?;
+        let ring = builder
+            .build()
+            .map_err(leakscope_bpf::step("ring buffer"))?;
         Ok(Snooper {
             links,
             skel,
@@ -266,10 +245,7 @@ impl Snooper {
             // epoll_wait(2) is never restarted after a signal handler;
             // the caller checks for the signal.
             if source.kind() != libbpf_rs::ErrorKind::Interrupted {
-                return Err(Error::Bpf {
-                    what: "ring buffer poll",
-                    source,
-                });
+                return Err(leakscope_bpf::step("ring buffer poll")(source).into());
             }
         }
         self.flush(sink)
@@ -279,10 +255,9 @@ impl Snooper {
     pub fn flush(&mut self, sink: &mut dyn FnMut(Item)) -> Result<(), Error> {
         // Records are submitted without a wakeup until enough wait, so a
         // timed-out poll must still read what is there.
-        self.ring.consume().map_err(|source| Error::Bpf {
-            what: "ring buffer consume",
-            source,
-        })?;
+        self.ring
+            .consume()
+            .map_err(leakscope_bpf::step("ring buffer consume"))?;
         let buf = std::mem::take(&mut *self.queue.borrow_mut());
         let mut rest = &buf[..];
         while rest.len() >= 4 {

@@ -63,7 +63,6 @@ use std::process::{Child, Command};
 use std::rc::Rc;
 use std::time::Duration;
 
-use leakscope_bpf::is_permission;
 use leakscope_event::{
     AbsAddr, Backend, Event, FileOffset, Mapping, Pid, RawStack, StackId, Tid, TimeNs,
 };
@@ -81,30 +80,9 @@ mod skel {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Loading BPF programs was refused.
-    #[error(
-        "loading eBPF programs was refused ({source}): heap tracing needs root or \
-         CAP_BPF+CAP_PERFMON (run leakscope with sudo)"
-    )]
-    Permission {
-        /// What libbpf said.
-        source: libbpf_rs::Error,
-    },
-    /// tracefs is missing and could not be mounted.
-    #[error(
-        "tracefs is not mounted and mounting it failed ({0}); run \
-         `mount -t tracefs tracefs /sys/kernel/tracing`"
-    )]
-    Tracefs(io::Error),
-    /// libbpf failed for another reason.
-    #[error("eBPF {what} failed")]
-    Bpf {
-        /// Which step.
-        what: &'static str,
-        /// What libbpf said.
-        #[source]
-        source: libbpf_rs::Error,
-    },
+    /// Loading or attaching the BPF programs failed.
+    #[error(transparent)]
+    Load(#[from] leakscope_bpf::LoadError),
     /// `/proc/PID/maps` could not be read (no such process, or not ours).
     #[error("cannot read /proc/{pid}/maps")]
     Maps {
@@ -360,27 +338,18 @@ impl HeapTracer {
     /// until [`Backend::attach`].
     pub fn new(config: Config) -> Result<HeapTracer, Error> {
         leakscope_bpf::quiet_libbpf();
-        leakscope_bpf::ensure_tracefs().map_err(Error::Tracefs)?;
+        leakscope_bpf::ensure_tracefs()
+            .map_err(|e| Error::from(leakscope_bpf::LoadError::Tracefs(e)))?;
         let open_object = Box::leak(Box::new(MaybeUninit::uninit()));
         let builder = skel::UheapSkelBuilder::default();
-        let mut open = builder.open(open_object).map_err(|source| Error::Bpf {
-            what: "open",
-            source,
-        })?;
+        let mut open = builder
+            .open(open_object)
+            .map_err(leakscope_bpf::step("open"))?;
         if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
             ro.sample_every = config.sample_every.max(1);
             ro.follow_forks = 1;
         }
-        let skel = open.load().map_err(|source| {
-            if is_permission(&source) {
-                Error::Permission { source }
-            } else {
-                Error::Bpf {
-                    what: "load",
-                    source,
-                }
-            }
-        })?;
+        let skel = open.load().map_err(leakscope_bpf::step("load"))?;
         let mut links = Vec::new();
         for prog in [
             &skel.progs.on_fork,
@@ -389,22 +358,11 @@ impl HeapTracer {
             &skel.progs.on_mmap_enter,
             &skel.progs.on_mmap_exit,
         ] {
-            let link = prog.attach().map_err(|source| {
-                if is_permission(&source) {
-                    Error::Permission { source }
-                } else {
-                    Error::Bpf {
-                        what: "attach",
-                        source,
-                    }
-                }
-            })?;
+            let link = prog.attach().map_err(leakscope_bpf::step("attach"))?;
             links.push(link);
         }
-        let handle = MapHandle::try_from(&skel.maps.events).map_err(|source| Error::Bpf {
-            what: "ring buffer",
-            source,
-        })?;
+        let handle =
+            MapHandle::try_from(&skel.maps.events).map_err(leakscope_bpf::step("ring buffer"))?;
         let handle: &'static MapHandle = Box::leak(Box::new(handle));
         let queue: Rc<RefCell<Vec<Record>>> = Rc::default();
         let q = queue.clone();
@@ -416,14 +374,8 @@ impl HeapTracer {
             }
             0
         })
-        .map_err(|source| Error::Bpf {
-            what: "ring buffer",
-            source,
-        })?;
-        let ring = rb.build().map_err(|source| Error::Bpf {
-            what: "ring buffer",
-            source,
-        })?;
+        .map_err(leakscope_bpf::step("ring buffer"))?;
+        let ring = rb.build().map_err(leakscope_bpf::step("ring buffer"))?;
         Ok(HeapTracer {
             config,
             base,
@@ -529,10 +481,7 @@ impl HeapTracer {
             .maps
             .traced
             .update(&pid.0.to_ne_bytes(), &[1u8], MapFlags::ANY)
-            .map_err(|source| Error::Bpf {
-                what: "map update",
-                source,
-            })?;
+            .map_err(leakscope_bpf::step("map update"))?;
         let mut links = Vec::new();
         let result = (|| {
             for (kind, sym, skip) in &alloc.functions {
@@ -565,8 +514,8 @@ impl HeapTracer {
                                     func,
                                     source,
                                 }
-                            } else if is_permission(&source) {
-                                Error::Permission { source }
+                            } else if leakscope_bpf::is_permission(&source) {
+                                leakscope_bpf::LoadError::Permission { source }.into()
                             } else {
                                 Error::Attach {
                                     pid,
@@ -637,10 +586,9 @@ impl HeapTracer {
         for e in self.pending.drain(..) {
             sink(e);
         }
-        self.ring.poll(timeout).map_err(|source| Error::Bpf {
-            what: "ring buffer poll",
-            source,
-        })?;
+        self.ring
+            .poll(timeout)
+            .map_err(leakscope_bpf::step("ring buffer poll"))?;
         self.flush(sink)
     }
 
@@ -651,10 +599,9 @@ impl HeapTracer {
         }
         // Records are submitted without a wakeup until enough wait, so
         // read what is there even after a timed-out poll.
-        self.ring.consume().map_err(|source| Error::Bpf {
-            what: "ring buffer consume",
-            source,
-        })?;
+        self.ring
+            .consume()
+            .map_err(leakscope_bpf::step("ring buffer consume"))?;
         let records = std::mem::take(&mut *self.queue.borrow_mut());
         for r in records {
             self.apply(r, sink);
@@ -909,7 +856,9 @@ impl Backend for HeapTracer {
         self.trace_pid(pid).map_err(|e| {
             let kind = match &e {
                 Error::Maps { source, .. } => source.kind(),
-                Error::Permission { .. } => io::ErrorKind::PermissionDenied,
+                Error::Load(leakscope_bpf::LoadError::Permission { .. }) => {
+                    io::ErrorKind::PermissionDenied
+                }
                 Error::NoAllocator { .. } => io::ErrorKind::NotFound,
                 _ => io::ErrorKind::Other,
             };
