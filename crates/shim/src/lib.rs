@@ -449,10 +449,19 @@ impl SpinLock {
             spins += 1;
             if spins < 200 {
                 std::hint::spin_loop();
-            } else {
+            } else if spins < 400 {
                 // The holder may be preempted: let it run.
                 // SAFETY: plain syscall.
                 unsafe { libc::sched_yield() };
+            } else {
+                // A long wait: the flusher is blocked sending to a busy
+                // collector. Sleep rather than take the CPU it needs.
+                let ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 50_000,
+                };
+                // SAFETY: plain syscall on a valid timespec.
+                unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
             }
         }
     }
