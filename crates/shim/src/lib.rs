@@ -53,14 +53,18 @@
 //!   every record is sent at once).
 //! - Allocations wait in their thread's pending table (by address) until
 //!   the next flush encodes them (or the thread does, when 1024 are
-//!   waiting). A free of a block still pending there
-//!   cancels the pair: nothing is sent, and the flush only reports how
-//!   many pairs were settled (`PAIRS`). Most blocks die young on their
-//!   own thread, so most pairs never leave the process, and a free takes
-//!   no shared number. A free of a block already sent, or allocated by
-//!   another thread, is sent as before, and raises its address class in
-//!   `FREED`, so that the allocating thread never cancels a stale entry
-//!   for an address that was freed and handed out again elsewhere.
+//!   waiting). A free of a block still pending there cancels the pair:
+//!   nothing is sent, and the flush only reports how many pairs were
+//!   settled (`PAIRS`). Most blocks die young on their own thread, so
+//!   most pairs never leave the process, and a free takes no shared
+//!   number. A free of a block already sent, or allocated by another
+//!   thread, is sent as before, and raises its address class in `FREED`,
+//!   so that the allocating thread never cancels a stale entry for an
+//!   address that was freed and handed out again elsewhere.
+//! - The per-thread block (reentrancy flag, recorder) is in static TLS
+//!   reached with the initial-exec model, and event times come from the
+//!   vDSO's `clock_gettime` called directly: a hook makes no call into
+//!   the loader or glibc besides the allocator itself.
 //! - At init the shim connects to `$LEAKSCOPE_SHIM_SOCK` and moves the fd
 //!   to 1000 or above with `F_DUPFD_CLOEXEC`, so the program's fd numbers are
 //!   untouched and exec closes it. `LD_PRELOAD` and `LEAKSCOPE_SHIM_SOCK`
