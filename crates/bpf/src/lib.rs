@@ -166,6 +166,22 @@ pub fn step(what: &'static str) -> impl FnOnce(libbpf_rs::Error) -> LoadError {
     move |source| LoadError::libbpf(what, source)
 }
 
+/// Waits up to `timeout` for ring-buffer records and hands them to the
+/// ring's callbacks. A signal (Ctrl-C, which callers forward to the traced
+/// program) or a ptrace stop interrupts epoll_wait(2), which is never
+/// restarted: that is a wait that ended early, not an error.
+pub fn poll_ring(
+    ring: &libbpf_rs::RingBuffer<'_>,
+    timeout: std::time::Duration,
+) -> Result<(), LoadError> {
+    match ring.poll(timeout) {
+        Err(e) if e.kind() != libbpf_rs::ErrorKind::Interrupted => {
+            Err(LoadError::libbpf("ring buffer poll", e))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Attaches every program of `object`.
 pub fn attach_all(object: &Object) -> Result<Vec<Link>, libbpf_rs::Error> {
     object.progs_mut().map(|p| p.attach()).collect()

@@ -296,6 +296,36 @@ fn root_target_does_not_notice() {
     assert!(err.starts_with("err\n"), "stderr: {err}");
 }
 
+/// Signals interrupt leakscope while it waits for events: SIGINT (from a
+/// terminal it reaches the command too) is only noted, SIGTERM is passed on
+/// to the command, which decides what to do (here: exit 42). leakscope goes
+/// on, reports, and exits as the command did.
+#[test]
+fn root_signals_interrupt_no_trace() {
+    if !require_root("root_signals_interrupt_no_trace") {
+        return;
+    }
+    let script = "trap 'exit 42' TERM; while :; do sleep 0.05; done";
+    let child = Command::new(BIN)
+        .args(["run", "--", "sh", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run leakscope");
+    let pid = child.id() as i32;
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    // SAFETY: signalling the child we just spawned.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let out = child.wait_with_output().expect("wait for leakscope");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(42), "stderr: {err}");
+    assert!(!err.contains("leakscope: error"), "stderr: {err}");
+    assert!(err.contains("Summary:"), "no report: {err}");
+}
+
 #[test]
 fn missing_command_is_a_one_line_error() {
     let out = leakscope(&["run", "--", "/nonexistent/leakscope-test"]);

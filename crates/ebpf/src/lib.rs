@@ -171,9 +171,7 @@ impl Tracer {
     /// Waits up to `timeout` for events and hands each to `sink`, in order.
     /// Losses since the last call arrive as [`Event::Lost`].
     pub fn poll(&mut self, timeout: Duration, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
-        self.ring
-            .poll(timeout)
-            .map_err(leakscope_bpf::step("ring buffer poll"))?;
+        leakscope_bpf::poll_ring(&self.ring, timeout)?;
         // Records are submitted without a wakeup until enough wait, so a
         // timed-out poll must still read what is there.
         self.ring

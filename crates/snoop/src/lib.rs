@@ -241,13 +241,7 @@ impl Snooper {
     /// hands each to `sink`, in ring-buffer order; then a [`Item::Lost`] if
     /// the kernel dropped any since the last call.
     pub fn poll(&mut self, timeout: Duration, sink: &mut dyn FnMut(Item)) -> Result<(), Error> {
-        if let Err(source) = self.ring.poll(timeout) {
-            // epoll_wait(2) is never restarted after a signal handler;
-            // the caller checks for the signal.
-            if source.kind() != libbpf_rs::ErrorKind::Interrupted {
-                return Err(leakscope_bpf::step("ring buffer poll")(source).into());
-            }
-        }
+        leakscope_bpf::poll_ring(&self.ring, timeout)?;
         self.flush(sink)
     }
 

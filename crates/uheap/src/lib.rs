@@ -586,9 +586,7 @@ impl HeapTracer {
         for e in self.pending.drain(..) {
             sink(e);
         }
-        self.ring
-            .poll(timeout)
-            .map_err(leakscope_bpf::step("ring buffer poll"))?;
+        leakscope_bpf::poll_ring(&self.ring, timeout)?;
         self.flush(sink)
     }
 

@@ -775,6 +775,49 @@ static long scm_acquire(__u64 i, struct scm_ctx *c)
 	return 0;
 }
 
+struct scm_walk {
+	struct scm *m;
+	__u32 off; /* of the next control message */
+	__u32 len; /* bytes of control data read */
+	__u32 n;   /* fds found */
+	__u32 _pad;
+};
+
+/* One control message; under bpf_loop so the verifier checks it once. */
+static long scm_cmsg(__u64 i, struct scm_walk *w)
+{
+	struct scm *m = w->m;
+	__u32 off = w->off;
+	if (off > SCM_CTL_MAX - sizeof(struct cmsghdr) || off + sizeof(struct cmsghdr) > w->len)
+		return 1;
+	struct cmsghdr h;
+	__builtin_memcpy(&h, &m->ctl[off & (SCM_CTL_MAX - 1)], sizeof(h));
+	if (h.cmsg_len < sizeof(struct cmsghdr) || off + h.cmsg_len > w->len)
+		return 1;
+	if (h.cmsg_level == SOL_SOCKET && h.cmsg_type == SCM_RIGHTS) {
+		__u32 nfd = (h.cmsg_len - sizeof(struct cmsghdr)) / sizeof(int);
+		for (__u32 j = 0; j < SCM_MAX_FDS; j++) {
+			__u32 at = off + sizeof(struct cmsghdr) + j * sizeof(int);
+			__u32 n = w->n;
+			if (j >= nfd || n >= SCM_MAX_FDS || at > SCM_CTL_MAX - sizeof(int))
+				break;
+			__s32 fd;
+			__builtin_memcpy(&fd, &m->ctl[at & (SCM_CTL_MAX - 1)], sizeof(fd));
+			m->fds[n & (SCM_MAX_FDS - 1)] = fd;
+			w->n = n + 1;
+		}
+		if (nfd > SCM_MAX_FDS) {
+			/* Not recorded: counted as lost events. */
+			__u32 which = CNT_RB_DROP;
+			__u64 *c = bpf_map_lookup_elem(&counters, &which);
+			if (c)
+				*c += nfd - SCM_MAX_FDS;
+		}
+	}
+	w->off = off + ((h.cmsg_len + 7) & ~7U);
+	return 0;
+}
+
 static __always_inline void on_recvmsg(struct proc *pr, struct pending *p, long ret)
 {
 	struct user_msghdr mh;
@@ -791,32 +834,9 @@ static __always_inline void on_recvmsg(struct proc *pr, struct pending *p, long 
 		len = SCM_CTL_MAX;
 	if (bpf_probe_read_user(m->ctl, len, mh.msg_control) != 0)
 		return;
-	__u32 n = 0;
-	__u32 off = 0;
-	for (int c = 0; c < 4; c++) { /* control messages */
-		if (off + sizeof(struct cmsghdr) > len || off > SCM_CTL_MAX - sizeof(struct cmsghdr))
-			break;
-		struct cmsghdr *h = (struct cmsghdr *)&m->ctl[off];
-		__u64 clen = h->cmsg_len;
-		if (clen < sizeof(struct cmsghdr) || off + clen > len)
-			break;
-		if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS) {
-			__u32 nfd = (clen - sizeof(struct cmsghdr)) / sizeof(int);
-			for (int j = 0; j < SCM_MAX_FDS; j++) {
-				__u32 at = off + sizeof(struct cmsghdr) + j * sizeof(int);
-				if (j >= nfd || n >= SCM_MAX_FDS || at > SCM_CTL_MAX - sizeof(int))
-					break;
-				__s32 fd = 0;
-				__builtin_memcpy(&fd, &m->ctl[at & (SCM_CTL_MAX - 1)], sizeof(fd));
-				m->fds[n & (SCM_MAX_FDS - 1)] = fd;
-				n++;
-			}
-			for (__u32 j = SCM_MAX_FDS; j < nfd && j < 64; j++)
-				count(CNT_RB_DROP); /* not recorded: counted as lost events */
-		}
-		off += (clen + 7) & ~7ULL;
-	}
-	m->n = n;
+	struct scm_walk w = { .m = m, .off = 0, .len = len, .n = 0 };
+	bpf_loop(4, scm_cmsg, &w, 0);
+	m->n = w.n;
 	m->cloexec = (p->args[2] & MSG_CMSG_CLOEXEC) != 0;
 	struct scm_ctx c = { .m = m, .pr = pr, .p = p };
 	bpf_loop(SCM_MAX_FDS, scm_acquire, &c, 0);
