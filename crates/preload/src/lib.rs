@@ -346,13 +346,9 @@ impl Preload {
         // SAFETY: plain syscall; the fd is ours.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
         if fd >= 0 {
-            // SAFETY: a fresh fd we own.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-            // Close-on-exec, like every fd std makes: later spawns must not
-            // inherit it.
-            // SAFETY: fcntl on our own fd.
-            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-            self.child_exit = Some(fd);
+            // SAFETY: a fresh fd we own (close-on-exec, as pidfd_open(2)
+            // always makes it).
+            self.child_exit = Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
         }
         Ok(child)
     }
