@@ -46,9 +46,10 @@ pub struct Counts {
     pub total: u64,
     /// Events lost (never hidden).
     pub lost: u64,
-    /// Of `total`: acquisitions and releases that the kernel side matched
-    /// and settled itself (an fd closed again before anything needed it),
-    /// without sending them.
+    /// Of `total`: acquisitions and releases that a backend matched and
+    /// settled where they happened, without sending them (an fd closed
+    /// again in the kernel before anything needed it; a block freed on its
+    /// own thread before the preload shim's next flush).
     pub settled: u64,
 }
 
