@@ -418,8 +418,49 @@ fn summary(report: &Report) -> String {
     } else {
         format!("{} leaked", parts.join(", "))
     };
+    let settled = match report.events.settled {
+        0 => String::new(),
+        n => format!(" ({n} settled in place)"),
+    };
     format!(
-        "Summary: {leaked}; {} events, {} lost.",
+        "Summary: {leaked}; {} events{settled}, {} lost.",
         report.events.total, report.events.lost
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(total: u64, settled: u64, lost: u64) -> Report {
+        Report {
+            target: Target {
+                command: vec!["./srv".into()],
+                pid: Some(7),
+                exit_code: Some(0),
+            },
+            backend: "ebpf".into(),
+            duration_s: 1.0,
+            events: Counts {
+                total,
+                lost,
+                settled,
+            },
+            notes: vec![],
+            leaks: vec![],
+            preexisting: vec![],
+        }
+    }
+
+    #[test]
+    fn summary_says_how_many_events_were_settled_in_place() {
+        assert_eq!(
+            summary(&report(695, 370, 0)),
+            "Summary: no leaks; 695 events (370 settled in place), 0 lost."
+        );
+        assert_eq!(
+            summary(&report(10, 0, 3)),
+            "Summary: no leaks; 10 events, 3 lost."
+        );
+    }
 }
