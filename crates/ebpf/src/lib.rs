@@ -404,7 +404,7 @@ fn decode(bytes: &[u8], base: u64, queue: &mut Vec<Event>) -> Option<Event> {
                 }
                 "memfd_create" => Some(format!("memfd:{text}")),
                 "pipe" | "pipe2" => Some("read end".into()),
-                "recvmsg" => Some("received with SCM_RIGHTS".into()),
+                "recvmsg" | "recvmmsg" => Some("received with SCM_RIGHTS".into()),
                 _ if !text.is_empty() => Some(text),
                 _ => None,
             };

@@ -65,6 +65,7 @@ pub const SYSCALLS: &[&str] = &[
     "connect",
     "mmap",
     "recvmsg",
+    "recvmmsg",
 ];
 
 #[repr(C)]
@@ -263,6 +264,7 @@ pub fn syscall_numbers() -> Vec<(u32, u32)> {
         (libc::SYS_connect, "connect"),
         (libc::SYS_mmap, "mmap"),
         (libc::SYS_recvmsg, "recvmsg"),
+        (libc::SYS_recvmmsg, "recvmmsg"),
     ];
     numbers
         .iter()

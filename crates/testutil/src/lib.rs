@@ -330,6 +330,7 @@ pub fn expected_leaks(name: &str) -> &'static [ExpectedLeak] {
                     leak("leak_fcntl_dupfd", "file", 2),
                     leak("leak_raw_openat", "file", 11),
                     leak("leak_scm_rights", "file", 3),
+                    leak("leak_scm_mmsg", "file", 2),
                 ]
             }
         }

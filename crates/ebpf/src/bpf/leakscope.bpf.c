@@ -818,26 +818,63 @@ static long scm_cmsg(__u64 i, struct scm_walk *w)
 	return 0;
 }
 
-static __always_inline void on_recvmsg(struct proc *pr, struct pending *p, long ret)
+/* Appends the fds passed in one received message (its msghdr at `hdr` in
+ * the caller's memory) to m->fds; returns the new count. */
+static __always_inline __u32 scm_collect(struct scm *m, __u64 hdr, __u32 n)
 {
 	struct user_msghdr mh;
-	if (ret < 0 || bpf_probe_read_user(&mh, sizeof(mh), (void *)p->args[1]) != 0)
-		return;
+	if (bpf_probe_read_user(&mh, sizeof(mh), (void *)hdr) != 0)
+		return n;
 	__u64 len = mh.msg_controllen; /* set by the kernel to what it wrote */
 	if (len < sizeof(struct cmsghdr) + sizeof(int) || !mh.msg_control)
+		return n;
+	if (len > SCM_CTL_MAX)
+		len = SCM_CTL_MAX;
+	if (bpf_probe_read_user(m->ctl, len, mh.msg_control) != 0)
+		return n;
+	struct scm_walk w = { .m = m, .off = 0, .len = len, .n = n };
+	bpf_loop(4, scm_cmsg, &w, 0);
+	return w.n;
+}
+
+#define MMSG_MAX 4 /* messages of one recvmmsg() looked at */
+struct mmsg_walk {
+	struct scm *m;
+	__u64 vec;
+	__u32 msgs;
+	__u32 n;
+};
+
+static long mmsg_one(__u64 i, struct mmsg_walk *w)
+{
+	if (i >= w->msgs)
+		return 1;
+	/* struct mmsghdr: a msghdr, then the length received, padded. */
+	w->n = scm_collect(w->m, w->vec + i * (sizeof(struct user_msghdr) + 8), w->n);
+	return 0;
+}
+
+/* recvmsg() and recvmmsg(): acquisitions of the fds received. */
+static __always_inline void on_recvmsg(struct proc *pr, struct pending *p, long ret)
+{
+	if (ret < 0)
 		return;
 	__u32 zero = 0;
 	struct scm *m = bpf_map_lookup_elem(&scm_scratch, &zero);
 	if (!m)
 		return;
-	if (len > SCM_CTL_MAX)
-		len = SCM_CTL_MAX;
-	if (bpf_probe_read_user(m->ctl, len, mh.msg_control) != 0)
+	/* recvmsg() is a vector of one (only the first msghdr is read). */
+	int one = p->sc == SC_RECVMSG;
+	struct mmsg_walk w = { .m = m, .vec = p->args[1], .msgs = one ? 1 : ret, .n = 0 };
+	if (w.msgs > MMSG_MAX)
+		w.msgs = MMSG_MAX;
+	bpf_loop(MMSG_MAX, mmsg_one, &w, 0);
+	__u32 n = w.n;
+	__u64 flags = one ? p->args[2] : p->args[3];
+	if (!n)
 		return;
-	struct scm_walk w = { .m = m, .off = 0, .len = len, .n = 0 };
-	bpf_loop(4, scm_cmsg, &w, 0);
-	m->n = w.n;
-	m->cloexec = (p->args[2] & MSG_CMSG_CLOEXEC) != 0;
+	m->n = n;
+	m->cloexec = (flags & MSG_CMSG_CLOEXEC) != 0;
 	struct scm_ctx c = { .m = m, .pr = pr, .p = p };
 	bpf_loop(SCM_MAX_FDS, scm_acquire, &c, 0);
 }
@@ -899,6 +936,7 @@ static __always_inline int on_exit(struct proc *pr, __u64 id, struct pending *p,
 		on_mmap_exit(p, ret);
 		goto done;
 	case SC_RECVMSG:
+	case SC_RECVMMSG:
 		on_recvmsg(pr, p, ret);
 		goto done;
 	}
