@@ -182,6 +182,21 @@ pub fn poll_ring(
     }
 }
 
+/// A user stack that a BPF program copied: registers at the call, then
+/// `data`, of which the first `len` bytes are the stack from `sp` up.
+pub fn copied_stack(ip: u64, sp: u64, bp: u64, len: u32, data: &[u8]) -> leakscope_event::RawStack {
+    use leakscope_event::RawStack;
+    if len == 0 {
+        return RawStack::Missing("the user stack was not readable".into());
+    }
+    RawStack::Copied {
+        ip,
+        sp,
+        bp,
+        bytes: data[..(len as usize).min(data.len())].to_vec(),
+    }
+}
+
 /// Attaches every program of `object`.
 pub fn attach_all(object: &Object) -> Result<Vec<Link>, libbpf_rs::Error> {
     object.progs_mut().map(|p| p.attach()).collect()

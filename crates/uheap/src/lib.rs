@@ -764,17 +764,8 @@ fn blob_to_stack(bytes: &[u8]) -> RawStack {
     let Some(h) = read::<BlobHdr>(bytes) else {
         return RawStack::Missing("short stack record".into());
     };
-    if h.len == 0 {
-        return RawStack::Missing("the user stack was not readable".into());
-    }
-    let start = std::mem::size_of::<BlobHdr>();
-    let end = (start + h.len as usize).min(bytes.len());
-    RawStack::Copied {
-        ip: h.ip,
-        sp: h.sp,
-        bp: h.bp,
-        bytes: bytes[start..end].to_vec(),
-    }
+    let data = &bytes[std::mem::size_of::<BlobHdr>()..];
+    leakscope_bpf::copied_stack(h.ip, h.sp, h.bp, h.len, data)
 }
 
 fn decode(bytes: &[u8], base: u64) -> Option<Record> {
