@@ -288,7 +288,7 @@ impl Snooper {
 
     /// Events the kernel dropped so far because the ring buffer was full.
     pub fn lost(&self) -> u64 {
-        self.counter(record::CNT_LOST)
+        self.counter(record::CNT_RB_DROP)
     }
 
     fn counter(&self, which: u32) -> u64 {

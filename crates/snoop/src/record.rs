@@ -8,7 +8,7 @@ pub const SLOT_MAX: usize = 256;
 pub const PH_ENTRY: u8 = 1;
 pub const PH_RETURN: u8 = 2;
 
-pub const CNT_LOST: u32 = 0;
+pub const CNT_RB_DROP: u32 = 0;
 pub const CNT_STARTS_FULL: u32 = 1;
 
 /// Syscall names indexed by `enum sc` in snoop.h (index 0 is unused).

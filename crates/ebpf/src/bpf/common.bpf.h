@@ -31,6 +31,16 @@ static __always_inline void submit(void *e)
 	bpf_ringbuf_submit(e, avail >= WAKE_BYTES ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
+/* sched_process_exit: did the whole thread group die? Since 6.16 the
+ * tracepoint says so; before, it fired after signal->live was decremented. */
+static __always_inline int group_dead(struct trace_event_raw_sched_process_exit *ctx,
+				      struct task_struct *task)
+{
+	if (bpf_core_field_exists(ctx->group_dead))
+		return BPF_CORE_READ(ctx, group_dead);
+	return BPF_CORE_READ(task, signal, live.counter) == 0;
+}
+
 /* Copies a record built elsewhere into the ring buffer (same wakeup rule). */
 static __always_inline long output(void *data, __u64 size)
 {

@@ -1206,14 +1206,7 @@ int on_exit_task(struct trace_event_raw_sched_process_exit *ctx)
 	if (!is_traced(tgid))
 		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
-	/* Since 6.16 the tracepoint says whether the whole thread group died;
-	 * before, it fired after signal->live was decremented. */
-	int group_dead;
-	if (bpf_core_field_exists(ctx->group_dead))
-		group_dead = BPF_CORE_READ(ctx, group_dead);
-	else
-		group_dead = BPF_CORE_READ(task, signal, live.counter) == 0;
-	if (!group_dead)
+	if (!group_dead(ctx, task))
 		return 0; /* other threads remain: the process lives on */
 	sweep(tgid, NULL); /* what it still held */
 	bpf_map_delete_elem(&traced, &tgid);

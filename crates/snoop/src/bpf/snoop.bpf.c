@@ -61,19 +61,7 @@ struct {
 	__type(value, struct snoop_ev);
 } scratch SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, CNT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} counters SEC(".maps");
-
-static __always_inline void count(__u32 which)
-{
-	__u64 *c = bpf_map_lookup_elem(&counters, &which);
-	if (c)
-		*c += 1;
-}
+#include "common.bpf.h"
 
 static __always_inline int comm_matches(void)
 {
@@ -224,7 +212,7 @@ static __always_inline void emit(__u8 phase, __u32 sc, struct pt_regs *regs, lon
 	else
 		err = bpf_ringbuf_output(&events, e, sizeof(*e), flags);
 	if (err)
-		count(CNT_LOST);
+		count(CNT_RB_DROP);
 }
 
 /* tp_btf rather than raw_tp: pt_regs is typed, so its fields are plain

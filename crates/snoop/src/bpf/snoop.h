@@ -43,7 +43,7 @@ struct snoop_ev {
 
 /* counters map indexes */
 enum counter {
-	CNT_LOST = 0,  /* ring buffer full: events dropped */
+	CNT_RB_DROP = 0, /* ring buffer full: events dropped */
 	CNT_STARTS_FULL = 1,
 	CNT_MAX = 2,
 };
