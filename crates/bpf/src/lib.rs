@@ -197,6 +197,73 @@ pub fn copied_stack(ip: u64, sp: u64, bp: u64, len: u32, data: &[u8]) -> leaksco
     }
 }
 
+/// The number of syscall `name` on the target architecture, from libc's
+/// constants: what the programs' `sc_of` tables are filled with. None for a
+/// name the architecture lacks (arm64 has no open, creat, pipe, dup2, ...).
+pub fn syscall_nr(name: &str) -> Option<u32> {
+    use libc::*;
+    let nr = match name {
+        "openat" => SYS_openat,
+        "openat2" => SYS_openat2,
+        "open_by_handle_at" => SYS_open_by_handle_at,
+        "socket" => SYS_socket,
+        "socketpair" => SYS_socketpair,
+        "accept" => SYS_accept,
+        "accept4" => SYS_accept4,
+        "connect" => SYS_connect,
+        "bind" => SYS_bind,
+        "listen" => SYS_listen,
+        "shutdown" => SYS_shutdown,
+        "recvmsg" => SYS_recvmsg,
+        "recvmmsg" => SYS_recvmmsg,
+        "pipe2" => SYS_pipe2,
+        "dup" => SYS_dup,
+        "dup3" => SYS_dup3,
+        "fcntl" => SYS_fcntl,
+        "eventfd2" => SYS_eventfd2,
+        "epoll_create1" => SYS_epoll_create1,
+        "timerfd_create" => SYS_timerfd_create,
+        "signalfd4" => SYS_signalfd4,
+        "inotify_init1" => SYS_inotify_init1,
+        "memfd_create" => SYS_memfd_create,
+        "memfd_secret" => SYS_memfd_secret,
+        "pidfd_open" => SYS_pidfd_open,
+        "pidfd_getfd" => SYS_pidfd_getfd,
+        "fanotify_init" => SYS_fanotify_init,
+        "userfaultfd" => SYS_userfaultfd,
+        "perf_event_open" => SYS_perf_event_open,
+        "bpf" => SYS_bpf,
+        "close" => SYS_close,
+        "close_range" => SYS_close_range,
+        "mmap" => SYS_mmap,
+        "unlinkat" => SYS_unlinkat,
+        "renameat" => SYS_renameat,
+        "renameat2" => SYS_renameat2,
+        #[cfg(target_arch = "x86_64")]
+        "open" => SYS_open,
+        #[cfg(target_arch = "x86_64")]
+        "creat" => SYS_creat,
+        #[cfg(target_arch = "x86_64")]
+        "pipe" => SYS_pipe,
+        #[cfg(target_arch = "x86_64")]
+        "dup2" => SYS_dup2,
+        #[cfg(target_arch = "x86_64")]
+        "eventfd" => SYS_eventfd,
+        #[cfg(target_arch = "x86_64")]
+        "epoll_create" => SYS_epoll_create,
+        #[cfg(target_arch = "x86_64")]
+        "signalfd" => SYS_signalfd,
+        #[cfg(target_arch = "x86_64")]
+        "inotify_init" => SYS_inotify_init,
+        #[cfg(target_arch = "x86_64")]
+        "unlink" => SYS_unlink,
+        #[cfg(target_arch = "x86_64")]
+        "rename" => SYS_rename,
+        _ => return None,
+    };
+    Some(nr as u32)
+}
+
 /// Attaches every program of `object`.
 pub fn attach_all(object: &Object) -> Result<Vec<Link>, libbpf_rs::Error> {
     object.progs_mut().map(|p| p.attach()).collect()

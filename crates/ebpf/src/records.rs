@@ -226,54 +226,21 @@ impl PathParts {
 /// (syscall number, index into [`SYSCALLS`]) for the syscalls traced on
 /// this architecture; the loader writes them into the `sc_of` map.
 pub fn syscall_numbers() -> Vec<(u32, u32)> {
-    let numbers: &[(libc::c_long, &str)] = &[
-        (libc::SYS_open, "open"),
-        (libc::SYS_openat, "openat"),
-        (libc::SYS_openat2, "openat2"),
-        (libc::SYS_creat, "creat"),
-        (libc::SYS_open_by_handle_at, "open_by_handle_at"),
-        (libc::SYS_socket, "socket"),
-        (libc::SYS_socketpair, "socketpair"),
-        (libc::SYS_accept, "accept"),
-        (libc::SYS_accept4, "accept4"),
-        (libc::SYS_pipe, "pipe"),
-        (libc::SYS_pipe2, "pipe2"),
-        (libc::SYS_dup, "dup"),
-        (libc::SYS_dup2, "dup2"),
-        (libc::SYS_dup3, "dup3"),
-        (libc::SYS_fcntl, "fcntl"),
-        (libc::SYS_eventfd, "eventfd"),
-        (libc::SYS_eventfd2, "eventfd2"),
-        (libc::SYS_epoll_create, "epoll_create"),
-        (libc::SYS_epoll_create1, "epoll_create1"),
-        (libc::SYS_timerfd_create, "timerfd_create"),
-        (libc::SYS_signalfd, "signalfd"),
-        (libc::SYS_signalfd4, "signalfd4"),
-        (libc::SYS_inotify_init, "inotify_init"),
-        (libc::SYS_inotify_init1, "inotify_init1"),
-        (libc::SYS_memfd_create, "memfd_create"),
-        (libc::SYS_memfd_secret, "memfd_secret"),
-        (libc::SYS_pidfd_open, "pidfd_open"),
-        (libc::SYS_pidfd_getfd, "pidfd_getfd"),
-        (libc::SYS_fanotify_init, "fanotify_init"),
-        (libc::SYS_userfaultfd, "userfaultfd"),
-        (libc::SYS_perf_event_open, "perf_event_open"),
-        (libc::SYS_bpf, "bpf"),
-        (libc::SYS_close, "close"),
-        (libc::SYS_close_range, "close_range"),
-        (libc::SYS_connect, "connect"),
-        (libc::SYS_mmap, "mmap"),
-        (libc::SYS_recvmsg, "recvmsg"),
-        (libc::SYS_recvmmsg, "recvmmsg"),
-    ];
-    numbers
+    SYSCALLS
         .iter()
-        .map(|(nr, name)| {
-            let code = SYSCALLS
-                .iter()
-                .position(|s| s == name)
-                .expect("every traced syscall has a code");
-            (*nr as u32, code as u32)
-        })
+        .enumerate()
+        .skip(1)
+        .filter_map(|(code, name)| Some((leakscope_bpf::syscall_nr(name)?, code as u32)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_traced_syscall_has_a_number_here() {
+        for name in &super::SYSCALLS[1..] {
+            assert!(leakscope_bpf::syscall_nr(name).is_some(), "{name}");
+        }
+    }
 }

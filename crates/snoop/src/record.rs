@@ -75,46 +75,14 @@ pub fn read_hdr(bytes: &[u8]) -> Option<Hdr> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const Hdr) })
 }
 
-/// (syscall number, code) pairs for the kernel's `sc_of` array, from libc's
-/// constants for the target architecture. Legacy syscalls that arm64 lacks
-/// (open, creat, unlink, rename, pipe, dup2) are only there on x86-64.
+/// (syscall number, name) pairs for the kernel's `sc_of` array, for the
+/// syscalls this architecture has (arm64 lacks open, creat, unlink, rename,
+/// pipe, dup2).
 pub fn syscall_numbers() -> Vec<(u32, &'static str)> {
-    let mut numbers: Vec<(libc::c_long, &'static str)> = vec![
-        (libc::SYS_openat, "openat"),
-        (libc::SYS_openat2, "openat2"),
-        (libc::SYS_close, "close"),
-        (libc::SYS_close_range, "close_range"),
-        (libc::SYS_unlinkat, "unlinkat"),
-        (libc::SYS_renameat, "renameat"),
-        (libc::SYS_renameat2, "renameat2"),
-        (libc::SYS_socket, "socket"),
-        (libc::SYS_connect, "connect"),
-        (libc::SYS_accept, "accept"),
-        (libc::SYS_accept4, "accept4"),
-        (libc::SYS_bind, "bind"),
-        (libc::SYS_listen, "listen"),
-        (libc::SYS_shutdown, "shutdown"),
-        (libc::SYS_pipe2, "pipe2"),
-        (libc::SYS_dup, "dup"),
-        (libc::SYS_dup3, "dup3"),
-        (libc::SYS_eventfd2, "eventfd2"),
-        (libc::SYS_epoll_create1, "epoll_create1"),
-        (libc::SYS_memfd_create, "memfd_create"),
-        (libc::SYS_socketpair, "socketpair"),
-        (libc::SYS_fcntl, "fcntl"),
-    ];
-    #[cfg(target_arch = "x86_64")]
-    numbers.extend_from_slice(&[
-        (libc::SYS_open, "open"),
-        (libc::SYS_creat, "creat"),
-        (libc::SYS_unlink, "unlink"),
-        (libc::SYS_rename, "rename"),
-        (libc::SYS_pipe, "pipe"),
-        (libc::SYS_dup2, "dup2"),
-    ]);
-    numbers
-        .into_iter()
-        .map(|(nr, name)| (nr as u32, name))
+    SYSCALLS
+        .iter()
+        .skip(1)
+        .filter_map(|name| Some((leakscope_bpf::syscall_nr(name)?, *name)))
         .collect()
 }
 
@@ -125,4 +93,15 @@ pub fn code_of(name: &str) -> Option<u32> {
         .skip(1)
         .position(|s| *s == name)
         .map(|i| i as u32 + 1)
+}
+
+#[cfg(test)]
+mod syscall_table_tests {
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_snooped_syscall_has_a_number_here() {
+        for name in &super::SYSCALLS[1..] {
+            assert!(leakscope_bpf::syscall_nr(name).is_some(), "{name}");
+        }
+    }
 }

@@ -5,6 +5,26 @@
 #ifndef LEAKSCOPE_COMMON_BPF_H
 #define LEAKSCOPE_COMMON_BPF_H
 
+/* A per-CPU buffer for a record too big for the BPF stack. */
+#define PERCPU_SCRATCH(name, T)                             \
+	struct {                                            \
+		__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);    \
+		__uint(max_entries, 1);                     \
+		__type(key, __u32);                         \
+		__type(value, T);                           \
+	} name SEC(".maps")
+
+/* Syscall number -> the program's syscall code, filled by the loader from
+ * the libc constants of the target architecture; 0 = not traced. */
+#define NR_MAX 512
+#define SYSCALL_CODES()                                     \
+	struct {                                            \
+		__uint(type, BPF_MAP_TYPE_ARRAY);           \
+		__uint(max_entries, NR_MAX);                \
+		__type(key, __u32);                         \
+		__type(value, __u32);                       \
+	} sc_of SEC(".maps")
+
 /* Per-CPU counters of what could not be recorded (read by the loader). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

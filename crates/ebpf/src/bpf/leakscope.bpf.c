@@ -140,36 +140,13 @@ struct {
 	__type(value, struct held);
 } deferred SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct held);
-} held_scratch SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct blob);
-} blob_scratch SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct pending);
-} pending_scratch SEC(".maps");
-
-/* Per-CPU halves of the blob keys: no shared counter to bounce between CPUs. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} seq_percpu SEC(".maps");
-
 #include "common.bpf.h"
+
+PERCPU_SCRATCH(held_scratch, struct held);
+PERCPU_SCRATCH(blob_scratch, struct blob);
+PERCPU_SCRATCH(pending_scratch, struct pending);
+/* Per-CPU halves of the blob keys: no shared counter to bounce between CPUs. */
+PERCPU_SCRATCH(seq_percpu, __u64);
 
 static __always_inline struct proc *is_traced(__u32 tgid)
 {
@@ -759,12 +736,7 @@ struct scm_ctx {
 	struct pending *p;
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct scm);
-} scm_scratch SEC(".maps");
+PERCPU_SCRATCH(scm_scratch, struct scm);
 
 static long scm_acquire(__u64 i, struct scm_ctx *c)
 {
@@ -1031,18 +1003,11 @@ done:
 	return 0;
 }
 
-
 /* Syscall number -> enum sc, filled by the loader from the libc
  * constants of the target architecture; 0 = not traced. One raw
  * tracepoint instead of ~70 syscall tracepoints: each attachment costs
  * ~40 ms to detach (serialized in the kernel). */
-#define NR_MAX 512
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, NR_MAX);
-	__type(key, __u32);
-	__type(value, __u32);
-} sc_of SEC(".maps");
+SYSCALL_CODES();
 
 /* tp_btf gives a typed pt_regs: its fields are read with plain loads,
  * several times cheaper than a probe-read helper call each. */

@@ -23,14 +23,6 @@ const volatile char comm_want[16] = {};
 const volatile __u8 failed_only = 0; /* only calls that returned an error */
 const volatile __u8 want_entry = 0;  /* emit entry events too */
 
-#define NR_MAX 512
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, NR_MAX);
-	__type(key, __u32);
-	__type(value, __u32);
-} sc_of SEC(".maps");
-
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
@@ -54,14 +46,11 @@ struct {
 	__uint(max_entries, 64 * 1024 * 1024);
 } events SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct snoop_ev);
-} scratch SEC(".maps");
-
 #include "common.bpf.h"
+
+SYSCALL_CODES();
+
+PERCPU_SCRATCH(scratch, struct snoop_ev);
 
 static __always_inline int comm_matches(void)
 {

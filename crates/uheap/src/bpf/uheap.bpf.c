@@ -74,13 +74,6 @@ struct {
 	__type(value, __u64);
 } nostack SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct blob);
-} blob_scratch SEC(".maps");
-
 /* Threads inside an mmap(PROT_EXEC) of a file. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -90,6 +83,8 @@ struct {
 } mmaps SEC(".maps");
 
 #include "common.bpf.h"
+
+PERCPU_SCRATCH(blob_scratch, struct blob);
 
 static __always_inline int is_traced(__u32 tgid)
 {
