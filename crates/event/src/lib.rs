@@ -46,6 +46,21 @@ pub mod wire {
     /// Allocations freed again on their thread before any flush, which
     /// the shim therefore never sent (each stands for two events).
     pub const T_PAIRS: u8 = 9;
+
+    /// The clock page: a file of [`CLOCK_LEN`] bytes beside the collector
+    /// socket, named [`CLOCK_FILE`], that the collector keeps current and
+    /// the shims map read-only, so that a hook reads the time with one
+    /// load instead of a `clock_gettime` call.
+    pub const CLOCK_FILE: &str = "clock";
+    /// Its size.
+    pub const CLOCK_LEN: usize = 4096;
+    /// At offset 0: this value once the page is valid.
+    pub const CLOCK_MAGIC: u64 = u64::from_le_bytes(*b"LSCLOCK1");
+    /// At offset 8: `CLOCK_MONOTONIC_COARSE` in ns, refreshed every
+    /// [`CLOCK_TICK_NS`] while the collector runs.
+    pub const CLOCK_NOW: usize = 8;
+    /// How often the collector refreshes the page.
+    pub const CLOCK_TICK_NS: u64 = 1_000_000;
 }
 
 macro_rules! newtype {

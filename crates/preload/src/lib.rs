@@ -70,6 +70,7 @@
 //! - symbolize or decide what leaked (that is the ledger's job).
 #![deny(missing_docs)]
 
+mod clock;
 mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -225,6 +226,9 @@ pub struct Preload {
     chunk: Vec<u8>,
     /// A pidfd of the child [`Preload::spawn`] started, until it exited.
     child_exit: Option<OwnedFd>,
+    /// The shims' clock; None if it could not be made (they then call
+    /// `clock_gettime`).
+    clock: Option<clock::ClockPage>,
 }
 
 impl std::fmt::Debug for Preload {
@@ -293,6 +297,7 @@ impl Preload {
                     source,
                 }
             })?;
+        let clock = clock::ClockPage::create(&dir.join(leakscope_event::wire::CLOCK_FILE)).ok();
         Ok(Preload {
             shim,
             dir,
@@ -306,6 +311,7 @@ impl Preload {
             settled: 0,
             chunk: Vec::new(),
             child_exit: None,
+            clock,
         })
     }
 
@@ -756,7 +762,9 @@ impl Preload {
 
 impl Drop for Preload {
     fn drop(&mut self) {
+        self.clock = None;
         let _ = std::fs::remove_file(&self.sock);
+        let _ = std::fs::remove_file(self.dir.join(leakscope_event::wire::CLOCK_FILE));
         let _ = std::fs::remove_dir(&self.dir);
     }
 }

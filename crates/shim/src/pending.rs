@@ -46,13 +46,20 @@ struct Val {
     stack: u32,
 }
 
-/// See the module docs. Keys and values apart: a probe reads only keys,
-/// eight to a cache line.
+/// The slots: keys and values apart, so that a probe reads only keys,
+/// eight to a cache line. Fixed-size arrays: indices masked by `MASK` need
+/// no bounds checks.
+struct Table {
+    /// Block addresses, 0: empty.
+    keys: [u64; CAP],
+    vals: [Val; CAP],
+}
+
+/// See the module docs.
 pub struct Pending {
-    /// Block addresses, 0: empty. Allocated on first insert (most
-    /// recorders of short-lived threads never need it).
-    keys: Vec<u64>,
-    vals: Vec<Val>,
+    /// Allocated on first insert (most recorders of short-lived threads
+    /// never need it).
+    table: Option<Box<Table>>,
     len: usize,
 }
 
@@ -74,40 +81,24 @@ fn home(addr: u64) -> usize {
     ((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - CAP.trailing_zeros())) as usize
 }
 
-/// `CAP` zeroed `T`s from calloc (pages of a large block are mapped zeroed
-/// on first touch, not written now).
-///
-/// # Safety
-/// All-zero bytes must be a valid `T`.
-unsafe fn zeroed<T>() -> Vec<T> {
-    let layout = std::alloc::Layout::array::<T>(CAP).expect("fits");
-    // SAFETY: the caller vouches for zeroed `T`s; the pointer comes from
-    // the global allocator with exactly this layout and length.
+/// A zeroed table from the global allocator (calloc: pages of a large
+/// block are mapped zeroed on first touch, not written now).
+#[cold]
+fn zeroed_table() -> Box<Table> {
+    let layout = std::alloc::Layout::new::<Table>();
+    // SAFETY: all-zero bytes are a valid `Table` (empty keys, zero
+    // values); the pointer comes from the global allocator with this
+    // layout, as `Box` expects.
     unsafe {
-        let p = std::alloc::alloc_zeroed(layout) as *mut T;
+        let p = std::alloc::alloc_zeroed(layout) as *mut Table;
         if p.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        Vec::from_raw_parts(p, CAP, CAP)
+        Box::from_raw(p)
     }
 }
 
-impl Pending {
-    /// An empty table that has not allocated yet.
-    pub const fn new() -> Pending {
-        Pending {
-            keys: Vec::new(),
-            vals: Vec::new(),
-            len: 0,
-        }
-    }
-
-    /// Entries held.
-    #[inline]
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
+impl Table {
     #[inline]
     fn entry(&self, i: usize) -> Alloc {
         let v = self.vals[i];
@@ -120,12 +111,9 @@ impl Pending {
         }
     }
 
-    /// The slot holding `addr`, if any.
+    /// The slot holding `addr` (not 0), if any.
     #[inline]
     fn find(&self, addr: u64) -> Option<usize> {
-        if self.len == 0 || addr == 0 {
-            return None;
-        }
         let mut i = home(addr);
         loop {
             let k = self.keys[i];
@@ -139,74 +127,10 @@ impl Pending {
         }
     }
 
-    /// Adds `a`. An entry already held for the same address is replaced
-    /// and returned: its block was freed by some other route (another
-    /// thread) and handed out again, so its record must still be sent.
-    /// Uses the shim's heap (libc) on first use.
-    #[inline]
-    pub fn insert(&mut self, a: Alloc) -> Option<Alloc> {
-        debug_assert!(a.addr != 0 && self.len < CAP - 1);
-        if self.keys.is_empty() {
-            // SAFETY: zero is an empty key and a valid `Val`.
-            unsafe {
-                self.keys = zeroed();
-                self.vals = zeroed();
-            }
-        }
-        let val = Val {
-            seq: a.seq,
-            time: a.time,
-            size: a.size,
-            stack: a.stack,
-        };
-        let mut i = home(a.addr);
-        loop {
-            let k = self.keys[i];
-            if k == 0 {
-                self.keys[i] = a.addr;
-                self.vals[i] = val;
-                self.len += 1;
-                return None;
-            }
-            if k == a.addr {
-                let old = self.entry(i);
-                self.vals[i] = val;
-                return Some(old);
-            }
-            i = (i + 1) & MASK;
-        }
-    }
-
-    /// A free of `addr`: if it is held, cancels the pair when `may(seq)`
-    /// says so for the entry's number, else takes the entry out for
-    /// sending.
-    #[inline]
-    pub fn cancel(&mut self, addr: u64, may: impl FnOnce(u64) -> bool) -> Cancel {
-        let Some(i) = self.find(addr) else {
-            return Cancel::Absent;
-        };
-        let r = if may(self.vals[i].seq) {
-            Cancel::Done
-        } else {
-            Cancel::Kept(self.entry(i))
-        };
-        self.remove_at(i);
-        r
-    }
-
-    /// Takes the entry for `addr` out, if held.
-    #[cfg(test)]
-    pub fn remove(&mut self, addr: u64) -> Option<Alloc> {
-        let i = self.find(addr)?;
-        let a = self.entry(i);
-        self.remove_at(i);
-        Some(a)
-    }
-
+    /// Empties slot `i`. Backward shift: later members of the probe run
+    /// move into the hole unless that would put them before their home.
     #[inline]
     fn remove_at(&mut self, mut i: usize) {
-        // Backward shift: move later members of the probe run into the
-        // hole unless that would put them before their home slot.
         let mut j = i;
         loop {
             j = (j + 1) & MASK;
@@ -228,16 +152,94 @@ impl Pending {
             }
         }
         self.keys[i] = 0;
+    }
+}
+
+impl Pending {
+    /// An empty table that has not allocated yet.
+    pub const fn new() -> Pending {
+        Pending {
+            table: None,
+            len: 0,
+        }
+    }
+
+    /// Entries held.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Adds `a`. An entry already held for the same address is replaced
+    /// and returned: its block was freed by some other route (another
+    /// thread) and handed out again, so its record must still be sent.
+    /// Uses the shim's heap (libc) on first use.
+    #[inline]
+    pub fn insert(&mut self, a: Alloc) -> Option<Alloc> {
+        debug_assert!(a.addr != 0 && self.len < CAP - 1);
+        let t = self.table.get_or_insert_with(zeroed_table);
+        let val = Val {
+            seq: a.seq,
+            time: a.time,
+            size: a.size,
+            stack: a.stack,
+        };
+        let mut i = home(a.addr);
+        loop {
+            let k = t.keys[i];
+            if k == 0 {
+                t.keys[i] = a.addr;
+                t.vals[i] = val;
+                self.len += 1;
+                return None;
+            }
+            if k == a.addr {
+                let old = t.entry(i);
+                t.vals[i] = val;
+                return Some(old);
+            }
+            i = (i + 1) & MASK;
+        }
+    }
+
+    /// A free of `addr`: if it is held, cancels the pair when `may(seq)`
+    /// says so for the entry's number, else takes the entry out for
+    /// sending.
+    #[inline]
+    pub fn cancel(&mut self, addr: u64, may: impl FnOnce(u64) -> bool) -> Cancel {
+        let Some(t) = self.table.as_mut().filter(|_| self.len != 0 && addr != 0) else {
+            return Cancel::Absent;
+        };
+        let Some(i) = t.find(addr) else {
+            return Cancel::Absent;
+        };
+        let r = if may(t.vals[i].seq) {
+            Cancel::Done
+        } else {
+            Cancel::Kept(t.entry(i))
+        };
+        t.remove_at(i);
         self.len -= 1;
+        r
+    }
+
+    /// Takes the entry for `addr` out, if held.
+    #[cfg(test)]
+    pub fn remove(&mut self, addr: u64) -> Option<Alloc> {
+        match self.cancel(addr, |_| false) {
+            Cancel::Kept(a) => Some(a),
+            _ => None,
+        }
     }
 
     /// Hands every entry to `f` and empties the table.
     pub fn drain(&mut self, mut f: impl FnMut(&Alloc)) {
+        let Some(t) = self.table.as_mut() else { return };
         let mut i = 0;
         while self.len > 0 {
-            if self.keys[i] != 0 {
-                f(&self.entry(i));
-                self.keys[i] = 0;
+            if t.keys[i] != 0 {
+                f(&t.entry(i));
+                t.keys[i] = 0;
                 self.len -= 1;
             }
             i += 1;
@@ -246,8 +248,8 @@ impl Pending {
 
     /// Forgets every entry (a fork child: they are the parent's to send).
     pub fn clear(&mut self) {
-        if self.len != 0 {
-            self.keys.fill(0);
+        if let Some(t) = self.table.as_mut().filter(|_| self.len != 0) {
+            t.keys.fill(0);
             self.len = 0;
         }
     }
