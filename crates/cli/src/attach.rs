@@ -56,6 +56,8 @@ pub struct AttachArgs {
     /// Exit with 3 when leaks were found.
     #[arg(long)]
     fail_on_leak: bool,
+    #[command(flatten)]
+    suppress: crate::SuppressArgs,
 }
 
 /// Executable file mappings of a running process, as if mapped at time 0.
@@ -254,6 +256,7 @@ impl Session {
 
 pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
     let pid = Pid(args.pid);
+    let suppressions = args.suppress.load()?;
     if !alive(pid) {
         return Err(fatal(exit::ERROR, format!("no such process: {}", pid.0)));
     }
@@ -360,7 +363,16 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
             if Instant::now() >= at {
                 next_interval = Some(at + Duration::from_secs_f64(every));
                 s.catch_up()?;
-                let mut report = make_report(&mut s, &args, tracking, &command, pid, start, None);
+                let mut report = make_report(
+                    &mut s,
+                    &args,
+                    &suppressions,
+                    tracking,
+                    &command,
+                    pid,
+                    start,
+                    None,
+                );
                 growth.update(&mut report.leaks);
                 emit(&args, &report, true, &mut first_write)?;
             }
@@ -370,7 +382,16 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + Duration::from_secs(2);
     while s.pump(Duration::from_millis(10))? > 0 && Instant::now() < deadline {}
     s.backend.stop();
-    let mut report = make_report(&mut s, &args, tracking, &command, pid, start, exit_code);
+    let mut report = make_report(
+        &mut s,
+        &args,
+        &suppressions,
+        tracking,
+        &command,
+        pid,
+        start,
+        exit_code,
+    );
     if args.interval.is_some() {
         growth.update(&mut report.leaks);
     }
@@ -382,9 +403,11 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn make_report(
     s: &mut Session,
     args: &AttachArgs,
+    suppressions: &leakscope_report::Suppressions,
     tracking: Tracking,
     command: &[String],
     pid: Pid,
@@ -405,6 +428,7 @@ fn make_report(
         })
         .collect();
     let groups = build_groups(leaks, &mut s.backend, &s.maps, tracking);
+    let (groups, suppressed) = suppressions.apply(groups);
     let lost = s.ledger.lost();
     Report {
         target: Target {
@@ -425,6 +449,7 @@ fn make_report(
             notes
         },
         leaks: groups,
+        suppressed,
         preexisting: Vec::new(),
     }
 }

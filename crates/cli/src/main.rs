@@ -44,7 +44,8 @@ EXAMPLES:
   leakscope run --track fd --top 5 -- make check
   leakscope run --track fd,heap -- ./myprog
   leakscope run --track tcp -- ./server        # sockets left in CLOSE_WAIT
-  leakscope run --backend preload --track heap -- ./myprog   # no root needed";
+  leakscope run --backend preload --track heap -- ./myprog   # no root needed
+  leakscope run --track heap --suppressions lsan.supp -- ./myprog";
 
 const ATTACH_HELP: &str = "\
 Resources open before tracing began are listed apart, without a stack, and
@@ -132,9 +133,43 @@ pub struct RunArgs {
     /// Tracing backend.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
+    #[command(flatten)]
+    suppress: SuppressArgs,
     /// The command to run, after `--`.
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+/// Which leak groups not to report (run and attach).
+#[derive(clap::Args, Debug)]
+pub struct SuppressArgs {
+    /// Do not report leak groups whose stack matches a `leak:PATTERN` line
+    /// of FILE (LeakSanitizer's format: a function, source file or module
+    /// name; `*` wildcards, `^`/`$` anchors). Repeatable. What was
+    /// suppressed is counted in the summary.
+    #[arg(long = "suppressions", value_name = "FILE")]
+    files: Vec<PathBuf>,
+    /// Also report glibc's caches (locale, NSS, stdio buffers, thread TLS),
+    /// which it keeps until exit by design and leakscope suppresses by
+    /// default.
+    #[arg(long)]
+    no_default_suppressions: bool,
+}
+
+impl SuppressArgs {
+    /// The rules: the defaults unless turned off, then each file's.
+    pub fn load(&self) -> anyhow::Result<leakscope_report::Suppressions> {
+        let mut s = if self.no_default_suppressions {
+            leakscope_report::Suppressions::none()
+        } else {
+            leakscope_report::Suppressions::defaults()
+        };
+        for f in &self.files {
+            s.add_file(f)
+                .map_err(|e| pipeline::fatal(exit::ERROR, e.to_string()))?;
+        }
+        Ok(s)
+    }
 }
 
 fn main() -> ExitCode {
@@ -179,6 +214,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             BackendChoice::Ebpf => backends::Choice::Ebpf,
             BackendChoice::Preload => backends::Choice::Preload,
         },
+        suppressions: args.suppress.load()?,
     };
     let outcome = pipeline::run(&config)?;
     let leaks_found = !outcome.report.leaks.is_empty();

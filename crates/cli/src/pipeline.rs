@@ -39,6 +39,7 @@ pub struct Config {
     pub command: Vec<String>,
     pub tracking: crate::backends::Tracking,
     pub backend: crate::backends::Choice,
+    pub suppressions: leakscope_report::Suppressions,
 }
 
 pub enum Status {
@@ -172,6 +173,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     let lost = ledger.lost();
     let leaks = ledger.finish();
     let groups = build_groups(leaks, &mut backend, &maps, config.tracking);
+    let (groups, suppressed) = config.suppressions.apply(groups);
     let mut notes = backend.notes();
     notes.extend(lost_note(lost));
     let report = Report {
@@ -192,6 +194,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
         },
         notes,
         leaks: groups,
+        suppressed,
         preexisting: Vec::new(),
     };
     Ok(Outcome { report, status })

@@ -227,9 +227,11 @@ fn root_json_contract_v1() {
         "duration_s",
         "events",
         "leaks",
+        "suppressed",
     ] {
         assert!(r.get(k).is_some(), "missing top-level field {k}");
     }
+    assert!(r["suppressed"].is_array());
     assert_eq!(keys(&r["target"]), ["command", "exit_code", "pid"]);
     assert_eq!(keys(&r["events"]), ["lost", "settled", "total"]);
     assert_eq!(r["backend"], "ebpf");

@@ -179,3 +179,131 @@ fn rust_heap_leaks_with_the_preload_backend() {
         ])
     );
 }
+
+/// The (group, count, bytes) of each reported leak, by culprit function.
+fn groups_by_function(r: &Value) -> Vec<(Vec<String>, u64, u64)> {
+    r["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                functions(g),
+                g["count"].as_u64().unwrap(),
+                g["bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// glibc's caches (locale, stdout's buffer, a joined thread's TLS vector,
+/// NSS, timezone) are suppressed by default and counted as suppressed; the
+/// program's two leaks are reported exactly. `--no-default-suppressions`
+/// shows glibc's blocks again, and a user's LeakSanitizer-format file takes
+/// out the group it names, counted under its own FILE:LINE.
+#[test]
+fn glibc_caches_are_suppressed_and_counted() {
+    let bin = heap_fixture("glibc_caches");
+    let heap = ["--backend", "preload", "--track", "heap"];
+    let has = |g: &(Vec<String>, u64, u64), f: &str| g.0.iter().any(|x| x == f);
+
+    let r = report(&heap, &bin);
+    let groups = groups_by_function(&r);
+    assert_eq!(groups.len(), 2, "only the program's leaks: {groups:#?}");
+    let mine = groups
+        .iter()
+        .find(|g| has(g, "leak_mine"))
+        .expect("leak_mine");
+    assert_eq!((mine.1, mine.2), (7, 168));
+    let cache = groups
+        .iter()
+        .find(|g| has(g, "cache_fill"))
+        .expect("cache_fill");
+    assert_eq!((cache.1, cache.2), (5, 200));
+    let suppressed = r["suppressed"].as_array().unwrap();
+    assert!(
+        !suppressed.is_empty(),
+        "glibc's caches were seen and suppressed"
+    );
+    assert!(suppressed.iter().all(|s| s["origin"] == "default"));
+    let hidden: u64 = suppressed
+        .iter()
+        .map(|s| s["count"].as_u64().unwrap())
+        .sum();
+
+    let all = report(&[&heap[..], &["--no-default-suppressions"]].concat(), &bin);
+    assert_eq!(all["suppressed"].as_array().unwrap().len(), 0);
+    let every = groups_by_function(&all);
+    let total: u64 = every.iter().map(|g| g.1).sum();
+    assert_eq!(
+        total,
+        7 + 5 + hidden,
+        "the same blocks, none suppressed: {every:#?}"
+    );
+    assert!(every.iter().any(|g| has(g, "leak_mine")));
+
+    let supp = std::env::temp_dir().join(format!("leakscope-{}.supp", std::process::id()));
+    std::fs::write(&supp, "# kept on purpose\nleak:^cache_fill$\n").unwrap();
+    let file = supp.to_str().unwrap();
+    let r = report(&[&heap[..], &["--suppressions", file]].concat(), &bin);
+    let groups = groups_by_function(&r);
+    assert_eq!(groups.len(), 1, "{groups:#?}");
+    assert!(has(&groups[0], "leak_mine"));
+    let mine = r["suppressed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["origin"] == format!("{file}:2"))
+        .expect("the user's rule is counted")
+        .clone();
+    assert_eq!(
+        (
+            &mine["pattern"],
+            &mine["groups"],
+            &mine["count"],
+            &mine["bytes"]
+        ),
+        (
+            &Value::from("^cache_fill$"),
+            &Value::from(1),
+            &Value::from(5),
+            &Value::from(200)
+        )
+    );
+    let _ = std::fs::remove_file(supp);
+    let _ = std::fs::remove_file(bin);
+}
+
+/// A suppressions file that is not one: a one-line error and exit 2,
+/// before the command runs.
+#[test]
+fn a_bad_suppressions_file_is_a_clear_error() {
+    let supp = std::env::temp_dir().join(format!("leakscope-bad-{}.supp", std::process::id()));
+    std::fs::write(&supp, "leak:ok\nrace:foo\n").unwrap();
+    let marker = std::env::temp_dir().join(format!("leakscope-ran-{}", std::process::id()));
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--track",
+            "heap",
+            "--backend",
+            "preload",
+            "--suppressions",
+        ])
+        .arg(&supp)
+        .args(["--", "touch"])
+        .arg(&marker)
+        .output()
+        .expect("run leakscope");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "leakscope: error: {}:2: unknown suppression type `race` (only `leak` is)",
+            supp.display()
+        )
+    );
+    assert!(!marker.exists(), "the command must not run");
+    let _ = std::fs::remove_file(supp);
+}

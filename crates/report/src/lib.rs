@@ -12,7 +12,7 @@
 //!     target: Target { command: vec!["./srv".into()], pid: Some(7), exit_code: Some(0) },
 //!     backend: "ebpf".into(), duration_s: 1.0,
 //!     events: Counts { total: 10, lost: 0, settled: 0 }, notes: vec![], leaks: vec![],
-//!     preexisting: vec![],
+//!     suppressed: vec![], preexisting: vec![],
 //! };
 //! assert!(render_text(&r, 10).contains("No leaks found"));
 //! ```
@@ -24,6 +24,10 @@ use std::fmt::Write;
 
 use leakscope_symbolize::Frame;
 use serde::Serialize;
+
+pub mod suppress;
+
+pub use suppress::{Suppressed, Suppressions};
 
 /// JSON report format version.
 pub const VERSION: u32 = 1;
@@ -172,6 +176,8 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Leak groups, largest first.
     pub leaks: Vec<Group>,
+    /// What suppressions took out of `leaks`, per rule that matched.
+    pub suppressed: Vec<Suppressed>,
     /// Attach mode: what was open before tracing began (reported apart).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub preexisting: Vec<Preexisting>,
@@ -422,10 +428,39 @@ fn summary(report: &Report) -> String {
         0 => String::new(),
         n => format!(" ({n} settled in place)"),
     };
-    format!(
+    let mut line = format!(
         "Summary: {leaked}; {} events{settled}, {} lost.",
         report.events.total, report.events.lost
-    )
+    );
+    if !report.suppressed.is_empty() {
+        let n: u64 = report.suppressed.iter().map(|s| s.count).sum();
+        let g: u64 = report.suppressed.iter().map(|s| s.groups).sum();
+        let b: u64 = report.suppressed.iter().map(|s| s.bytes).sum();
+        let mine = report
+            .suppressed
+            .iter()
+            .any(|s| s.origin != suppress::DEFAULT_ORIGIN);
+        let glibc = report
+            .suppressed
+            .iter()
+            .any(|s| s.origin == suppress::DEFAULT_ORIGIN);
+        let by = match (mine, glibc) {
+            (true, true) => "your suppressions and glibc's caches",
+            (true, false) => "your suppressions",
+            _ => "glibc's caches; --no-default-suppressions shows them",
+        };
+        let bytes = if b > 0 {
+            format!(", {b} bytes")
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            line,
+            "\nSuppressed {g} group{} ({n} leaked{bytes}): {by}.",
+            if g == 1 { "" } else { "s" },
+        );
+    }
+    line
 }
 
 #[cfg(test)]
@@ -448,6 +483,7 @@ mod tests {
             },
             notes: vec![],
             leaks: vec![],
+            suppressed: vec![],
             preexisting: vec![],
         }
     }
@@ -462,5 +498,32 @@ mod tests {
             summary(&report(10, 0, 3)),
             "Summary: no leaks; 10 events, 3 lost."
         );
+    }
+
+    #[test]
+    fn summary_counts_what_was_suppressed_and_by_whom() {
+        let hit = |origin: &str, groups, count, bytes| Suppressed {
+            pattern: "x".into(),
+            origin: origin.into(),
+            groups,
+            count,
+            bytes,
+        };
+        let mut r = report(10, 0, 0);
+        r.suppressed = vec![hit("default", 2, 5, 100), hit("default", 1, 1, 0)];
+        assert_eq!(
+            summary(&r).lines().nth(1),
+            Some(
+                "Suppressed 3 groups (6 leaked, 100 bytes): glibc's caches; \
+                 --no-default-suppressions shows them."
+            )
+        );
+        r.suppressed = vec![hit("my.supp:3", 1, 2, 0)];
+        assert_eq!(
+            summary(&r).lines().nth(1),
+            Some("Suppressed 1 group (2 leaked): your suppressions.")
+        );
+        r.suppressed.push(hit("default", 1, 1, 8));
+        assert!(summary(&r).ends_with("your suppressions and glibc's caches."));
     }
 }

@@ -1,0 +1,363 @@
+//! Suppressions: leak groups not to report, because the reader said so or
+//! because glibc keeps the memory until exit by design.
+//!
+//! The file format is LeakSanitizer's, so existing files work unchanged:
+//! one `leak:PATTERN` per line, `#` comments and blank lines ignored. A
+//! group is suppressed when some frame of its stack has a function name,
+//! source file or module path that matches a pattern. A pattern matches
+//! as a substring; `*` matches any run of characters, a leading `^`
+//! anchors it at the start and a trailing `$` at the end.
+//!
+//! [`Suppressions::defaults`] holds `default.supp` (built in): glibc's
+//! caches that only `__libc_freeres` releases (valgrind calls it at exit;
+//! a tracer that must not change the program cannot). Suppressed groups
+//! are counted per rule and reported as such, never dropped silently.
+
+use serde::Serialize;
+
+use crate::Group;
+
+/// The built-in rules.
+const DEFAULTS: &str = include_str!("default.supp");
+
+/// Where the defaults say they come from.
+pub const DEFAULT_ORIGIN: &str = "default";
+
+/// One `leak:` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// The pattern after `leak:`.
+    pub pattern: String,
+    /// `default`, or `FILE:LINE`.
+    pub origin: String,
+}
+
+/// A file that is not a suppression file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// It could not be read.
+    #[error("cannot read suppressions file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line is not `leak:PATTERN`.
+    #[error("{origin}: {what}")]
+    Syntax {
+        /// `FILE:LINE`.
+        origin: String,
+        /// What is wrong with it.
+        what: String,
+    },
+}
+
+/// What one rule took out of a report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Suppressed {
+    /// The rule's pattern.
+    pub pattern: String,
+    /// `default`, or the `FILE:LINE` it came from.
+    pub origin: String,
+    /// Leak groups it matched.
+    pub groups: u64,
+    /// Leaked resources in them.
+    pub count: u64,
+    /// Bytes (heap groups).
+    pub bytes: u64,
+}
+
+/// A list of rules (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct Suppressions {
+    rules: Vec<Rule>,
+}
+
+impl Suppressions {
+    /// No rules.
+    pub fn none() -> Suppressions {
+        Suppressions::default()
+    }
+
+    /// The built-in rules (glibc's caches).
+    pub fn defaults() -> Suppressions {
+        let mut s = Suppressions::none();
+        s.add(DEFAULTS, DEFAULT_ORIGIN)
+            .expect("the built-in suppressions parse");
+        s
+    }
+
+    /// Adds the rules of a suppression file's `text`; `name` names it in
+    /// errors and origins (`name:LINE`; the defaults use `default` alone).
+    pub fn add(&mut self, text: &str, name: &str) -> Result<(), Error> {
+        for (i, line) in text.lines().enumerate() {
+            let origin = if name == DEFAULT_ORIGIN {
+                name.to_string()
+            } else {
+                format!("{name}:{}", i + 1)
+            };
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((kind, pattern)) = line.split_once(':') else {
+                return Err(Error::Syntax {
+                    origin,
+                    what: format!("`{line}` is not `leak:PATTERN`"),
+                });
+            };
+            if kind.trim() != "leak" {
+                return Err(Error::Syntax {
+                    origin,
+                    what: format!(
+                        "unknown suppression type `{}` (only `leak` is)",
+                        kind.trim()
+                    ),
+                });
+            }
+            let pattern = pattern.trim();
+            if pattern.is_empty() || pattern == "^" || pattern == "$" {
+                return Err(Error::Syntax {
+                    origin,
+                    what: "empty pattern".into(),
+                });
+            }
+            self.rules.push(Rule {
+                pattern: pattern.to_string(),
+                origin,
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds the rules of the file at `path`.
+    pub fn add_file(&mut self, path: &std::path::Path) -> Result<(), Error> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: name.clone(),
+            source,
+        })?;
+        self.add(&text, &name)
+    }
+
+    /// The rules, in order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The first rule that matches some frame of `g`'s stack.
+    pub fn matching(&self, g: &Group) -> Option<&Rule> {
+        self.rules.iter().find(|r| {
+            g.stack.iter().any(|f| {
+                [&f.function, &f.file, &f.module]
+                    .into_iter()
+                    .flatten()
+                    .any(|s| matches(&r.pattern, s))
+            })
+        })
+    }
+
+    /// Splits `groups` into those to report and, per rule that matched
+    /// any, what it suppressed (in rule order).
+    pub fn apply(&self, groups: Vec<Group>) -> (Vec<Group>, Vec<Suppressed>) {
+        let mut kept = Vec::with_capacity(groups.len());
+        let mut hits: Vec<Option<Suppressed>> = vec![None; self.rules.len()];
+        for g in groups {
+            let Some(i) = self.matching(&g).map(|r| {
+                self.rules
+                    .iter()
+                    .position(|x| std::ptr::eq(x, r))
+                    .unwrap_or(0)
+            }) else {
+                kept.push(g);
+                continue;
+            };
+            let r = &self.rules[i];
+            let s = hits[i].get_or_insert_with(|| Suppressed {
+                pattern: r.pattern.clone(),
+                origin: r.origin.clone(),
+                groups: 0,
+                count: 0,
+                bytes: 0,
+            });
+            s.groups += 1;
+            s.count += g.count;
+            s.bytes += g.bytes;
+        }
+        (kept, hits.into_iter().flatten().collect())
+    }
+}
+
+/// Whether `pattern` matches `s` (see the module docs).
+pub fn matches(pattern: &str, s: &str) -> bool {
+    if s.is_empty() {
+        return false;
+    }
+    let (anchored_start, p) = match pattern.strip_prefix('^') {
+        Some(rest) => (true, rest),
+        None => (false, pattern),
+    };
+    let (anchored_end, p) = match p.strip_suffix('$') {
+        Some(rest) => (true, rest),
+        None => (false, p),
+    };
+    let pieces: Vec<&str> = p.split('*').collect();
+    let last = pieces.len() - 1;
+    let mut at = 0;
+    for (i, piece) in pieces.iter().enumerate() {
+        if piece.is_empty() {
+            continue;
+        }
+        if i == 0 && anchored_start {
+            if !s.starts_with(piece) {
+                return false;
+            }
+            at = piece.len();
+        } else if i == last && anchored_end {
+            // The last piece sits at the very end, after everything else.
+            return s.len() >= at + piece.len() && s.ends_with(piece);
+        } else {
+            match s[at..].find(piece) {
+                Some(k) => at += k + piece.len(),
+                None => return false,
+            }
+        }
+    }
+    // `$` after a trailing `*` (or an empty pattern body) matches any end.
+    !anchored_end || pieces[last].is_empty() || at == s.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StackFrame;
+
+    #[test]
+    fn patterns_match_like_leak_sanitizer() {
+        assert!(matches("parse", "parse_line"));
+        assert!(matches("parse", "my_parse"));
+        assert!(!matches("^parse", "my_parse"));
+        assert!(matches("^parse", "parse_line"));
+        assert!(matches("line$", "parse_line"));
+        assert!(!matches("parse$", "parse_line"));
+        assert!(matches("^parse_line$", "parse_line"));
+        assert!(!matches("^parse_line$", "parse_lines"));
+        assert!(matches("^p*line$", "parse_line"));
+        assert!(matches("a*b*c", "xxaxxbxxcxx"));
+        assert!(!matches("a*b*c", "xxcxxbxxaxx"));
+        assert!(matches("^a*$", "abc"));
+        assert!(matches("libfoo.so", "/usr/lib/libfoo.so.1"));
+        // A piece anchored at the end must not reuse earlier characters.
+        assert!(!matches("^ab*b$", "ab"));
+        assert!(matches("^ab*b$", "abb"));
+        assert!(!matches("x", ""));
+    }
+
+    fn group(functions: &[&str], count: u64, bytes: u64) -> Group {
+        Group {
+            kind: "heap".into(),
+            resource: "heap".into(),
+            count,
+            bytes,
+            min_size: None,
+            max_size: None,
+            state: None,
+            acquired_by: vec!["malloc".into()],
+            first_s: 0.0,
+            last_s: 0.0,
+            examples: vec![],
+            stack: functions
+                .iter()
+                .map(|f| StackFrame {
+                    addr: "0x1".into(),
+                    function: Some(f.to_string()),
+                    file: Some("x.c".into()),
+                    line: Some(1),
+                    module: Some("/usr/bin/prog".into()),
+                    inlined: false,
+                })
+                .collect(),
+            stack_note: None,
+            change: None,
+            growing_intervals: None,
+        }
+    }
+
+    #[test]
+    fn apply_counts_per_rule_and_keeps_the_rest() {
+        let mut s = Suppressions::none();
+        s.add("# mine\n\nleak:^cache_\nleak:prog$\n", "my.supp")
+            .unwrap();
+        let (kept, gone) = s.apply(vec![
+            group(&["malloc", "cache_put", "main"], 3, 30),
+            group(&["malloc", "parse_line", "main"], 5, 50),
+            group(&["malloc", "cache_grow", "main"], 2, 20),
+        ]);
+        // The module rule matches every group; the first matching rule wins.
+        assert_eq!(kept.len(), 0);
+        assert_eq!(
+            gone,
+            [
+                Suppressed {
+                    pattern: "^cache_".into(),
+                    origin: "my.supp:3".into(),
+                    groups: 2,
+                    count: 5,
+                    bytes: 50
+                },
+                Suppressed {
+                    pattern: "prog$".into(),
+                    origin: "my.supp:4".into(),
+                    groups: 1,
+                    count: 5,
+                    bytes: 50
+                },
+            ]
+        );
+        let mut s = Suppressions::none();
+        s.add("leak:^cache_", "x").unwrap();
+        let (kept, gone) = s.apply(vec![
+            group(&["malloc", "cache_put"], 3, 30),
+            group(&["malloc", "parse_line"], 5, 50),
+        ]);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].count, 5);
+        assert_eq!(gone.len(), 1);
+    }
+
+    #[test]
+    fn bad_lines_are_errors_with_their_line() {
+        let mut s = Suppressions::none();
+        let e = s.add("leak:ok\nrace:foo\n", "f.supp").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "f.supp:2: unknown suppression type `race` (only `leak` is)"
+        );
+        let e = s.add("justaword", "g").unwrap_err();
+        assert_eq!(e.to_string(), "g:1: `justaword` is not `leak:PATTERN`");
+        let e = s.add("leak:  ", "h").unwrap_err();
+        assert_eq!(e.to_string(), "h:1: empty pattern");
+    }
+
+    #[test]
+    fn defaults_parse_and_leave_program_leaks_alone() {
+        let d = Suppressions::defaults();
+        assert!(!d.rules().is_empty());
+        let program = group(&["malloc", "__GI___strdup", "parse_line", "main"], 1, 8);
+        assert_eq!(d.matching(&program), None);
+        let locale = group(
+            &[
+                "malloc",
+                "_nl_make_l10nflist",
+                "_nl_find_locale",
+                "__GI_setlocale",
+                "main",
+            ],
+            1,
+            8,
+        );
+        assert!(d.matching(&locale).is_some());
+    }
+}
