@@ -32,6 +32,12 @@ fn ensure_shim() {
 }
 
 fn heap_fixture(name: &str) -> PathBuf {
+    heap_fixture_with(name, &[])
+}
+
+/// [`heap_fixture`] with extra compiler arguments (libraries, after the
+/// source).
+fn heap_fixture_with(name: &str, extra: &[&str]) -> PathBuf {
     let out = workspace_root().join("target/fixtures");
     std::fs::create_dir_all(&out).unwrap();
     let bin = out.join(format!("heap-{name}-{}", std::process::id()));
@@ -40,6 +46,7 @@ fn heap_fixture(name: &str) -> PathBuf {
         .args(["-g", "-O2", "-fomit-frame-pointer", "-pthread", "-o"])
         .arg(&bin)
         .arg(&src)
+        .args(extra)
         .status()
         .expect("run cc");
     assert!(st.success(), "compiling {}", src.display());
@@ -306,4 +313,52 @@ fn a_bad_suppressions_file_is_a_clear_error() {
     );
     assert!(!marker.exists(), "the command must not run");
     let _ = std::fs::remove_file(supp);
+}
+
+/// A program linked with jemalloc keeps jemalloc under the shim (the
+/// fixture checks each block with jemalloc's own sallocx and exits 1 or
+/// crashes otherwise; forwarding to glibc's allocator crashed it), and its
+/// leak is found exactly.
+#[test]
+fn a_program_linked_with_jemalloc_keeps_its_allocator() {
+    let bin = heap_fixture_with("jemalloc", &["-ljemalloc"]);
+    let r = report(&["--backend", "preload", "--track", "heap"], &bin);
+    assert_eq!(
+        r["target"]["exit_code"], 0,
+        "the program ran as without leakscope"
+    );
+    let own: Vec<_> = groups_by_function(&r)
+        .into_iter()
+        .filter(|g| {
+            g.0.iter()
+                .any(|f| f == "leak_je" || f == "balanced_je" || f == "main")
+        })
+        .collect();
+    assert_eq!(own.len(), 1, "{own:#?}");
+    assert!(own[0].0.iter().any(|f| f == "leak_je"));
+    assert_eq!((own[0].1, own[0].2), (11, 528));
+    let _ = std::fs::remove_file(bin);
+}
+
+/// An executable that defines malloc itself is ahead of the shim: the
+/// report says its allocations are not seen instead of only "no leaks".
+#[test]
+fn a_malloc_the_shim_cannot_interpose_is_reported() {
+    let bin = heap_fixture("own_malloc");
+    let r = report(&["--backend", "preload", "--track", "heap"], &bin);
+    assert_eq!(r["target"]["exit_code"], 0);
+    let notes: Vec<&str> = r["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    let path = bin.to_str().unwrap();
+    assert!(
+        notes.iter().any(|n| n.contains(&format!(
+            "malloc is defined by {path}, ahead of the preload shim"
+        ))),
+        "{notes:?}"
+    );
+    let _ = std::fs::remove_file(bin);
 }

@@ -26,7 +26,7 @@ use std::fmt;
 /// layouts are documented in leakscope-preload.
 pub mod wire {
     /// Format version.
-    pub const VERSION: u16 = 3;
+    pub const VERSION: u16 = 4;
     /// A process image starts (or a fork child reconnects).
     pub const T_HELLO: u8 = 1;
     /// An allocation.
@@ -46,6 +46,9 @@ pub mod wire {
     /// Allocations freed again on their thread before any flush, which
     /// the shim therefore never sent (each stands for two events).
     pub const T_PAIRS: u8 = 9;
+    /// Something the reader of the report must know about this process
+    /// image (its allocations cannot be seen, ...).
+    pub const T_NOTE: u8 = 10;
 
     /// The clock page: a file of [`CLOCK_LEN`] bytes beside the collector
     /// socket, named [`CLOCK_FILE`], that the collector keeps current and

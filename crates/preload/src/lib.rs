@@ -39,7 +39,7 @@
 //! runs that loop, keeps a table of live blocks and prints the leaked ones
 //! grouped by stack (see `examples/heap_trace.rs`).
 //!
-//! # Wire format (version 3)
+//! # Wire format (version 4)
 //! A stream of records, little-endian, unpadded; a tag byte, then the body
 //! (the shim's crate docs have the full table):
 //!
@@ -51,6 +51,7 @@
 //! | 7 | CHUNK | `tid:u32 len:u32 body`: one thread's ALLOC (2), FREE (3) and STACK (4) records, LEB128 and delta-encoded |
 //! | 8 | END | the end of a batch |
 //! | 9 | PAIRS | `count:u64`: allocations freed on their thread before a flush, settled in the shim ([`Preload::settled`]) |
+//! | 10 | NOTE | `len:u16 text:[u8; len]`: a sentence for the report (e.g. the program's malloc comes before the shim's) |
 //!
 //! HELLO is first; a STACK precedes the first ALLOC naming it; stack id 0:
 //! none captured. The shim flushes every thread's buffer at once, so a
@@ -226,6 +227,8 @@ pub struct Preload {
     chunk: Vec<u8>,
     /// A pidfd of the child [`Preload::spawn`] started, until it exited.
     child_exit: Option<OwnedFd>,
+    /// What the shims said the report must say.
+    notes: Vec<String>,
     /// The shims' clock; None if it could not be made (they then call
     /// `clock_gettime`).
     clock: Option<clock::ClockPage>,
@@ -311,6 +314,7 @@ impl Preload {
             settled: 0,
             chunk: Vec::new(),
             child_exit: None,
+            notes: Vec::new(),
             clock,
         })
     }
@@ -691,6 +695,12 @@ impl Preload {
                 count,
             }),
             Record::Pairs { count } => self.settled += count,
+            Record::Note { text } => {
+                let note = format!("pid {}: {text}", pid.0);
+                if !self.notes.contains(&note) {
+                    self.notes.push(note);
+                }
+            }
         }
         Ok(())
     }
@@ -772,6 +782,10 @@ impl Drop for Preload {
 impl Backend for Preload {
     fn name(&self) -> &'static str {
         "preload"
+    }
+
+    fn notes(&self) -> Vec<String> {
+        self.notes.clone()
     }
 
     fn spawn(&mut self, cmd: &mut Command) -> io::Result<Child> {

@@ -4,7 +4,7 @@
 
 pub use leakscope_event::wire::VERSION;
 use leakscope_event::wire::{
-    T_ALLOC, T_CHUNK, T_END, T_FREE, T_HELLO, T_LOST, T_MAP, T_PAIRS, T_STACK,
+    T_ALLOC, T_CHUNK, T_END, T_FREE, T_HELLO, T_LOST, T_MAP, T_NOTE, T_PAIRS, T_STACK,
 };
 
 /// One decoded top-level record.
@@ -31,6 +31,10 @@ pub enum Record {
     /// Allocation/free pairs the shim cancelled without sending them.
     Pairs {
         count: u64,
+    },
+    /// A sentence for the report.
+    Note {
+        text: String,
     },
     /// One thread's records: `body` is their byte range in the decoded
     /// buffer (decode them with [`decode_chunk`]).
@@ -203,6 +207,7 @@ pub fn decode(b: &[u8]) -> Decoded {
         })(),
         T_LOST => (|| Some(Record::Lost { count: c.u64()? }))(),
         T_PAIRS => (|| Some(Record::Pairs { count: c.u64()? }))(),
+        T_NOTE => (|| Some(Record::Note { text: c.str()? }))(),
         t => return Decoded::BadTag(t),
     };
     match rec {

@@ -16,10 +16,12 @@
 //! ```
 //!
 //! # How
-//! - The real allocator is glibc's exported `__libc_malloc`, `__libc_calloc`,
-//!   `__libc_realloc`, `__libc_free`, `__libc_memalign`, `__libc_valloc`,
-//!   `__libc_pvalloc`; the shim's own Rust heap uses them too (a
-//!   `#[global_allocator]`), so no hook ever calls back into a hook.
+//! - The program's allocator is each function's next definition after the
+//!   shim (`dlsym(RTLD_NEXT)`, see `real.rs`): glibc's, or a jemalloc or
+//!   tcmalloc the program links or preloads, which keeps working as
+//!   without the shim. The shim's own Rust heap (a `#[global_allocator]`)
+//!   uses glibc's exported `__libc_malloc` family directly, so no hook ever
+//!   calls back into a hook.
 //! - A const thread-local flag guards against reentrancy (a signal handler
 //!   allocating inside a hook): nested calls are passed through untracked
 //!   and counted in a `LOST` record.
@@ -122,6 +124,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 mod pending;
+mod real;
 mod unwind;
 
 use pending::{Alloc, Cancel, Pending};
@@ -138,15 +141,9 @@ use std::sync::atomic::{
 use unwind::MAX_FRAMES;
 
 extern "C" {
-    fn __libc_malloc(size: usize) -> *mut c_void;
-    fn __libc_calloc(n: usize, size: usize) -> *mut c_void;
-    fn __libc_realloc(p: *mut c_void, size: usize) -> *mut c_void;
-    fn __libc_free(p: *mut c_void);
-    fn __libc_memalign(align: usize, size: usize) -> *mut c_void;
-    fn __libc_valloc(size: usize) -> *mut c_void;
-    fn __libc_pvalloc(size: usize) -> *mut c_void;
     fn malloc_usable_size(p: *mut c_void) -> usize;
 }
+use real::{__libc_calloc, __libc_free, __libc_malloc, __libc_memalign, __libc_realloc};
 
 // ---------------------------------------------------------------------------
 // The shim's own heap.
@@ -197,7 +194,7 @@ static ALLOC: LibcAlloc = LibcAlloc;
 
 use leakscope_event::wire::{
     CLOCK_FILE, CLOCK_LEN, CLOCK_MAGIC, CLOCK_NOW, T_ALLOC, T_CHUNK, T_END, T_FREE, T_HELLO,
-    T_LOST, T_MAP, T_PAIRS, T_STACK, VERSION,
+    T_LOST, T_MAP, T_NOTE, T_PAIRS, T_STACK, VERSION,
 };
 
 /// A thread's buffer this big asks for a flush of every buffer.
@@ -219,6 +216,9 @@ struct Tls {
     /// Set around shim-internal calls into libc that may allocate: those
     /// allocations are ours, not lost program events.
     internal: Cell<bool>,
+    /// Set while this thread looks the program's allocator up (see
+    /// `real`): its allocations come from a static arena meanwhile.
+    resolving: Cell<bool>,
     /// This thread's recorder; null: none yet.
     me: Cell<*mut Thread>,
 }
@@ -257,6 +257,14 @@ fn tls() -> Option<&'static Tls> {
         );
         Some(&*p)
     }
+}
+
+/// This thread's `resolving` flag, for [`real`].
+fn resolving() -> &'static Cell<bool> {
+    let Some(t) = tls() else {
+        unreachable!("static TLS is always there")
+    };
+    &t.resolving
 }
 
 /// Holds the reentrancy flag for the current thread.
@@ -961,6 +969,56 @@ impl State {
         put_str(b, &exe);
     }
 
+    fn note(&mut self, text: &str) {
+        self.buf.push(T_NOTE);
+        put_str(&mut self.buf, text);
+    }
+
+    /// Notes it when the process's `malloc` is not the shim's: something
+    /// ahead of the shim in the search order (the executable, with an
+    /// allocator linked in statically) defines it, and the hooks see none
+    /// of its allocations.
+    fn check_interposed(&mut self) {
+        // The shim's own `malloc` cannot be named here: a default-visibility
+        // symbol of a shared object is reached through the GOT, that is,
+        // as whatever comes first. Compare the objects instead, by a
+        // function of the shim's that nothing interposes.
+        // SAFETY: dlsym/dladdr with a NUL-terminated name and valid out
+        // structs; the returned name is copied.
+        let theirs = unsafe {
+            let f = libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr());
+            let mut info: libc::Dl_info = std::mem::zeroed();
+            let mut mine: libc::Dl_info = std::mem::zeroed();
+            if f.is_null()
+                || libc::dladdr(f, &mut info) == 0
+                || libc::dladdr(init as *const c_void, &mut mine) == 0
+                || info.dli_fbase == mine.dli_fbase
+            {
+                None
+            } else if info.dli_fname.is_null() {
+                Some(String::new())
+            } else {
+                Some(
+                    CStr::from_ptr(info.dli_fname)
+                        .to_string_lossy()
+                        .into_owned(),
+                )
+            }
+        };
+        if let Some(path) = theirs {
+            let path = if path.is_empty() {
+                "the executable".to_string()
+            } else {
+                path
+            };
+            self.note(&format!(
+                "malloc is defined by {path}, ahead of the preload shim: its \
+                 allocations are not seen (`leakscope attach --track heap \
+                 --allocator ''` probes them with uprobes)"
+            ));
+        }
+    }
+
     fn map(&mut self, time: u64, m: &(u64, u64, u64, String)) {
         let b = &mut self.buf;
         b.push(T_MAP);
@@ -1173,6 +1231,7 @@ fn init() {
             maps: Vec::new(),
         };
         st.hello(0);
+        st.check_interposed();
         LAST_FLUSH.store(now_ns(), Ordering::Relaxed);
         // SAFETY: STATE is INITING, so hooks pass through and nobody else
         // reaches the state.
@@ -1678,7 +1737,7 @@ entry!(
     malloc => malloc_imp, "rsi", "rdx"
 );
 unsafe extern "C" fn malloc_imp(size: usize, sp: u64, bp: u64) -> *mut c_void {
-    let p = __libc_malloc(size);
+    let p = real::malloc(size, resolving);
     on_alloc_inline(p, size, malloc as *const () as u64, sp, bp);
     p
 }
@@ -1688,7 +1747,7 @@ entry!(
     calloc => calloc_imp, "rdx", "rcx"
 );
 unsafe extern "C" fn calloc_imp(n: usize, size: usize, sp: u64, bp: u64) -> *mut c_void {
-    let p = __libc_calloc(n, size);
+    let p = real::calloc(n, size, resolving);
     on_alloc(p, n.wrapping_mul(size), calloc as *const () as u64, sp, bp);
     p
 }
@@ -1705,14 +1764,14 @@ unsafe extern "C" fn realloc_imp(p: *mut c_void, size: usize, sp: u64, bp: u64) 
 
 unsafe fn realloc_from(p: *mut c_void, size: usize, hook: u64, sp: u64, bp: u64) -> *mut c_void {
     if p.is_null() {
-        let q = __libc_malloc(size);
+        let q = real::malloc(size, resolving);
         on_alloc(q, size, hook, sp, bp);
         return q;
     }
     // Record the free while `p` is still ours: once libc has it back,
     // another thread may get the same address and record it first.
     on_free(p);
-    let q = __libc_realloc(p, size);
+    let q = real::realloc(p, size, resolving);
     if !q.is_null() {
         on_alloc(q, size, hook, sp, bp);
     } else if size != 0 {
@@ -1744,7 +1803,7 @@ unsafe extern "C" fn reallocarray_imp(
 #[no_mangle]
 pub unsafe extern "C" fn free(p: *mut c_void) {
     on_free_inline(p);
-    __libc_free(p);
+    real::free(p, resolving);
 }
 
 entry!(
@@ -1758,29 +1817,21 @@ unsafe extern "C" fn posix_memalign_imp(
     sp: u64,
     bp: u64,
 ) -> c_int {
-    if !align.is_power_of_two() || !align.is_multiple_of(std::mem::size_of::<*mut c_void>()) {
-        return libc::EINVAL;
+    let mut p = std::ptr::null_mut();
+    let rc = real::posix_memalign(&mut p, align, size, resolving);
+    if rc == 0 {
+        *out = p;
+        on_alloc(p, size, posix_memalign as *const () as u64, sp, bp);
     }
-    let p = __libc_memalign(align, size);
-    if p.is_null() {
-        return libc::ENOMEM;
-    }
-    *out = p;
-    on_alloc(p, size, posix_memalign as *const () as u64, sp, bp);
-    0
+    rc
 }
 
 entry!(
-    /// aligned_alloc(3) (C11): glibc 2.38 rejects alignments that are not a
-    /// power of two; so do we.
+    /// aligned_alloc(3) (C11).
     aligned_alloc => aligned_alloc_imp, "rdx", "rcx"
 );
 unsafe extern "C" fn aligned_alloc_imp(align: usize, size: usize, sp: u64, bp: u64) -> *mut c_void {
-    if !align.is_power_of_two() {
-        *libc::__errno_location() = libc::EINVAL;
-        return std::ptr::null_mut();
-    }
-    let p = __libc_memalign(align, size);
+    let p = real::aligned_alloc(align, size, resolving);
     on_alloc(p, size, aligned_alloc as *const () as u64, sp, bp);
     p
 }
@@ -1790,7 +1841,7 @@ entry!(
     memalign => memalign_imp, "rdx", "rcx"
 );
 unsafe extern "C" fn memalign_imp(align: usize, size: usize, sp: u64, bp: u64) -> *mut c_void {
-    let p = __libc_memalign(align, size);
+    let p = real::memalign(align, size, resolving);
     on_alloc(p, size, memalign as *const () as u64, sp, bp);
     p
 }
@@ -1800,7 +1851,7 @@ entry!(
     valloc => valloc_imp, "rsi", "rdx"
 );
 unsafe extern "C" fn valloc_imp(size: usize, sp: u64, bp: u64) -> *mut c_void {
-    let p = __libc_valloc(size);
+    let p = real::valloc(size, resolving);
     on_alloc(p, size, valloc as *const () as u64, sp, bp);
     p
 }
@@ -1810,7 +1861,7 @@ entry!(
     pvalloc => pvalloc_imp, "rsi", "rdx"
 );
 unsafe extern "C" fn pvalloc_imp(size: usize, sp: u64, bp: u64) -> *mut c_void {
-    let p = __libc_pvalloc(size);
+    let p = real::pvalloc(size, resolving);
     on_alloc(p, size, pvalloc as *const () as u64, sp, bp);
     p
 }
