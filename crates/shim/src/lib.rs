@@ -88,6 +88,7 @@
 //! | 7 | CHUNK | `tid:u32 len:u32 body:[u8; len]`: one thread's records, below |
 //! | 8 | END | (none): the end of a batch of chunks |
 //! | 9 | PAIRS | `count:u64`: allocations freed again on their thread before a flush, never sent |
+//! | 10 | NOTE | `len:u16 text:[u8; len]`: a sentence for the report (the program's malloc comes before the shim's) |
 //!
 //! Inside a chunk, `var` is LEB128, and seq, time and address are deltas
 //! from the chunk's previous ALLOC/FREE (from 0 for the first), each
@@ -104,8 +105,9 @@
 //! ALLOC that names its id, in the same or an earlier batch; id 0 means "no
 //! stack could be taken" (signal stack, thread teardown). Sort a batch's
 //! ALLOCs and FREEs by (seq, FREE after ALLOC). HELLO's time is
-//! `CLOCK_MONOTONIC` ns; the others are `CLOCK_MONOTONIC_COARSE` ns (a vDSO
-//! read of the last tick; the collector raises them to the HELLO's time).
+//! `CLOCK_MONOTONIC` ns; the others are `CLOCK_MONOTONIC_COARSE` ns, read
+//! from the collector's clock page (one load; the vDSO without it), which
+//! the collector raises to the HELLO's time.
 
 //! It does not:
 //! - track fds, mmap or sbrk (glibc-internal fd calls bypass PLT hooks);
