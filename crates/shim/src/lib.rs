@@ -76,7 +76,7 @@
 //! - If the collector goes away (`send` fails; `MSG_NOSIGNAL`, so no
 //!   SIGPIPE) the shim prints one line to stderr and stops tracking.
 //!
-//! # Wire format (version 3)
+//! # Wire format (version 4)
 //! A stream of records, all fixed-size integers little-endian, no padding.
 //! Each record is a tag byte followed by its body:
 //!
