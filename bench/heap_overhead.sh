@@ -16,7 +16,12 @@
 # runs, for both builds: untraced N | preload N | heaptrack N/10 |
 # valgrind --leak-check=full N/100 | memleak-bpfcc N/100; each ratio is
 # against an untraced run of the SAME size in the same round. "leaks" says
-# whether the tool attributed 38 blocks to stress_leak.
+# whether the tool attributed 38 blocks to stress_leak. After the timed
+# rounds, one more run of each tool per build, sampled every 20 ms through
+# /proc (outside the timing), gives peak RSS: "target" is the process
+# running heap_stress (with an in-process tool: its shim or valgrind's core
+# included), "tracer" the sum of the peaks of the tool's other processes
+# (leakscope's collector, heaptrack_interpret, memleak's python).
 #
 # leakscope's driver is $CARGO_TARGET_DIR/release/leakscope if it accepts
 # `run --backend preload --track heap` (and DRIVER is not "example"), else
@@ -109,15 +114,64 @@ for ((r = 1; r <= ROUNDS; r++)); do
 	echo "round $r/$ROUNDS done"
 done
 
+# Peak RSS (KiB) of the tree under $1 while it runs: "tracer target".
+tree() { echo "$1"; local c; for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do tree "$c"; done; }
+sample_rss() {
+	local root=$1 target_pid=${2:-} tmax=0 gmax=0 sum p comm hwm
+	while kill -0 "$root" 2>/dev/null; do
+		sum=0
+		for p in $(tree "$root") $target_pid; do
+			comm=$(cat /proc/"$p"/comm 2>/dev/null) || continue
+			hwm=$(awk '/^VmHWM/{print $2}' /proc/"$p"/status 2>/dev/null)
+			[[ -n $hwm ]] || continue
+			if [[ $comm == heap_stress* || $comm == memcheck* || $p == "$target_pid" ]]; then
+				((hwm > gmax)) && gmax=$hwm
+			elif [[ $comm != timeout ]]; then
+				sum=$((sum + hwm))
+			fi
+		done
+		((sum > tmax)) && tmax=$sum
+		sleep 0.02
+	done
+	echo "$tmax $gmax"
+}
+# rss TOOL BUILD -> "tracer_kib target_kib"
+rss() {
+	local tool=$1 bin=$OUT/heap_stress_$2 pid tpid
+	case $tool in
+	untraced) "$bin" "$N" & pid=$! ;;
+	preload) "${driver[@]}" "$bin" "$N" >/dev/null 2>&1 & pid=$! ;;
+	heaptrack) heaptrack -o "$OUT/heaptrack.rss" "$bin" "$N_HT" >/dev/null 2>&1 & pid=$! ;;
+	valgrind) valgrind --leak-check=full "$bin" "$N_SMALL" >/dev/null 2>&1 & pid=$! ;;
+	memleak)
+		"$bin" "$N_SMALL" & tpid=$!
+		timeout 60 memleak-bpfcc -p "$tpid" >/dev/null 2>&1 & pid=$!
+		sample_rss "$pid" "$tpid"; wait "$pid" "$tpid" 2>/dev/null || true; return ;;
+	esac
+	sample_rss "$pid"
+	wait "$pid" 2>/dev/null || true
+	rm -f "$OUT"/heaptrack.rss*
+}
+declare -A R
+for b in fp nofp; do
+	for tool in "${tools[@]}"; do
+		R[$tool.$b]=$(rss "$tool" "$b")
+	done
+done
+
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
-printf '\n%-10s %-5s %8s %10s %8s  %s\n' tool build n median_s ratio leaks
+printf '\n%-10s %-5s %8s %10s %8s %11s %11s  %s\n' tool build n median_s ratio tracer_MiB target_MiB leaks
 for b in fp nofp; do
 	for tool in "${tools[@]}"; do
 		base=untraced n=$N
 		case $tool in heaptrack) base=untraced_ht n=$N_HT ;; valgrind | memleak) base=untraced_small n=$N_SMALL ;; esac
 		m=$(echo "${T[$tool.$b]}" | median)
 		mb=$(echo "${T[$base.$b]}" | median)
-		printf '%-10s %-5s %8s %10.3f %8.1f  %s\n' "$tool" "$b" "$n" "$m" "$(echo "$m / $mb" | bc -l)" "${F[$tool.$b]}"
+		read -r tr tg <<<"${R[$tool.$b]}"
+		mib() { if (($1 > 0)); then printf '%.1f' "$(echo "$1 / 1024" | bc -l)"; else echo -; fi; }
+		printf '%-10s %-5s %8s %10.3f %8.1f %11s %11s  %s\n' "$tool" "$b" "$n" "$m" "$(echo "$m / $mb" | bc -l)" \
+			"$(mib "$tr")" "$(mib "$tg")" "${F[$tool.$b]}"
 	done
 done
-echo "(memleak-bpfcc attaches after start; its wall time is its own run, not the program's)"
+echo "(memleak-bpfcc attaches after start; its wall time is its own run, not the program's;"
+echo " a target gone before the first 20 ms sample shows as -)"

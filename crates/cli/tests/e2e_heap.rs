@@ -307,7 +307,7 @@ fn a_bad_suppressions_file_is_a_clear_error() {
     assert_eq!(
         err.trim(),
         format!(
-            "leakscope: error: {}:2: unknown suppression type `race` (only `leak` is)",
+            "leakscope: error: {}:2: unknown suppression type `race` (only `leak` and `leak-init` are)",
             supp.display()
         )
     );

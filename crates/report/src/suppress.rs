@@ -8,10 +8,17 @@
 //! as a substring; `*` matches any run of characters, a leading `^`
 //! anchors it at the start and a trailing `$` at the end.
 //!
+//! One extension: `leak-init:MODULE` suppresses what a library allocates
+//! in its own initializer, before any code of the program runs: a stack of
+//! the allocator, then a frame in a module whose file name contains
+//! MODULE, then only the loader's frames (`ld-linux*`). libstdc++'s
+//! emergency exception pool is such a block, in every C++ program.
+//!
 //! [`Suppressions::defaults`] holds `default.supp` (built in): glibc's
 //! caches that only `__libc_freeres` releases (valgrind calls it at exit;
-//! a tracer that must not change the program cannot). Suppressed groups
-//! are counted per rule and reported as such, never dropped silently.
+//! a tracer that must not change the program cannot), and libstdc++'s
+//! pool. Suppressed groups are counted per rule and reported as such,
+//! never dropped silently.
 
 use serde::Serialize;
 
@@ -23,11 +30,13 @@ const DEFAULTS: &str = include_str!("default.supp");
 /// Where the defaults say they come from.
 pub const DEFAULT_ORIGIN: &str = "default";
 
-/// One `leak:` line.
+/// One `leak:` (or `leak-init:`) line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
-    /// The pattern after `leak:`.
+    /// The pattern after `leak:` (`leak-init:` rules: the whole line).
     pub pattern: String,
+    /// A `leak-init:` rule: the module name it names.
+    pub init_of: Option<String>,
     /// `default`, or `FILE:LINE`.
     pub origin: String,
 }
@@ -81,7 +90,7 @@ impl Suppressions {
         Suppressions::default()
     }
 
-    /// The built-in rules (glibc's caches).
+    /// The built-in rules (glibc's and libstdc++'s caches).
     pub fn defaults() -> Suppressions {
         let mut s = Suppressions::none();
         s.add(DEFAULTS, DEFAULT_ORIGIN)
@@ -108,15 +117,18 @@ impl Suppressions {
                     what: format!("`{line}` is not `leak:PATTERN`"),
                 });
             };
-            if kind.trim() != "leak" {
-                return Err(Error::Syntax {
-                    origin,
-                    what: format!(
-                        "unknown suppression type `{}` (only `leak` is)",
-                        kind.trim()
-                    ),
-                });
-            }
+            let init = match kind.trim() {
+                "leak" => false,
+                "leak-init" => true,
+                other => {
+                    return Err(Error::Syntax {
+                        origin,
+                        what: format!(
+                            "unknown suppression type `{other}` (only `leak` and `leak-init` are)"
+                        ),
+                    })
+                }
+            };
             let pattern = pattern.trim();
             if pattern.is_empty() || pattern == "^" || pattern == "$" {
                 return Err(Error::Syntax {
@@ -125,7 +137,12 @@ impl Suppressions {
                 });
             }
             self.rules.push(Rule {
-                pattern: pattern.to_string(),
+                pattern: if init {
+                    format!("leak-init:{pattern}")
+                } else {
+                    pattern.to_string()
+                },
+                init_of: init.then(|| pattern.to_string()),
                 origin,
             });
         }
@@ -147,15 +164,16 @@ impl Suppressions {
         &self.rules
     }
 
-    /// The first rule that matches some frame of `g`'s stack.
+    /// The first rule that matches `g`'s stack.
     pub fn matching(&self, g: &Group) -> Option<&Rule> {
-        self.rules.iter().find(|r| {
-            g.stack.iter().any(|f| {
+        self.rules.iter().find(|r| match &r.init_of {
+            Some(module) => library_init(&g.stack, module),
+            None => g.stack.iter().any(|f| {
                 [&f.function, &f.file, &f.module]
                     .into_iter()
                     .flatten()
                     .any(|s| matches(&r.pattern, s))
-            })
+            }),
         })
     }
 
@@ -188,6 +206,28 @@ impl Suppressions {
         }
         (kept, hits.into_iter().flatten().collect())
     }
+}
+
+/// Whether `stack` is an allocation by `module`'s own initializer: the
+/// allocator's frames (the shim's hook, libc), one or more frames of
+/// `module`, then only the loader's.
+fn library_init(stack: &[crate::StackFrame], module: &str) -> bool {
+    let base = |f: &crate::StackFrame| {
+        let m = f.module.as_deref().unwrap_or("");
+        m.rsplit('/').next().unwrap_or(m).to_string()
+    };
+    let Some(first) = stack.iter().position(|f| base(f).contains(module)) else {
+        return false;
+    };
+    let allocator = |b: &str| b.starts_with("libleakscope_shim") || b.starts_with("libc.so");
+    let mut rest = stack[first..]
+        .iter()
+        .skip_while(|f| base(f).contains(module))
+        .peekable();
+    first > 0
+        && stack[..first].iter().all(|f| allocator(&base(f)))
+        && rest.peek().is_some()
+        && rest.all(|f| base(f).starts_with("ld-linux"))
 }
 
 /// Whether `pattern` matches `s` (see the module docs).
@@ -333,12 +373,53 @@ mod tests {
         let e = s.add("leak:ok\nrace:foo\n", "f.supp").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "f.supp:2: unknown suppression type `race` (only `leak` is)"
+            "f.supp:2: unknown suppression type `race` (only `leak` and `leak-init` are)"
         );
         let e = s.add("justaword", "g").unwrap_err();
         assert_eq!(e.to_string(), "g:1: `justaword` is not `leak:PATTERN`");
         let e = s.add("leak:  ", "h").unwrap_err();
         assert_eq!(e.to_string(), "h:1: empty pattern");
+    }
+
+    fn frame(function: Option<&str>, module: &str) -> StackFrame {
+        StackFrame {
+            addr: "0x1".into(),
+            function: function.map(str::to_string),
+            file: None,
+            line: None,
+            module: Some(module.into()),
+            inlined: false,
+        }
+    }
+
+    #[test]
+    fn leak_init_takes_only_a_library_initializer_s_own_blocks() {
+        let mut s = Suppressions::none();
+        s.add("leak-init:libstdc++.so", "x").unwrap();
+        let shim = "/opt/ls/libleakscope_shim.so";
+        let cxx = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6";
+        let ld = "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
+        let mut pool = group(&[], 1, 72704);
+        pool.stack = vec![
+            frame(Some("malloc"), shim),
+            frame(None, cxx),
+            frame(Some("call_init"), ld),
+            frame(Some("_dl_init"), ld),
+        ];
+        assert!(s.matching(&pool).is_some());
+        // The same library allocating for the program (operator new called
+        // from main) is the program's.
+        let mut new = pool.clone();
+        new.stack = vec![
+            frame(Some("malloc"), shim),
+            frame(Some("operator new"), cxx),
+            frame(Some("main"), "/usr/bin/prog"),
+        ];
+        assert_eq!(s.matching(&new), None);
+        // Another library's initializer is not libstdc++'s.
+        let mut other = pool.clone();
+        other.stack[1] = frame(None, "/usr/lib/libfoo.so");
+        assert_eq!(s.matching(&other), None);
     }
 
     #[test]
