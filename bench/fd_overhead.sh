@@ -18,7 +18,7 @@
 #
 # stress mode: one run interleaves the tools round by round (A B C D A B C D
 # ...) so drift (thermal, other load) hits them all alike:
-#   untraced N | leakscope run --format json N | strace N/40 |
+#   untraced N | leakscope run --track fd --format json N | strace N/40 |
 #   strace -k N/400 | valgrind --track-fds=yes N/40
 # strace and valgrind are too slow for N cycles, so they run fewer cycles;
 # each ratio is against an untraced run of the SAME size, timed in the same
@@ -162,7 +162,7 @@ run_stress() {
 		echo "round $round/$rounds ..."
 		timed untraced $round "$STRESS" "$N"
 		if ((have_leakscope)); then
-			timed leakscope $round "$LS" run --format json -o - -- "$STRESS" "$N"
+			timed leakscope $round "$LS" run --track fd --format json -o - -- "$STRESS" "$N"
 		fi
 		if ((have_strace || have_valgrind)); then
 			timed untraced_small $round "$STRESS" "$N_SMALL"
@@ -229,7 +229,7 @@ run_realistic() {
 	local round
 	for ((round = 1; round <= ROUNDS; round++)); do
 		timed real_untraced $round "$STRESS" "$N_REAL" "$RATE"
-		timed real_leakscope $round "$LS" run --format json -o - -- "$STRESS" "$N_REAL" "$RATE"
+		timed real_leakscope $round "$LS" run --track fd --format json -o - -- "$STRESS" "$N_REAL" "$RATE"
 	done
 	local bw bc lw lc
 	bw=$(median 1 "$OUT/real_untraced.times")

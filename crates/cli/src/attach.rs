@@ -272,6 +272,7 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
             sample_every: args.sample_every.max(1),
         },
         args.allocator.clone(),
+        false,
     )?;
     let start = Instant::now();
     let mut s = Session {
@@ -427,8 +428,15 @@ fn make_report(
             }
         })
         .collect();
-    let groups = build_groups(leaks, &mut s.backend, &s.maps, tracking);
-    let (groups, suppressed) = suppressions.apply(groups);
+    let (groups, kept) = build_groups(
+        leaks,
+        &mut s.backend,
+        &s.maps,
+        tracking,
+        suppressions.has_defaults(),
+    );
+    let (groups, mut suppressed) = suppressions.apply(groups);
+    suppressed.extend(kept);
     let lost = s.ledger.lost();
     Report {
         target: Target {

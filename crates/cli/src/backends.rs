@@ -52,16 +52,29 @@ pub struct Combined {
     fd: Option<Box<dyn Backend>>,
     heap: Option<Box<dyn Backend>>,
     name: &'static str,
+    /// What was left out, and why.
+    notes: Vec<String>,
 }
 
 /// Opens the backends `tracking` needs under `choice`, or says in one line
-/// why it cannot and what would work instead.
+/// why it cannot and what would work instead. With `defaults` (the user
+/// named no kinds), a backend named by `choice` keeps only what it can
+/// track, and fds are dropped with a note when eBPF cannot be used.
 pub fn open(
-    tracking: Tracking,
+    mut tracking: Tracking,
     choice: Choice,
     mode: Mode,
     allocator: Option<String>,
+    defaults: bool,
 ) -> anyhow::Result<Combined> {
+    let mut notes = Vec::new();
+    if defaults {
+        match choice {
+            Choice::Preload => tracking.fd = false,
+            Choice::Ebpf if mode == Mode::Launch => tracking.heap = false,
+            _ => {}
+        }
+    }
     if tracking.heap && mode == Mode::Launch && choice == Choice::Ebpf {
         return Err(fatal(
             exit::ERROR,
@@ -82,6 +95,13 @@ pub fn open(
     let fd: Option<Box<dyn Backend>> = if tracking.needs_fd_backend() {
         match leakscope_ebpf::Tracer::new(leakscope_ebpf::Config { tcp: tracking.tcp }) {
             Ok(t) => Some(Box::new(t)),
+            Err(e) if defaults && tracking.heap && !tracking.tcp => {
+                notes.push(format!(
+                    "fds were not traced: {e}. The heap was; --track heap says \
+                     that is all you want"
+                ));
+                None
+            }
             Err(e) => {
                 let hint = if tracking.heap {
                     ""
@@ -119,7 +139,12 @@ pub fn open(
         (None, Some(_), Mode::Launch) => "preload",
         (None, None, _) => return Err(fatal(exit::ERROR, "nothing to track".into())),
     };
-    Ok(Combined { fd, heap, name })
+    Ok(Combined {
+        fd,
+        heap,
+        name,
+        notes,
+    })
 }
 
 impl Backend for Combined {
@@ -148,7 +173,7 @@ impl Backend for Combined {
     }
 
     fn notes(&self) -> Vec<String> {
-        let mut notes = Vec::new();
+        let mut notes = self.notes.clone();
         for b in [&self.fd, &self.heap].into_iter().flatten() {
             notes.extend(b.notes());
         }
@@ -198,6 +223,14 @@ impl Backend for Combined {
             })?;
         }
         Ok(())
+    }
+
+    fn kept_by_runtime(
+        &self,
+        pid: leakscope_event::Pid,
+        addr: leakscope_event::AbsAddr,
+    ) -> Option<&'static str> {
+        self.heap.as_ref()?.kept_by_runtime(pid, addr)
     }
 
     fn raw_stack(&mut self, id: StackId) -> RawStack {

@@ -1,5 +1,5 @@
-//! leakscope: finds where a program leaks file descriptors — the call
-//! stacks that acquired what was never released.
+//! leakscope: finds where a program leaks file descriptors and memory —
+//! the call stacks that acquired what was never released.
 //!
 //! This crate is wiring only: flags → [`pipeline::Config`] → backend →
 //! ledger → stacks → symbolize → report.
@@ -38,11 +38,10 @@ EXIT STATUS:
   127    the command was not found
 
 EXAMPLES:
-  leakscope run -- ./server --port 8080
+  leakscope run -- ./server --port 8080           # fds and heap
   leakscope run --format json -o report.json -- ./myprog
   leakscope run --fail-on-leak -- ./test-binary
   leakscope run --track fd --top 5 -- make check
-  leakscope run --track fd,heap -- ./myprog
   leakscope run --track tcp -- ./server        # sockets left in CLOSE_WAIT
   leakscope run --backend preload --track heap -- ./myprog   # no root needed
   leakscope run --track heap --suppressions lsan.supp -- ./myprog";
@@ -63,8 +62,8 @@ EXAMPLES:
 #[command(
     name = "leakscope",
     version,
-    about = "Find where a program leaks file descriptors: the call stacks that \
-             acquired what was never released.",
+    about = "Find where a program leaks file descriptors and memory: the call \
+             stacks that acquired what was never released.",
     after_help = AFTER_HELP
 )]
 struct Cli {
@@ -124,9 +123,10 @@ pub struct RunArgs {
     /// Exit with 3 when leaks were found (a CI gate).
     #[arg(long)]
     fail_on_leak: bool,
-    /// What to track (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "fd")]
-    track: Vec<Track>,
+    /// What to track (comma-separated) [default: fd,heap; without
+    /// permission for eBPF the heap alone, with a note saying so].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    track: Option<Vec<Track>>,
     /// Show at most N leak groups in text output.
     #[arg(long, default_value_t = 20, value_name = "N")]
     top: usize,
@@ -203,13 +203,17 @@ fn report_error(result: anyhow::Result<ExitCode>) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let track = args.track.clone().unwrap_or(vec![Track::Fd, Track::Heap]);
     let config = pipeline::Config {
         command: args.command.clone(),
         tracking: backends::Tracking {
-            fd: args.track.contains(&Track::Fd),
-            heap: args.track.contains(&Track::Heap),
-            tcp: args.track.contains(&Track::Tcp),
+            fd: track.contains(&Track::Fd),
+            heap: track.contains(&Track::Heap),
+            tcp: track.contains(&Track::Tcp),
         },
+        // Not asked for by name: fds are dropped, with a note, when eBPF
+        // is not permitted.
+        fd_optional: args.track.is_none(),
         backend: match args.backend {
             BackendChoice::Auto => backends::Choice::Auto,
             BackendChoice::Ebpf => backends::Choice::Ebpf,

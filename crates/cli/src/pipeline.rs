@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use leakscope_event::{Backend, Event, FileOffset, Pid, RawStack, StackId, TcpState};
 use leakscope_ledger::{group, Leak, Resource};
-use leakscope_report::{Counts, Example, Group, Report, StackFrame, Target};
+use leakscope_report::{Counts, Example, Group, Report, StackFrame, Suppressed, Target};
 use leakscope_stacks::{ModuleMaps, RawFrame, Unwinder};
 use leakscope_symbolize::Symbolizer;
 
@@ -40,6 +40,8 @@ pub struct Config {
     pub tracking: crate::backends::Tracking,
     pub backend: crate::backends::Choice,
     pub suppressions: leakscope_report::Suppressions,
+    /// fds were not asked for by name: without eBPF, trace the rest.
+    pub fd_optional: bool,
 }
 
 pub enum Status {
@@ -93,6 +95,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
         config.backend,
         crate::backends::Mode::Launch,
         None,
+        config.fd_optional,
     )?;
     signals::install();
 
@@ -172,8 +175,15 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     let events = ledger.events() + 2 * backend.settled();
     let lost = ledger.lost();
     let leaks = ledger.finish();
-    let groups = build_groups(leaks, &mut backend, &maps, config.tracking);
-    let (groups, suppressed) = config.suppressions.apply(groups);
+    let (groups, kept) = build_groups(
+        leaks,
+        &mut backend,
+        &maps,
+        config.tracking,
+        config.suppressions.has_defaults(),
+    );
+    let (groups, mut suppressed) = config.suppressions.apply(groups);
+    suppressed.extend(kept);
     let mut notes = backend.notes();
     notes.extend(lost_note(lost));
     let report = Report {
@@ -268,12 +278,48 @@ struct GroupKey {
     frames: Vec<FrameKey>,
 }
 
+/// The leak groups of `leaks`, and (with `runtime_kept`, the default
+/// suppressions) what was left out because the C runtime keeps it on
+/// purpose ([`Backend::kept_by_runtime`]), counted as suppressed.
 pub(crate) fn build_groups(
     leaks: Vec<Leak>,
     backend: &mut dyn Backend,
     maps: &ModuleMaps,
     tracking: crate::backends::Tracking,
-) -> Vec<Group> {
+    runtime_kept: bool,
+) -> (Vec<Group>, Vec<Suppressed>) {
+    let mut kept: Vec<Suppressed> = Vec::new();
+    let leaks: Vec<Leak> = leaks
+        .into_iter()
+        .filter(|l| {
+            let Resource::Heap(b) = &l.resource else {
+                return true;
+            };
+            if !runtime_kept {
+                return true;
+            }
+            let Some(what) = backend.kept_by_runtime(l.holder, b.addr) else {
+                return true;
+            };
+            let pattern = format!("<{what}, kept by glibc>");
+            let i = match kept.iter().position(|k| k.pattern == pattern) {
+                Some(i) => i,
+                None => {
+                    kept.push(Suppressed {
+                        pattern,
+                        origin: leakscope_report::suppress::DEFAULT_ORIGIN.into(),
+                        groups: 1,
+                        count: 0,
+                        bytes: 0,
+                    });
+                    kept.len() - 1
+                }
+            };
+            kept[i].count += 1;
+            kept[i].bytes += b.size;
+            false
+        })
+        .collect();
     let mut unwinder = Unwinder::new();
     let mut unwound: HashMap<StackId, (Vec<RawFrame>, Option<String>)> = HashMap::new();
     for leak in &leaks {
@@ -414,7 +460,7 @@ pub(crate) fn build_groups(
             }
         })
         .collect();
-    merge_same_source(groups)
+    (merge_same_source(groups), kept)
 }
 
 /// Groups whose stacks differ only in addresses that symbolize to the same

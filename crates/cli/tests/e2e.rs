@@ -24,7 +24,10 @@ fn report(cmd: &[&str]) -> Value {
     let dir = tempfile_dir();
     let out_path = dir.join("report.json");
     let out_str = out_path.to_str().unwrap();
-    let mut args = vec!["run", "--format", "json", "-o", out_str, "--"];
+    // These tests are about fds; `run` tracks the heap too by default.
+    let mut args = vec![
+        "run", "--track", "fd", "--format", "json", "-o", out_str, "--",
+    ];
     args.extend_from_slice(cmd);
     let out = leakscope(&args);
     assert!(
@@ -288,7 +291,7 @@ fn root_target_does_not_notice() {
     // could be open in the shell at the moment it is read.
     let script = "echo out; echo err >&2; exec ls /proc/self/fd";
     let plain = Command::new("sh").args(["-c", script]).output().unwrap();
-    let traced = leakscope(&["run", "--", "sh", "-c", script]);
+    let traced = leakscope(&["run", "--track", "fd", "--", "sh", "-c", script]);
     assert_eq!(
         String::from_utf8_lossy(&traced.stdout),
         String::from_utf8_lossy(&plain.stdout),
@@ -296,6 +299,23 @@ fn root_target_does_not_notice() {
     );
     let err = String::from_utf8_lossy(&traced.stderr);
     assert!(err.starts_with("err\n"), "stderr: {err}");
+    // With the heap too (the default), each image holds the shim's
+    // connection to leakscope, at fd 1000 or above: out of the program's
+    // way, but in its table. Everything below is the program's own.
+    let traced = leakscope(&["run", "--", "sh", "-c", script]);
+    let low = |out: &[u8]| -> String {
+        String::from_utf8_lossy(out)
+            .lines()
+            .filter(|l| l.parse::<i32>().map_or(true, |fd| fd < 1000))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(low(&traced.stdout), low(&plain.stdout));
+    let shim_fds = String::from_utf8_lossy(&traced.stdout)
+        .lines()
+        .filter(|l| l.parse::<i32>().is_ok_and(|fd| fd >= 1000))
+        .count();
+    assert_eq!(shim_fds, 1, "{}", String::from_utf8_lossy(&traced.stdout));
 }
 
 /// Signals interrupt leakscope while it waits for events: SIGINT (from a

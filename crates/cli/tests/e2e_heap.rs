@@ -205,7 +205,8 @@ fn groups_by_function(r: &Value) -> Vec<(Vec<String>, u64, u64)> {
 
 /// glibc's caches (locale, stdout's buffer, a joined thread's TLS vector,
 /// NSS, timezone) are suppressed by default and counted as suppressed; the
-/// program's two leaks are reported exactly. `--no-default-suppressions`
+/// program's leaks are reported exactly, including the buffer of a FILE it
+/// never closed, allocated exactly like stdout's. `--no-default-suppressions`
 /// shows glibc's blocks again, and a user's LeakSanitizer-format file takes
 /// out the group it names, counted under its own FILE:LINE.
 #[test]
@@ -216,7 +217,7 @@ fn glibc_caches_are_suppressed_and_counted() {
 
     let r = report(&heap, &bin);
     let groups = groups_by_function(&r);
-    assert_eq!(groups.len(), 2, "only the program's leaks: {groups:#?}");
+    assert_eq!(groups.len(), 4, "only the program's leaks: {groups:#?}");
     let mine = groups
         .iter()
         .find(|g| has(g, "leak_mine"))
@@ -227,12 +228,26 @@ fn glibc_caches_are_suppressed_and_counted() {
         .find(|g| has(g, "cache_fill"))
         .expect("cache_fill");
     assert_eq!((cache.1, cache.2), (5, 200));
+    // The FILE (fopen) and its buffer (the first read).
+    let file: Vec<_> = groups.iter().filter(|g| has(g, "leak_file")).collect();
+    assert_eq!(file.len(), 2, "{file:#?}");
+    assert!(file.iter().all(|g| g.1 == 1));
+    assert!(file
+        .iter()
+        .any(|g| has(g, "__fopen_internal") && g.2 == 472));
+    assert!(file.iter().any(|g| has(g, "__GI__IO_file_doallocate")));
     let suppressed = r["suppressed"].as_array().unwrap();
+    assert!(suppressed.iter().all(|s| s["origin"] == "default"));
     assert!(
-        !suppressed.is_empty(),
+        suppressed
+            .iter()
+            .any(|s| s["pattern"] == "<stdout's buffer, kept by glibc>" && s["count"] == 1),
+        "stdout's buffer is glibc's: {suppressed:#?}"
+    );
+    assert!(
+        suppressed.len() > 1,
         "glibc's caches were seen and suppressed"
     );
-    assert!(suppressed.iter().all(|s| s["origin"] == "default"));
     let hidden: u64 = suppressed
         .iter()
         .map(|s| s["count"].as_u64().unwrap())
@@ -244,7 +259,7 @@ fn glibc_caches_are_suppressed_and_counted() {
     let total: u64 = every.iter().map(|g| g.1).sum();
     assert_eq!(
         total,
-        7 + 5 + hidden,
+        7 + 5 + 2 + hidden,
         "the same blocks, none suppressed: {every:#?}"
     );
     assert!(every.iter().any(|g| has(g, "leak_mine")));
@@ -254,8 +269,8 @@ fn glibc_caches_are_suppressed_and_counted() {
     let file = supp.to_str().unwrap();
     let r = report(&[&heap[..], &["--suppressions", file]].concat(), &bin);
     let groups = groups_by_function(&r);
-    assert_eq!(groups.len(), 1, "{groups:#?}");
-    assert!(has(&groups[0], "leak_mine"));
+    assert_eq!(groups.len(), 3, "{groups:#?}");
+    assert!(!groups.iter().any(|g| has(g, "cache_fill")));
     let mine = r["suppressed"]
         .as_array()
         .unwrap()
@@ -361,4 +376,90 @@ fn a_malloc_the_shim_cannot_interpose_is_reported() {
         "{notes:?}"
     );
     let _ = std::fs::remove_file(bin);
+}
+
+/// `leakscope run` with no --track traces fds (eBPF) and the heap (the
+/// shim) together: the demo's 17 FILEs opened and never closed are 17 file
+/// fds, 17 FILE structs and 17 stdio buffers, all from read_settings.
+#[test]
+fn root_a_plain_run_tracks_fds_and_heap() {
+    if !require_root("root_a_plain_run_tracks_fds_and_heap") {
+        return;
+    }
+    let r = report(&[], &fixture("demo"));
+    assert_eq!(r["backend"], "ebpf+preload");
+    let from_settings = |kind: &str| -> Vec<u64> {
+        r["leaks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["kind"] == kind && functions(g).iter().any(|f| f == "read_settings"))
+            .map(|g| g["count"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(from_settings("fd"), [17]);
+    assert_eq!(
+        from_settings("heap"),
+        [17, 17],
+        "the FILEs and their buffers"
+    );
+}
+
+/// Without permission for eBPF, a plain `run` traces the heap and says fds
+/// were not traced; naming `--track fd` makes it an error (exit 2). Runs
+/// leakscope as nobody (setpriv), from a copy it may execute.
+#[test]
+fn root_without_ebpf_a_plain_run_traces_the_heap() {
+    if !require_root("root_without_ebpf_a_plain_run_traces_the_heap") {
+        return;
+    }
+    ensure_shim();
+    let dir = std::env::temp_dir().join(format!("leakscope-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin_dir = Path::new(BIN).parent().unwrap();
+    for f in ["leakscope", leakscope_preload::SHIM_NAME] {
+        std::fs::copy(bin_dir.join(f), dir.join(f)).unwrap();
+    }
+    let prog = dir.join("nested");
+    std::fs::copy(heap_fixture("nested"), &prog).unwrap();
+    let out_path = dir.join("report.json");
+    std::fs::write(&out_path, "").unwrap();
+    let chmod = Command::new("chmod")
+        .arg("-R")
+        .arg("a+rwx")
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(chmod.success());
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(dir.join("leakscope"))
+            .args(args)
+            .arg("--")
+            .arg(&prog)
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    let out = as_nobody(&["run", "--format", "json", "-o", out_path.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+    assert_eq!(r["backend"], "preload");
+    let notes = r["notes"].to_string();
+    assert!(notes.contains("fds were not traced"), "{notes}");
+    let groups = groups_by_function(&r);
+    assert!(
+        groups
+            .iter()
+            .any(|g| g.0.iter().any(|f| f == "wrapper1") && g.1 == 13),
+        "{groups:#?}"
+    );
+    let out = as_nobody(&["run", "--track", "fd"]);
+    assert_eq!(out.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
 }

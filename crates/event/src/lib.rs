@@ -49,6 +49,9 @@ pub mod wire {
     /// Something the reader of the report must know about this process
     /// image (its allocations cannot be seen, ...).
     pub const T_NOTE: u8 = 10;
+    /// A live block the C runtime keeps on purpose until exit (`what`: 0,
+    /// 1, 2 for the buffer of stdin, stdout, stderr), sent at exit.
+    pub const T_KEPT: u8 = 11;
 
     /// The clock page: a file of [`CLOCK_LEN`] bytes beside the collector
     /// socket, named [`CLOCK_FILE`], that the collector keeps current and
@@ -529,6 +532,12 @@ pub trait Backend {
     fn settle(&mut self) {}
     /// Stops recording (the trace is over); stacks stay readable.
     fn stop(&mut self) {}
+    /// What owns `addr`, a heap block `pid` still held at the end, when it
+    /// is the C runtime's on purpose rather than the program's (e.g.
+    /// "stdout's buffer"). Such blocks are reported as suppressed.
+    fn kept_by_runtime(&self, _pid: Pid, _addr: AbsAddr) -> Option<&'static str> {
+        None
+    }
     /// Acquisitions released again that the backend settled itself
     /// without sending events (each stands for two events).
     fn settled(&self) -> u64 {

@@ -51,6 +51,7 @@
 //! | 7 | CHUNK | `tid:u32 len:u32 body`: one thread's ALLOC (2), FREE (3) and STACK (4) records, LEB128 and delta-encoded |
 //! | 8 | END | the end of a batch |
 //! | 9 | PAIRS | `count:u64`: allocations freed on their thread before a flush, settled in the shim ([`Preload::settled`]) |
+//! | 11 | KEPT | `what:u8 addr:u64`: at exit, the buffer of stdin (0), stdout (1) or stderr (2), which glibc keeps ([`Backend::kept_by_runtime`]) |
 //! | 10 | NOTE | `len:u16 text:[u8; len]`: a sentence for the report (e.g. the program's malloc comes before the shim's) |
 //!
 //! HELLO is first; a STACK precedes the first ALLOC naming it; stack id 0:
@@ -229,6 +230,10 @@ pub struct Preload {
     child_exit: Option<OwnedFd>,
     /// What the shims said the report must say.
     notes: Vec<String>,
+    /// Whether a command was prepared for the shim.
+    launched: bool,
+    /// Blocks the C runtime keeps until exit, by (pid, address).
+    kept: HashMap<(u32, u64), &'static str>,
     /// The shims' clock; None if it could not be made (they then call
     /// `clock_gettime`).
     clock: Option<clock::ClockPage>,
@@ -315,6 +320,8 @@ impl Preload {
             chunk: Vec::new(),
             child_exit: None,
             notes: Vec::new(),
+            launched: false,
+            kept: HashMap::new(),
             clock,
         })
     }
@@ -377,6 +384,7 @@ impl Preload {
             value.push(e);
         }
         cmd.env("LD_PRELOAD", value).env(SOCK_ENV, &self.sock);
+        self.launched = true;
     }
 
     fn rel(&self, t: u64) -> TimeNs {
@@ -695,6 +703,14 @@ impl Preload {
                 count,
             }),
             Record::Pairs { count } => self.settled += count,
+            Record::Kept { what, addr } => {
+                let name = match what {
+                    0 => "stdin's buffer",
+                    1 => "stdout's buffer",
+                    _ => "stderr's buffer",
+                };
+                self.kept.insert((pid.0, addr), name);
+            }
             Record::Note { text } => {
                 let note = format!("pid {}: {text}", pid.0);
                 if !self.notes.contains(&note) {
@@ -784,8 +800,20 @@ impl Backend for Preload {
         "preload"
     }
 
+    fn kept_by_runtime(&self, pid: Pid, addr: AbsAddr) -> Option<&'static str> {
+        self.kept.get(&(pid.0, addr.0)).copied()
+    }
+
     fn notes(&self) -> Vec<String> {
-        self.notes.clone()
+        let mut notes = self.notes.clone();
+        if self.launched && self.seen.is_empty() {
+            notes.push(
+                "the heap was not traced: no process loaded the shim (statically \
+                 linked and setuid programs ignore LD_PRELOAD)"
+                    .into(),
+            );
+        }
+        notes
     }
 
     fn spawn(&mut self, cmd: &mut Command) -> io::Result<Child> {

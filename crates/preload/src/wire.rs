@@ -4,7 +4,7 @@
 
 pub use leakscope_event::wire::VERSION;
 use leakscope_event::wire::{
-    T_ALLOC, T_CHUNK, T_END, T_FREE, T_HELLO, T_LOST, T_MAP, T_NOTE, T_PAIRS, T_STACK,
+    T_ALLOC, T_CHUNK, T_END, T_FREE, T_HELLO, T_KEPT, T_LOST, T_MAP, T_NOTE, T_PAIRS, T_STACK,
 };
 
 /// One decoded top-level record.
@@ -35,6 +35,11 @@ pub enum Record {
     /// A sentence for the report.
     Note {
         text: String,
+    },
+    /// A block the C runtime keeps until exit (see `wire::T_KEPT`).
+    Kept {
+        what: u8,
+        addr: u64,
     },
     /// One thread's records: `body` is their byte range in the decoded
     /// buffer (decode them with [`decode_chunk`]).
@@ -208,6 +213,12 @@ pub fn decode(b: &[u8]) -> Decoded {
         T_LOST => (|| Some(Record::Lost { count: c.u64()? }))(),
         T_PAIRS => (|| Some(Record::Pairs { count: c.u64()? }))(),
         T_NOTE => (|| Some(Record::Note { text: c.str()? }))(),
+        T_KEPT => (|| {
+            Some(Record::Kept {
+                what: c.u8()?,
+                addr: c.u64()?,
+            })
+        })(),
         t => return Decoded::BadTag(t),
     };
     match rec {

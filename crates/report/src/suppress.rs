@@ -159,6 +159,12 @@ impl Suppressions {
         self.add(&text, &name)
     }
 
+    /// Whether the built-in rules are in (then blocks the C runtime keeps,
+    /// such as stdout's buffer, are suppressed too).
+    pub fn has_defaults(&self) -> bool {
+        self.rules.iter().any(|r| r.origin == DEFAULT_ORIGIN)
+    }
+
     /// The rules, in order.
     pub fn rules(&self) -> &[Rule] {
         &self.rules

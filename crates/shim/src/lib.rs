@@ -88,6 +88,7 @@
 //! | 7 | CHUNK | `tid:u32 len:u32 body:[u8; len]`: one thread's records, below |
 //! | 8 | END | (none): the end of a batch of chunks |
 //! | 9 | PAIRS | `count:u64`: allocations freed again on their thread before a flush, never sent |
+//! | 11 | KEPT | `what:u8 addr:u64`: at exit, the buffer of stdin (0), stdout (1) or stderr (2), which glibc keeps |
 //! | 10 | NOTE | `len:u16 text:[u8; len]`: a sentence for the report (the program's malloc comes before the shim's) |
 //!
 //! Inside a chunk, `var` is LEB128, and seq, time and address are deltas
@@ -196,7 +197,7 @@ static ALLOC: LibcAlloc = LibcAlloc;
 
 use leakscope_event::wire::{
     CLOCK_FILE, CLOCK_LEN, CLOCK_MAGIC, CLOCK_NOW, T_ALLOC, T_CHUNK, T_END, T_FREE, T_HELLO,
-    T_LOST, T_MAP, T_NOTE, T_PAIRS, T_STACK, VERSION,
+    T_KEPT, T_LOST, T_MAP, T_NOTE, T_PAIRS, T_STACK, VERSION,
 };
 
 /// A thread's buffer this big asks for a flush of every buffer.
@@ -971,6 +972,42 @@ impl State {
         put_str(b, &exe);
     }
 
+    /// Names the standard streams' buffers, which glibc allocates on their
+    /// first use and keeps until exit (only `__libc_freeres` frees them):
+    /// they are the runtime's, not leaks of the program. A buffer the
+    /// program set with setvbuf (`_IO_USER_BUF`) is the program's.
+    fn kept_buffers(&mut self) {
+        extern "C" {
+            static stdin: *mut libc::FILE;
+            static stdout: *mut libc::FILE;
+            static stderr: *mut libc::FILE;
+        }
+        // glibc's struct _IO_FILE (a public, stable layout): int _flags,
+        // then seven pointers of which _IO_buf_base is the seventh.
+        const IO_USER_BUF: c_int = 0x0001;
+        const BUF_BASE: usize = 8 + 6 * 8;
+        // SAFETY: the three streams are glibc's FILE objects, alive until
+        // exit (we run in a destructor, before libc's own teardown).
+        let streams = unsafe { [stdin, stdout, stderr] };
+        for (what, f) in streams.into_iter().enumerate() {
+            if f.is_null() {
+                continue;
+            }
+            // SAFETY: reads of the documented fields of a live FILE.
+            let (flags, base) = unsafe {
+                (
+                    *(f as *const c_int),
+                    *((f as *const u8).add(BUF_BASE) as *const u64),
+                )
+            };
+            if flags & IO_USER_BUF == 0 && base != 0 {
+                self.buf.push(T_KEPT);
+                self.buf.push(what as u8);
+                put_u64(&mut self.buf, base);
+            }
+        }
+    }
+
     fn note(&mut self, text: &str) {
         self.buf.push(T_NOTE);
         put_str(&mut self.buf, text);
@@ -1334,6 +1371,7 @@ static INIT: extern "C" fn() = {
 static FINI: extern "C" fn() = {
     extern "C" fn dtor() {
         if STATE.load(Ordering::Acquire) == ON {
+            locked(|s| s.kept_buffers());
             // Later destructors may still allocate and free: send those at once.
             UNBUFFERED.store(true, Ordering::Relaxed);
             flush_all(true);
