@@ -118,6 +118,10 @@ pub fn open(
         (false, _) => None,
         (true, Mode::Launch) => match leakscope_preload::Preload::new() {
             Ok(p) => Some(Box::new(p)),
+            Err(e) if defaults && fd.is_some() => {
+                notes.push(format!("the heap was not traced: {e}"));
+                None
+            }
             Err(e) => return Err(fatal(exit::ERROR, format!("preload backend: {e}"))),
         },
         // A running process: allocator uprobes (the shim can only be

@@ -13,6 +13,8 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_leakscope");
 
 fn leakscope(args: &[&str]) -> Output {
+    // A plain `run` traces the heap too, with the shim.
+    leakscope_testutil::ensure_shim(Path::new(BIN));
     Command::new(BIN)
         .args(args)
         .output()

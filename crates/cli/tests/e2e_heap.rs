@@ -3,32 +3,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use leakscope_testutil::{fixture, require_root, workspace_root};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leakscope");
 
-/// leakscope finds the shim next to itself; cargo does not build a cdylib
-/// nothing depends on, so build it into the same profile directory (always:
-/// a stale shim would speak an older wire format).
 fn ensure_shim() {
-    static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        let bin_dir = Path::new(BIN).parent().expect("bin dir");
-        let target = bin_dir.parent().expect("target dir");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "-q", "-p", "leakscope-shim"])
-            .env("CARGO_TARGET_DIR", target);
-        if bin_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().expect("cargo build").success(),
-            "building the shim failed"
-        );
-    });
+    leakscope_testutil::ensure_shim(Path::new(BIN));
 }
 
 fn heap_fixture(name: &str) -> PathBuf {

@@ -387,6 +387,27 @@ pub fn expected_leaks(name: &str) -> &'static [ExpectedLeak] {
     }
 }
 
+/// Builds the heap shim next to the CLI binary `bin` (leakscope finds it
+/// there): cargo does not build a cdylib nothing depends on. Always, once
+/// per test process: a stale shim would speak an older wire format.
+pub fn ensure_shim(bin: &Path) {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let bin_dir = bin.parent().expect("bin dir");
+        let target = bin_dir.parent().expect("target dir");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "-q", "-p", "leakscope-shim"])
+            .env("CARGO_TARGET_DIR", target);
+        if bin_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().expect("cargo build").success(),
+            "building the shim failed"
+        );
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
