@@ -133,13 +133,49 @@ impl Hasher for IntHasher {
 
 type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 
+/// Hashes heap block addresses keeping their neighbourhoods together: the
+/// low 12 bits of the hash (the table takes the bucket from the low bits)
+/// are the block's offset in its 64 KiB region, in 16-byte units, and the
+/// bits above a mix of the region. Blocks allocated together then sit in
+/// neighbouring buckets, and a program building or tearing down millions
+/// of blocks walks the table nearly in order instead of missing the cache
+/// and the TLB on every insert and remove (those were 60% of the
+/// collector's time then), while regions still spread over the table as
+/// with any hash (page-aligned blocks do not pile up on a few buckets).
+/// The top 7 bits, the table's tag for telling keys apart, mix the whole
+/// address.
+#[derive(Default)]
+struct AddrHasher(u64);
+
+const TAG: u64 = 0x7f << 57;
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut x = 0u64;
+        for b in bytes {
+            x = (x << 8) | u64::from(*b);
+        }
+        self.write_u64(x);
+    }
+    fn write_u64(&mut self, x: u64) {
+        let region = ((x >> 16).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 20) << 12;
+        let tag = x.wrapping_mul(0x517c_c1b7_2722_0a95) & TAG;
+        self.0 = ((region | ((x >> 4) & 0xfff)) & !TAG) | tag;
+    }
+}
+
+type AddrMap<V> = HashMap<AbsAddr, V, BuildHasherDefault<AddrHasher>>;
+
 /// Applies events and keeps what is outstanding.
 #[derive(Debug, Default)]
 pub struct Ledger {
     tables: HashMap<TableId, BTreeMap<Fd, Acquire>>,
     table_of: HashMap<Pid, TableId>,
     next_table: TableId,
-    heaps: IntMap<Pid, IntMap<AbsAddr, Block>>,
+    heaps: IntMap<Pid, AddrMap<Block>>,
     leaks: Vec<Leak>,
     tcp: HashMap<u64, (TcpState, TimeNs)>,
     now: TimeNs,
