@@ -322,6 +322,14 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
                 .collect()
         })
         .unwrap_or_default();
+    let reporting = Reporting {
+        args: &args,
+        suppressions: &suppressions,
+        tracking,
+        command: &command,
+        pid,
+        start,
+    };
     let mut growth = Growth::default();
     let mut first_write = true;
     let mut next_interval = args.interval.map(|i| start + Duration::from_secs_f64(i));
@@ -364,16 +372,7 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
             if Instant::now() >= at {
                 next_interval = Some(at + Duration::from_secs_f64(every));
                 s.catch_up()?;
-                let mut report = make_report(
-                    &mut s,
-                    &args,
-                    &suppressions,
-                    tracking,
-                    &command,
-                    pid,
-                    start,
-                    None,
-                );
+                let mut report = reporting.report(&mut s, None);
                 growth.update(&mut report.leaks);
                 emit(&args, &report, true, &mut first_write)?;
             }
@@ -383,16 +382,7 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + Duration::from_secs(2);
     while s.pump(Duration::from_millis(10))? > 0 && Instant::now() < deadline {}
     s.backend.stop();
-    let mut report = make_report(
-        &mut s,
-        &args,
-        &suppressions,
-        tracking,
-        &command,
-        pid,
-        start,
-        exit_code,
-    );
+    let mut report = reporting.report(&mut s, exit_code);
     if args.interval.is_some() {
         growth.update(&mut report.leaks);
     }
@@ -404,61 +394,72 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn make_report(
-    s: &mut Session,
-    args: &AttachArgs,
-    suppressions: &leakscope_report::Suppressions,
+/// What every report of one attach shares.
+struct Reporting<'a> {
+    args: &'a AttachArgs,
+    suppressions: &'a leakscope_report::Suppressions,
     tracking: Tracking,
-    command: &[String],
+    command: &'a [String],
     pid: Pid,
     start: Instant,
-    exit_code: Option<i32>,
-) -> Report {
-    let now = s.ledger.now();
-    let min_age = Duration::from_secs_f64(args.min_age.max(0.0)).as_nanos() as u64;
-    let leaks: Vec<_> = s
-        .ledger
-        .snapshot()
-        .into_iter()
-        .filter(|l| match l.resource {
-            // Held at least --min-age when the report is made.
-            Resource::Fd(_) | Resource::Heap(_) => {
-                l.at.0.max(now.0).saturating_sub(l.resource.time().0) >= min_age
-            }
-        })
-        .collect();
-    let (groups, kept) = build_groups(
-        leaks,
-        &mut s.backend,
-        &s.maps,
-        tracking,
-        suppressions.has_defaults(),
-    );
-    let (groups, mut suppressed) = suppressions.apply(groups);
-    suppressed.extend(kept);
-    let lost = s.ledger.lost();
-    Report {
-        target: Target {
-            command: command.to_vec(),
-            pid: Some(pid.0),
-            exit_code,
-        },
-        backend: s.backend.name().to_string(),
-        duration_s: start.elapsed().as_secs_f64(),
-        events: Counts {
-            total: s.ledger.events() + 2 * s.backend.settled(),
-            lost,
-            settled: 2 * s.backend.settled(),
-        },
-        notes: {
-            let mut notes = s.backend.notes();
-            notes.extend(crate::pipeline::lost_note(lost));
-            notes
-        },
-        leaks: groups,
-        suppressed,
-        preexisting: Vec::new(),
+}
+
+impl Reporting<'_> {
+    /// A report of what `s` holds now (`exit_code`: the process is gone).
+    fn report(&self, s: &mut Session, exit_code: Option<i32>) -> Report {
+        let Reporting {
+            args,
+            suppressions,
+            tracking,
+            command,
+            pid,
+            start,
+        } = *self;
+        let now = s.ledger.now();
+        let min_age = Duration::from_secs_f64(args.min_age.max(0.0)).as_nanos() as u64;
+        let leaks: Vec<_> = s
+            .ledger
+            .snapshot()
+            .into_iter()
+            .filter(|l| match l.resource {
+                // Held at least --min-age when the report is made.
+                Resource::Fd(_) | Resource::Heap(_) => {
+                    l.at.0.max(now.0).saturating_sub(l.resource.time().0) >= min_age
+                }
+            })
+            .collect();
+        let (groups, kept) = build_groups(
+            leaks,
+            &mut s.backend,
+            &s.maps,
+            tracking,
+            suppressions.has_defaults(),
+        );
+        let (groups, mut suppressed) = suppressions.apply(groups);
+        suppressed.extend(kept);
+        let lost = s.ledger.lost();
+        Report {
+            target: Target {
+                command: command.to_vec(),
+                pid: Some(pid.0),
+                exit_code,
+            },
+            backend: s.backend.name().to_string(),
+            duration_s: start.elapsed().as_secs_f64(),
+            events: Counts {
+                total: s.ledger.events() + 2 * s.backend.settled(),
+                lost,
+                settled: 2 * s.backend.settled(),
+            },
+            notes: {
+                let mut notes = s.backend.notes();
+                notes.extend(crate::pipeline::lost_note(lost));
+                notes
+            },
+            leaks: groups,
+            suppressed,
+            preexisting: Vec::new(),
+        }
     }
 }
 
