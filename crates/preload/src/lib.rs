@@ -51,8 +51,8 @@
 //! | 7 | CHUNK | `tid:u32 len:u32 body`: one thread's ALLOC (2), FREE (3) and STACK (4) records, LEB128 and delta-encoded |
 //! | 8 | END | the end of a batch |
 //! | 9 | PAIRS | `count:u64`: allocations freed on their thread before a flush, settled in the shim ([`Preload::settled`]) |
-//! | 11 | KEPT | `what:u8 addr:u64`: at exit, the buffer of stdin (0), stdout (1) or stderr (2), which glibc keeps ([`Backend::kept_by_runtime`]) |
 //! | 10 | NOTE | `len:u16 text:[u8; len]`: a sentence for the report (e.g. the program's malloc comes before the shim's) |
+//! | 11 | KEPT | `what:u8 addr:u64`: at exit, the buffer of stdin (0), stdout (1) or stderr (2), which glibc keeps ([`Backend::kept_by_runtime`]) |
 //!
 //! HELLO is first; a STACK precedes the first ALLOC naming it; stack id 0:
 //! none captured. The shim flushes every thread's buffer at once, so a

@@ -88,8 +88,8 @@
 //! | 7 | CHUNK | `tid:u32 len:u32 body:[u8; len]`: one thread's records, below |
 //! | 8 | END | (none): the end of a batch of chunks |
 //! | 9 | PAIRS | `count:u64`: allocations freed again on their thread before a flush, never sent |
-//! | 11 | KEPT | `what:u8 addr:u64`: at exit, the buffer of stdin (0), stdout (1) or stderr (2), which glibc keeps |
 //! | 10 | NOTE | `len:u16 text:[u8; len]`: a sentence for the report (the program's malloc comes before the shim's) |
+//! | 11 | KEPT | `what:u8 addr:u64`: at exit, the buffer of stdin (0), stdout (1) or stderr (2), which glibc keeps |
 //!
 //! Inside a chunk, `var` is LEB128, and seq, time and address are deltas
 //! from the chunk's previous ALLOC/FREE (from 0 for the first), each
