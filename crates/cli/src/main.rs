@@ -149,8 +149,8 @@ pub struct SuppressArgs {
     /// suppressed is counted in the summary.
     #[arg(long = "suppressions", value_name = "FILE")]
     files: Vec<PathBuf>,
-    /// Also report glibc's and libstdc++'s caches (locale, NSS, stdio
-    /// buffers, thread TLS, the exception pool),
+    /// Also report what glibc, libstdc++ and Rust's std keep until exit
+    /// (locale, NSS, stdio buffers, thread TLS, the exception pool),
     /// which it keeps until exit by design and leakscope suppresses by
     /// default.
     #[arg(long)]

@@ -445,9 +445,9 @@ fn summary(report: &Report) -> String {
             .iter()
             .any(|s| s.origin == suppress::DEFAULT_ORIGIN);
         let by = match (mine, glibc) {
-            (true, true) => "your suppressions and the runtime's caches",
+            (true, true) => "your suppressions and the runtimes' caches",
             (true, false) => "your suppressions",
-            _ => "the runtime's caches (glibc, libstdc++); --no-default-suppressions shows them",
+            _ => "the runtimes' caches (glibc, libstdc++, Rust's std); --no-default-suppressions shows them",
         };
         let bytes = if b > 0 {
             format!(", {b} bytes")
@@ -514,8 +514,8 @@ mod tests {
         assert_eq!(
             summary(&r).lines().nth(1),
             Some(
-                "Suppressed 3 groups (6 leaked, 100 bytes): the runtime's caches \
-                 (glibc, libstdc++); --no-default-suppressions shows them."
+                "Suppressed 3 groups (6 leaked, 100 bytes): the runtimes' caches \
+                 (glibc, libstdc++, Rust's std); --no-default-suppressions shows them."
             )
         );
         r.suppressed = vec![hit("my.supp:3", 1, 2, 0)];
@@ -524,6 +524,6 @@ mod tests {
             Some("Suppressed 1 group (2 leaked): your suppressions.")
         );
         r.suppressed.push(hit("default", 1, 1, 8));
-        assert!(summary(&r).ends_with("your suppressions and the runtime's caches."));
+        assert!(summary(&r).ends_with("your suppressions and the runtimes' caches."));
     }
 }
