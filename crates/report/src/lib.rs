@@ -342,12 +342,19 @@ pub fn render_text(report: &Report, top: usize) -> String {
                 _ => format!("  (pid {})", e.pid),
             };
             let line = format!("    {id:<7} {}{pid}", e.detail.as_deref().unwrap_or(""));
-            let _ = writeln!(out, "{}", clip(&line, WIDTH));
+            let _ = writeln!(out, "{}", clip(line.trim_end(), WIDTH));
         }
         if g.count > 3 {
             let _ = writeln!(out, "    ... and {} more", g.count - 3);
         }
-        for (n, f) in g.stack.iter().enumerate() {
+        // Frames past `main` are libc's start-up, the same for every leak:
+        // the text stops there (JSON keeps them).
+        let shown = g
+            .stack
+            .iter()
+            .position(|f| f.function.as_deref() == Some("main") && !f.inlined)
+            .map_or(g.stack.len(), |i| i + 1);
+        for (n, f) in g.stack.iter().take(shown).enumerate() {
             let func = f.function.as_deref().unwrap_or("??");
             let loc = match (&f.file, f.line) {
                 (Some(file), Some(line)) => format!(" {}:{line}", basename(file)),
@@ -498,6 +505,52 @@ mod tests {
             summary(&report(10, 0, 3)),
             "Summary: no leaks; 10 events, 3 lost."
         );
+    }
+
+    #[test]
+    fn text_stacks_stop_at_main() {
+        let frame = |name: &str| StackFrame {
+            addr: "0x1".into(),
+            function: Some(name.into()),
+            file: None,
+            line: None,
+            module: Some("/bin/prog".into()),
+            inlined: false,
+        };
+        let mut r = report(2, 0, 0);
+        r.leaks = vec![Group {
+            kind: "heap".into(),
+            resource: "heap".into(),
+            count: 1,
+            bytes: 8,
+            min_size: Some(8),
+            max_size: Some(8),
+            state: None,
+            acquired_by: vec!["malloc".into()],
+            first_s: 0.0,
+            last_s: 0.0,
+            examples: vec![],
+            stack: [
+                "malloc",
+                "leaky",
+                "main",
+                "__libc_start_call_main",
+                "_start",
+            ]
+            .into_iter()
+            .map(frame)
+            .collect(),
+            stack_note: None,
+            change: None,
+            growing_intervals: None,
+        }];
+        let text = render_text(&r, 10);
+        assert!(text.contains("#2  main [prog]"), "{text}");
+        assert!(
+            !text.contains("__libc_start_call_main") && !text.contains("_start"),
+            "{text}"
+        );
+        assert!(render_json(&r).contains("__libc_start_call_main"));
     }
 
     #[test]
