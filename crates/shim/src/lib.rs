@@ -473,8 +473,20 @@ static STACKS: Stacks = Stacks {
     map: UnsafeCell::new(None),
     next: UnsafeCell::new(0),
 };
-/// Time of the last flush (coarse clock).
-static LAST_FLUSH: AtomicU64 = AtomicU64::new(0);
+/// When the next flush is due (coarse clock): the last flush plus
+/// FLUSH_NS, or 0 once UNBUFFERED (every record flushes). One load for
+/// the hooks to test.
+static FLUSH_AT: AtomicU64 = AtomicU64::new(0);
+
+/// Sets [`FLUSH_AT`] after a flush at `now`.
+fn flushed_at(now: u64) {
+    let at = if UNBUFFERED.load(Ordering::Relaxed) {
+        0
+    } else {
+        now + FLUSH_NS
+    };
+    FLUSH_AT.store(at, Ordering::Relaxed);
+}
 /// After the shim's destructor: every record is flushed at once.
 static UNBUFFERED: AtomicBool = AtomicBool::new(false);
 
@@ -1094,7 +1106,7 @@ impl State {
     /// every number below the highest one sent has been sent: each batch
     /// is a complete prefix of [`SEQ`], which the collector sorts.
     fn flush(&mut self) {
-        LAST_FLUSH.store(now_ns(), Ordering::Relaxed);
+        flushed_at(now_ns());
         let lost = LOST.swap(0, Ordering::Relaxed);
         if lost > 0 {
             self.buf.push(T_LOST);
@@ -1271,7 +1283,7 @@ fn init() {
         };
         st.hello(0);
         st.check_interposed();
-        LAST_FLUSH.store(now_ns(), Ordering::Relaxed);
+        flushed_at(now_ns());
         // SAFETY: STATE is INITING, so hooks pass through and nobody else
         // reaches the state.
         G.lock.lock();
@@ -1374,6 +1386,7 @@ static FINI: extern "C" fn() = {
             locked(|s| s.kept_buffers());
             // Later destructors may still allocate and free: send those at once.
             UNBUFFERED.store(true, Ordering::Relaxed);
+            FLUSH_AT.store(0, Ordering::Relaxed);
             flush_all(true);
         }
     }
@@ -1385,8 +1398,15 @@ static FINI: extern "C" fn() = {
 
 #[inline]
 fn active() -> bool {
-    match STATE.load(Ordering::Acquire) {
-        ON => true,
+    let s = STATE.load(Ordering::Acquire);
+    s == ON || active_slow(s)
+}
+
+/// [`active`] before init is done (or after the shim turned off).
+#[cold]
+#[inline(never)]
+fn active_slow(state: u8) -> bool {
+    match state {
         UNINIT => {
             init();
             STATE.load(Ordering::Acquire) == ON
@@ -1462,9 +1482,9 @@ fn stack_of(t: &Thread, own: &mut Own, hook: u64, sp: u64, bp: u64) -> u32 {
         own.id_gen = id_gen;
         own.cached.clear();
     }
-    if sp == 0 || sp & 7 != 0 {
-        return 0;
-    }
+    // Every hook's `sp` comes from its entry trampoline: the stack pointer
+    // at the call, 8-aligned and pointing at the return address.
+    debug_assert!(sp != 0 && sp & 7 == 0);
     // SAFETY: `sp` is the hook's entry stack pointer: it points at the
     // return address the call pushed.
     let ra = unsafe { *(sp as *const u64) };
@@ -1549,10 +1569,7 @@ fn capture_stack(
 /// After a record: flush if this buffer is full or the last flush is old.
 #[inline]
 fn after_record(len: usize, time: u64) {
-    if len >= FLUSH_BYTES
-        || UNBUFFERED.load(Ordering::Relaxed)
-        || time.saturating_sub(LAST_FLUSH.load(Ordering::Relaxed)) >= FLUSH_NS
-    {
+    if len >= FLUSH_BYTES || time >= FLUSH_AT.load(Ordering::Relaxed) {
         flush_all(len >= HARD_BYTES || UNBUFFERED.load(Ordering::Relaxed));
     }
 }
