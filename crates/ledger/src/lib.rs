@@ -167,6 +167,30 @@ impl Hasher for AddrHasher {
     }
 }
 
+/// A live block as the ledger keeps it: its address and process are the
+/// keys it is filed under, so an entry is 40 bytes instead of 56 (a
+/// program can keep millions).
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    size: u64,
+    time: TimeNs,
+    stack: StackId,
+    tid: Tid,
+}
+
+impl Live {
+    fn block(&self, pid: Pid, addr: AbsAddr) -> Block {
+        Block {
+            addr,
+            size: self.size,
+            time: self.time,
+            pid,
+            tid: self.tid,
+            stack: self.stack,
+        }
+    }
+}
+
 type AddrMap<V> = HashMap<AbsAddr, V, BuildHasherDefault<AddrHasher>>;
 
 /// Applies events and keeps what is outstanding.
@@ -175,7 +199,7 @@ pub struct Ledger {
     tables: HashMap<TableId, BTreeMap<Fd, Acquire>>,
     table_of: HashMap<Pid, TableId>,
     next_table: TableId,
-    heaps: IntMap<Pid, AddrMap<Block>>,
+    heaps: IntMap<Pid, AddrMap<Live>>,
     leaks: Vec<Leak>,
     tcp: HashMap<u64, (TcpState, TimeNs)>,
     now: TimeNs,
@@ -370,13 +394,11 @@ impl Ledger {
             } => {
                 self.heaps.entry(*pid).or_default().insert(
                     *addr,
-                    Block {
-                        addr: *addr,
+                    Live {
                         size: *size,
                         time: *time,
-                        pid: *pid,
-                        tid: *tid,
                         stack: *stack,
+                        tid: *tid,
                     },
                 );
             }
@@ -388,10 +410,10 @@ impl Ledger {
             }
             Event::HeapEnd { pid, time } => {
                 if let Some(h) = self.heaps.remove(pid) {
-                    self.leaks.extend(h.into_values().map(|b| Leak {
+                    self.leaks.extend(h.into_iter().map(|(addr, b)| Leak {
                         holder: *pid,
                         fd: None,
-                        resource: Resource::Heap(b),
+                        resource: Resource::Heap(b.block(*pid, addr)),
                         tcp: None,
                         at: *time,
                     }));
@@ -426,10 +448,10 @@ impl Ledger {
             }
         }
         for (pid, h) in &self.heaps {
-            out.extend(h.values().map(|b| Leak {
+            out.extend(h.iter().map(|(addr, b)| Leak {
                 holder: *pid,
                 fd: None,
-                resource: Resource::Heap(b.clone()),
+                resource: Resource::Heap(b.block(*pid, *addr)),
                 tcp: None,
                 at: self.now,
             }));
