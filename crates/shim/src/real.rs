@@ -100,8 +100,8 @@ fn resolve(resolving: &std::cell::Cell<bool>) {
         (&VALLOC, c"valloc", __libc_valloc as *const () as usize),
         (&PVALLOC, c"pvalloc", __libc_pvalloc as *const () as usize),
     ];
-    // `free` last: until it is known, frees of arena blocks (dlsym's) must
-    // still be recognised, which they are in any case.
+    // Another thread may use a slot as soon as it is stored: each holds
+    // a complete function (a free of an arena block never reaches one).
     for (slot, name, fallback) in table {
         // SAFETY: a NUL-terminated name; RTLD_NEXT from this object.
         let f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
