@@ -1,6 +1,6 @@
 //! leakscope-bpf: what the eBPF programs of leakscope share.
 //!
-//! - [`build::skeleton`] (feature `build`, for build.rs): compiles a
+//! - `build::skeleton` (feature `build`, for build.rs): compiles a
 //!   `.bpf.c` with clang against the shared `vmlinux.h` (CO-RE:
 //!   one header serves every kernel) and generates the libbpf-rs skeleton.
 //! - Loader helpers: [`quiet_libbpf`], [`ensure_tracefs`],

@@ -325,7 +325,8 @@ static __always_inline void forget_fd(struct proc *pr, __u32 tgid, __s32 fd)
 	bpf_map_delete_elem(blob_map(seq), &seq);
 }
 
-static __always_inline void remember_fd(struct proc *pr, __u32 tgid, __s32 fd, __u64 seq, __u64 time)
+static __always_inline void remember_fd(struct proc *pr, __u32 tgid, __s32 fd, __u64 seq,
+					__u64 time)
 {
 	struct fdkey k = { .tgid = tgid, .fd = fd };
 	struct known kn = { .seq = seq, .time = time };
@@ -573,7 +574,8 @@ static __always_inline void put_acquire(struct held *h, int where, struct proc *
 	output(&h->rec, sizeof(h->rec));
 }
 
-static __always_inline void emit_acquire(struct proc *pr, struct pending *p, __s32 fd, __s32 fd2, __u32 cloexec)
+static __always_inline void emit_acquire(struct proc *pr, struct pending *p, __s32 fd, __s32 fd2,
+					 __u32 cloexec)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tgid = id >> 32;
@@ -883,7 +885,8 @@ static __always_inline int on_exit(struct proc *pr, __u64 id, struct pending *p,
 	case SC_CLOSE_RANGE:
 		if (ret == 0) {
 			sweep(tgid, NULL);
-			emit_release(sc, -1, (__u32)p->args[0], (__u32)p->args[1], (__u32)p->args[2]);
+			emit_release(sc, -1, (__u32)p->args[0], (__u32)p->args[1],
+				     (__u32)p->args[2]);
 		}
 		goto done;
 	case SC_CONNECT:
@@ -920,7 +923,9 @@ static __always_inline int on_exit(struct proc *pr, __u64 id, struct pending *p,
 	case SC_OPEN:
 	case SC_OPENAT:
 	case SC_CREAT:
-		cloexec = (sc == SC_CREAT) ? 0 : ((sc == SC_OPEN ? p->args[1] : p->args[2]) & O_CLOEXEC);
+		cloexec = (sc == SC_CREAT)
+				  ? 0
+				  : ((sc == SC_OPEN ? p->args[1] : p->args[2]) & O_CLOEXEC);
 		break;
 	case SC_OPENAT2: {
 		__u64 how_flags = 0;
@@ -1087,7 +1092,9 @@ int BPF_PROG(on_fork, struct task_struct *parent, struct task_struct *child)
 	if (!spawn && !pp)
 		return 0;
 	int shares = parent->files == child->files;
-	struct proc child_proc = { .fork_time = 0, .deferred = 0, .nodefer = shares, .inherited = !spawn };
+	struct proc child_proc = {
+		.fork_time = 0, .deferred = 0, .nodefer = shares, .inherited = !spawn
+	};
 	bpf_map_update_elem(&traced, &ctgid, &child_proc, BPF_ANY);
 	if (!spawn) {
 		/* The child copies the table: the ledger must know every fd in
@@ -1172,7 +1179,7 @@ int on_exit_task(struct trace_event_raw_sched_process_exit *ctx)
 		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
 	if (!group_dead(ctx, task))
-		return 0; /* other threads remain: the process lives on */
+		return 0;  /* other threads remain: the process lives on */
 	sweep(tgid, NULL); /* what it still held */
 	bpf_map_delete_elem(&traced, &tgid);
 	struct ev_exit *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);

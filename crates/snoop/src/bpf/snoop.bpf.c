@@ -83,11 +83,11 @@ static __always_inline __u32 code_of(long nr)
  * it also polls on a short timer. */
 #define WAKE_BYTES (256 * 1024)
 
-#define READ_STR(e, slot, ptr)                                                   \
-	do {                                                                     \
-		long _n = bpf_probe_read_user_str((e)->data + (slot) * SLOT_MAX, SLOT_MAX,     \
-						  (const void *)(ptr));          \
-		(e)->len[slot] = _n > 0 ? _n : 0;                                \
+#define READ_STR(e, slot, ptr)                                                           \
+	do {                                                                             \
+		long _n = bpf_probe_read_user_str((e)->data + (slot)*SLOT_MAX, SLOT_MAX, \
+						  (const void *)(ptr));                  \
+		(e)->len[slot] = _n > 0 ? _n : 0;                                        \
 	} while (0)
 
 static __always_inline void read_addr(struct snoop_ev *e, __u64 ptr, __u32 len)
@@ -100,8 +100,8 @@ static __always_inline void read_addr(struct snoop_ev *e, __u64 ptr, __u32 len)
 		e->len[0] = len;
 }
 
-static __always_inline void emit(__u8 phase, __u32 sc, struct pt_regs *regs, long ret,
-				 __u64 ts, __u64 lat)
+static __always_inline void emit(__u8 phase, __u32 sc, struct pt_regs *regs, long ret, __u64 ts,
+				 __u64 lat)
 {
 	__u32 zero = 0;
 	struct snoop_ev *e = bpf_map_lookup_elem(&scratch, &zero);
