@@ -172,7 +172,11 @@ impl Suppressions {
 
     /// The first rule that matches `g`'s stack.
     pub fn matching(&self, g: &Group) -> Option<&Rule> {
-        self.rules.iter().find(|r| match &r.init_of {
+        self.matching_index(g).map(|i| &self.rules[i])
+    }
+
+    fn matching_index(&self, g: &Group) -> Option<usize> {
+        self.rules.iter().position(|r| match &r.init_of {
             Some(module) => library_init(&g.stack, module),
             None => g.stack.iter().any(|f| {
                 [&f.function, &f.file, &f.module]
@@ -189,12 +193,7 @@ impl Suppressions {
         let mut kept = Vec::with_capacity(groups.len());
         let mut hits: Vec<Option<Suppressed>> = vec![None; self.rules.len()];
         for g in groups {
-            let Some(i) = self.matching(&g).map(|r| {
-                self.rules
-                    .iter()
-                    .position(|x| std::ptr::eq(x, r))
-                    .unwrap_or(0)
-            }) else {
+            let Some(i) = self.matching_index(&g) else {
                 kept.push(g);
                 continue;
             };
