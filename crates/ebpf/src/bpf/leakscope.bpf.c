@@ -173,9 +173,9 @@ static __always_inline struct file *fd_file(struct task_struct *task, int fd)
 	if (fd < 0 || (unsigned int)fd >= max)
 		return NULL;
 	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
-	/* Typed again: its fields are then plain (fault-safe) loads rather
-	 * than a probe-read helper call each. */
-	return f ? bpf_core_cast(f, struct file) : NULL;
+	/* Untyped: its fields are read with BPF_CORE_READ. (bpf_core_cast
+	 * would make them plain loads, but its kfunc is 6.2's.) */
+	return f;
 }
 
 static __always_inline void read_sock(struct file *f, struct sock_addrs *a)
@@ -349,50 +349,74 @@ static __always_inline int claim(struct held *v, __u32 tgid, __s32 fd)
 	return 0;
 }
 
-static __always_inline void dec_deferred(struct proc *pr, __u32 tgid)
+/* Removes the held-back entry of (tgid, fd), which this caller claimed. */
+static __always_inline void unhold(__u32 tgid, __s32 fd)
 {
-	if (!pr)
-		pr = is_traced(tgid);
+	struct fdkey k = { .tgid = tgid, .fd = fd };
+	bpf_map_delete_elem(&deferred, &k);
+	struct proc *pr = is_traced(tgid);
 	if (pr)
 		__sync_fetch_and_add(&pr->deferred, -1);
 }
 
-/* Sends a held-back record now: the ledger learns of the fd. */
-static __always_inline void send_deferred(struct held *v)
+/* A claimed held-back record becomes known to the ledger: its stack goes
+ * to a blob map (if it was held inline) and (tgid, fd) to fdseq. */
+static __always_inline void keep_held(struct held *v, __u32 tgid, __s32 fd)
 {
-	__u32 tgid = v->rec.h.pid;
-	__s32 fd = v->rec.fd;
-	/* Reserved before the claim: a release losing it is queued after. */
-	struct ev_acquire *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (claim(v, tgid, fd) != 0) {
-		if (e)
-			bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
-		return;
-	}
-	struct fdkey k = { .tgid = tgid, .fd = fd };
-	struct proc *pr = is_traced(tgid);
 	__u32 flags = v->rec.flags & ~ACQ_INLINE;
 	__u64 seq = v->rec.seq;
 	if (v->rec.flags & ACQ_INLINE)
 		seq = stored(seq ? update_small(&seq, &v->stack) : -1, seq, &flags);
-	remember_fd(pr, tgid, fd, seq, v->rec.h.time);
-	if (e) {
-		__builtin_memcpy(e, &v->rec, sizeof(*e));
-		e->h.claim = 0;
-		e->flags = flags;
-		e->seq = seq;
+	v->rec.flags = flags;
+	v->rec.seq = seq;
+	remember_fd(is_traced(tgid), tgid, fd, seq, v->rec.h.time);
+}
+
+/* Global functions: the verifier checks each once, on its own, knowing
+ * nothing of its arguments. A static function is checked again at every
+ * call, and a bpf_loop or bpf_for_each_map_elem callback again until its
+ * states converge; with the acquisition path inlined into the SCM_RIGHTS
+ * and sweep callbacks, 6.18.44's verifier went past its limit of a
+ * million instructions where older ones needed 40,000. Whatever is
+ * reached from several places or from a callback is therefore global:
+ * scalar arguments only (what every supported verifier accepts), maps
+ * and per-CPU scratch looked up again inside. */
+#define GLOBAL __attribute__((noinline))
+
+/* Sends the held-back acquisition of (tgid, fd), if there is one: the
+ * ledger learns of the fd. */
+GLOBAL int send_held(__u32 tgid, __s32 fd)
+{
+	struct fdkey k = { .tgid = tgid, .fd = fd };
+	struct held *v = bpf_map_lookup_elem(&deferred, &k);
+	if (!v)
+		return 0;
+	/* Reserved before the claim: a release losing it is queued after.
+	 * One NULL check per reservation: 6.1's verifier loses track of a
+	 * second one and reports the reservation unreleased. */
+	struct ev_acquire *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		if (claim(v, tgid, fd) == 0) {
+			keep_held(v, tgid, fd);
+			unhold(tgid, fd);
+			count(CNT_RB_DROP);
+		}
+		return 0;
 	}
-	bpf_map_delete_elem(&deferred, &k);
-	if (pr)
-		__sync_fetch_and_add(&pr->deferred, -1);
-	if (e)
-		submit(e);
-	else
-		count(CNT_RB_DROP);
+	if (claim(v, tgid, fd) != 0) {
+		bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
+		return 0;
+	}
+	keep_held(v, tgid, fd);
+	__builtin_memcpy(e, &v->rec, sizeof(*e));
+	e->h.claim = 0;
+	unhold(tgid, fd);
+	submit(e);
+	return 0;
 }
 
 /* Drops a held-back record; 0 if it was there and this caller got it. */
-static __always_inline int drop_deferred(struct proc *pr, __u32 tgid, __s32 fd)
+GLOBAL int drop_held(__u32 tgid, __s32 fd)
 {
 	struct fdkey k = { .tgid = tgid, .fd = fd };
 	struct held *v = bpf_map_lookup_elem(&deferred, &k);
@@ -402,10 +426,9 @@ static __always_inline int drop_deferred(struct proc *pr, __u32 tgid, __s32 fd)
 	__u32 mode = v->rec.mode;
 	__u64 seq = v->rec.seq;
 	int inl = v->rec.flags & ACQ_INLINE;
-	bpf_map_delete_elem(&deferred, &k);
+	unhold(tgid, fd);
 	if (!inl && seq)
 		bpf_map_delete_elem(blob_map(seq), &seq); /* a stack too big to hold inline */
-	dec_deferred(pr, tgid);
 	if (track_tcp && ino && (mode & 0170000) == 0140000)
 		bpf_map_delete_elem(&socks, &ino);
 	return 0;
@@ -413,59 +436,63 @@ static __always_inline int drop_deferred(struct proc *pr, __u32 tgid, __s32 fd)
 
 /* close() of a held-back fd: forget it without an event. Returns 0 if it
  * was settled so, -1 if a release must be sent. */
-static __always_inline int settle(struct proc *pr, __u32 tgid, __s32 fd)
+static __always_inline int settle(__u32 tgid, __s32 fd)
 {
-	if (drop_deferred(pr, tgid, fd) != 0)
+	if (drop_held(tgid, fd) != 0)
 		return -1;
 	count(CNT_SETTLED);
 	return 0;
 }
 
-static __always_inline void send_one(__u32 tgid, __s32 fd)
-{
-	struct fdkey k = { .tgid = tgid, .fd = fd };
-	struct held *v = bpf_map_lookup_elem(&deferred, &k);
-	if (v)
-		send_deferred(v);
-}
-
 struct sweep {
-	__u32 tgid;          /* 0: every process */
-	__u32 max_fds;       /* exec: fds below this are in `open` */
-	unsigned long *open; /* exec: the kernel's open-fd bitmap */
+	__u32 tgid;    /* 0: every process */
+	__u32 max_fds; /* exec: fds below this are in `open` */
+	__u64 open;    /* exec: address of the kernel's open-fd bitmap */
 };
 
 static long sweep_one(struct bpf_map *map, struct fdkey *key, struct held *v, struct sweep *sw)
 {
-	if (sw->tgid && key->tgid != sw->tgid)
+	__u32 tgid = key->tgid;
+	__s32 fd = key->fd;
+	if (sw->tgid && tgid != sw->tgid)
 		return 0;
 	if (sw->open) {
 		/* After exec: an fd the kernel closed (close-on-exec) is settled. */
-		__s32 fd = key->fd;
 		unsigned long word = 0;
 		if (fd >= 0 && (__u32)fd < sw->max_fds)
-			bpf_probe_read_kernel(&word, sizeof(word), &sw->open[fd / 64]);
+			bpf_probe_read_kernel(&word, sizeof(word),
+					      (void *)(sw->open + ((__u32)fd / 64) * 8));
 		if (!(word & (1UL << (fd & 63)))) {
-			settle(NULL, key->tgid, fd);
+			settle(tgid, fd);
 			return 0;
 		}
 	}
-	send_deferred(v);
+	send_held(tgid, fd);
 	return 0;
 }
 
-/* Sends (or, after exec, settles) every held-back record of `tgid`. */
-static __always_inline void sweep(__u32 tgid, struct fdtable *after_exec)
+/* Sends (or, after exec, settles) every held-back record of `tgid` (0:
+ * of every process). After exec, `open` is the address of the kernel's
+ * bitmap of the `max_fds` fds still open. */
+GLOBAL int sweep_held(__u32 tgid, __u32 max_fds, __u64 open)
 {
 	struct proc *pr = is_traced(tgid);
 	if (tgid && pr && pr->deferred <= 0)
-		return;
-	struct sweep sw = { .tgid = tgid, .max_fds = 0, .open = NULL };
-	if (after_exec) {
-		sw.max_fds = BPF_CORE_READ(after_exec, max_fds);
-		sw.open = BPF_CORE_READ(after_exec, open_fds);
-	}
+		return 0;
+	struct sweep sw = { .tgid = tgid, .max_fds = max_fds, .open = open };
 	bpf_for_each_map_elem(&deferred, sweep_one, &sw, 0);
+	return 0;
+}
+
+static __always_inline void sweep(__u32 tgid, struct fdtable *after_exec)
+{
+	__u32 max_fds = 0;
+	__u64 open = 0;
+	if (after_exec) {
+		max_fds = BPF_CORE_READ(after_exec, max_fds);
+		open = (__u64)BPF_CORE_READ(after_exec, open_fds);
+	}
+	sweep_held(tgid, max_fds, open);
 }
 
 /* Decoded at syscall exit: on x86-64 and arm64 the argument registers in
@@ -520,7 +547,7 @@ static __always_inline int hold(struct held *h, struct proc *pr, int inl)
 		h->rec.flags |= ACQ_INLINE;
 	if (bpf_map_update_elem(&deferred, &k, h, BPF_NOEXIST) != 0) {
 		/* A stale entry (its release went unseen): replace it. */
-		drop_deferred(pr, k.tgid, k.fd);
+		drop_held(k.tgid, k.fd);
 		if (bpf_map_update_elem(&deferred, &k, h, BPF_NOEXIST) != 0) {
 			h->rec.flags &= ~ACQ_INLINE;
 			return 0;
@@ -531,17 +558,28 @@ static __always_inline int hold(struct held *h, struct proc *pr, int inl)
 	return 1;
 }
 
-/* One new fd: held back when possible, else sent with its stack stored. */
-static __always_inline void put_acquire(struct held *h, int where, struct proc *pr, int defer)
+/* One new fd, the record in held_scratch: held back when `defer` allows
+ * and it is possible, else sent with its stack stored. `where` says where
+ * read_stack() put the stack. */
+GLOBAL int put_held(int where, int defer)
 {
+	__u32 zero = 0;
+	struct held *h = bpf_map_lookup_elem(&held_scratch, &zero);
+	if (!h)
+		return 0;
+	__u32 tgid = h->rec.h.pid;
+	__s32 fd = h->rec.fd;
+	struct proc *pr = is_traced(tgid);
+	if (!pr)
+		return 0;
 	__u64 seq;
 	long err = -1;
 	/* The ledger still knows an older fd at this number: its close
-	 * raced with this acquisition (see release()), or dup2 replaced it. */
-	struct fdkey k = { .tgid = h->rec.h.pid, .fd = h->rec.fd };
+	 * raced with this acquisition (see release_fd()), or dup2 replaced it. */
+	struct fdkey k = { .tgid = tgid, .fd = fd };
 	if (bpf_map_lookup_elem(&fdseq, &k)) {
-		forget_fd(pr, k.tgid, k.fd);
-		emit_release(h->rec.sc, k.fd, 0, 0, 0);
+		forget_fd(pr, tgid, fd);
+		emit_release(h->rec.sc, fd, 0, 0, 0);
 	}
 	if (where == STACK_IN_SMALL) {
 		if (!h->stack.len)
@@ -549,11 +587,10 @@ static __always_inline void put_acquire(struct held *h, int where, struct proc *
 		seq = next_seq(h->stack.len);
 		h->rec.seq = seq;
 		if (defer && hold(h, pr, 1))
-			return;
+			return 0;
 		if (seq)
 			err = update_small(&seq, &h->stack);
 	} else {
-		__u32 zero = 0;
 		struct blob *big = bpf_map_lookup_elem(&blob_scratch, &zero);
 		if (!big || where == STACK_NONE) {
 			h->rec.flags |= ACQ_NO_STACK;
@@ -569,84 +606,82 @@ static __always_inline void put_acquire(struct held *h, int where, struct proc *
 	h->rec.seq = stored(err, seq, &h->rec.flags);
 	/* A deeper stack waits in its blob map; the record is held all the same. */
 	if (where != STACK_IN_SMALL && defer && hold(h, pr, 0))
-		return;
-	remember_fd(pr, h->rec.h.pid, h->rec.fd, h->rec.seq, h->rec.h.time);
+		return 0;
+	remember_fd(pr, tgid, fd, h->rec.seq, h->rec.h.time);
 	output(&h->rec, sizeof(h->rec));
+	return 0;
 }
 
-static __always_inline void emit_acquire(struct proc *pr, struct pending *p, __s32 fd, __s32 fd2,
-					 __u32 cloexec)
+static __always_inline int is_dup(__u32 sc)
+{
+	return sc == SC_DUP || sc == SC_DUP2 || sc == SC_DUP3 || sc == SC_FCNTL;
+}
+
+/* fd (and fd2, the second end of a pipe or socketpair, or -1) acquired by
+ * the syscall in pending_scratch. */
+GLOBAL int acquire_fd(__s32 fd, __s32 fd2, __u32 cloexec)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tgid = id >> 32;
+	__u32 zero = 0;
+	struct proc *pr = is_traced(tgid);
+	struct pending *p = bpf_map_lookup_elem(&pending_scratch, &zero);
+	struct held *h = bpf_map_lookup_elem(&held_scratch, &zero);
+	if (!pr || !p || !h)
+		return 0;
 	int defer = !pr->nodefer;
+	__u32 sc = p->sc;
+	__s32 src = (__s32)p->args[0];
 
-	switch (p->sc) {
-	case SC_DUP:
-	case SC_DUP2:
-	case SC_DUP3:
-	case SC_FCNTL: {
+	if (is_dup(sc)) {
 		/* The ledger describes a copy by its source: if it knows (or
 		 * may know) the source, the copy must reach it while the
 		 * source is still the one it knows. */
-		struct fdkey src = { .tgid = tgid, .fd = (__s32)p->args[0] };
-		send_one(tgid, src.fd);
-		if (pr->inherited || bpf_map_lookup_elem(&fdseq, &src))
+		struct fdkey k = { .tgid = tgid, .fd = src };
+		send_held(tgid, src);
+		if (pr->inherited || bpf_map_lookup_elem(&fdseq, &k))
 			defer = 0;
-		break;
-	}
 	}
 
-	__u32 zero = 0;
-	struct held *h = bpf_map_lookup_elem(&held_scratch, &zero);
-	if (!h)
-		return;
 	struct ev_acquire *e = &h->rec;
 	fill_hdr(&e->h, EV_ACQUIRE);
 	e->fd = fd;
 	e->fd2 = -1;
-	e->sc = p->sc;
+	e->sc = sc;
 	e->flags = cloexec ? ACQ_CLOEXEC : 0;
-	e->dup_of = -1;
+	e->dup_of = is_dup(sc) ? src : -1;
 	e->args[0] = p->args[0];
 	e->args[1] = p->args[1];
 	e->args[2] = p->args[2];
 	__builtin_memset(&e->addrs, 0, sizeof(e->addrs));
-	switch (p->sc) {
-	case SC_DUP:
-	case SC_DUP2:
-	case SC_DUP3:
-	case SC_FCNTL:
-		e->dup_of = (__s32)p->args[0];
-		break;
-	}
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct file *f = fd_file(task, fd);
-	struct inode *inode = f ? f->f_inode : NULL;
-	e->mode = inode ? inode->i_mode : 0;
-	e->ino = inode ? inode->i_ino : 0;
+	struct inode *inode = f ? BPF_CORE_READ(f, f_inode) : NULL;
+	e->mode = inode ? BPF_CORE_READ(inode, i_mode) : 0;
+	e->ino = inode ? BPF_CORE_READ(inode, i_ino) : 0;
 	int sock = (e->mode & 0170000) == 0140000;
 	if (track_tcp && sock && e->ino)
 		bpf_map_update_elem(&socks, &e->ino, &tgid, BPF_ANY);
-	if (f && (p->sc == SC_ACCEPT || p->sc == SC_ACCEPT4))
+	if (f && (sc == SC_ACCEPT || sc == SC_ACCEPT4))
 		read_sock(f, &e->addrs);
 	__builtin_memcpy(e->detail, p->path, DETAIL_MAX);
 	int where = read_stack(&h->stack);
-	put_acquire(h, where, pr, defer);
+	put_held(where, defer);
 	if (fd2 < 0)
-		return;
+		return 0;
 	/* pipe, socketpair: the second end is a record of its own (a socket
 	 * with its own inode), with its own copy of the stack. */
 	e->fd = fd2;
 	e->flags = (cloexec ? ACQ_CLOEXEC : 0) | ACQ_SECOND;
 	if (sock) {
 		struct file *f2 = fd_file(task, fd2);
-		struct inode *inode2 = f2 ? f2->f_inode : NULL;
-		e->ino = inode2 ? inode2->i_ino : 0;
+		struct inode *inode2 = f2 ? BPF_CORE_READ(f2, f_inode) : NULL;
+		e->ino = inode2 ? BPF_CORE_READ(inode2, i_ino) : 0;
 		if (track_tcp && e->ino)
 			bpf_map_update_elem(&socks, &e->ino, &tgid, BPF_ANY);
 	}
-	put_acquire(h, where, pr, defer);
+	put_held(where, defer);
+	return 0;
 }
 
 /* Walk a path from a dentry up to the root, crossing mounts; components
@@ -697,17 +732,21 @@ static __always_inline void read_path(const struct path *path, struct path_parts
 	bpf_loop(3 * PATH_PARTS, walk_step, &w, 0);
 }
 
-static __always_inline void on_mmap_exit(struct pending *p, long ret)
+/* mmap() of a file with PROT_EXEC (the call in pending_scratch): the
+ * mapping, for unwinding and symbolizing later. */
+GLOBAL int mmap_exit(long ret)
 {
-	if (ret < 0 && ret >= -4095)
-		return;
+	__u32 zero = 0;
+	struct pending *p = bpf_map_lookup_elem(&pending_scratch, &zero);
+	if (!p || (ret < 0 && ret >= -4095))
+		return 0;
 	struct file *f = fd_file(bpf_get_current_task_btf(), (int)p->args[4]);
 	if (!f)
-		return;
+		return 0;
 	struct ev_mmap *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(CNT_RB_DROP);
-		return;
+		return 0;
 	}
 	fill_hdr(&e->h, EV_MMAP);
 	e->addr = (__u64)ret;
@@ -715,6 +754,29 @@ static __always_inline void on_mmap_exit(struct pending *p, long ret)
 	e->off = p->args[5];
 	read_path(&f->f_path, &e->path);
 	submit(e);
+	return 0;
+}
+
+/* A successful connect(): the socket's addresses, after the ledger has
+ * learnt of the socket. */
+GLOBAL int connect_exit(__s32 fd)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	send_held(tgid, fd);
+	struct ev_connect *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(CNT_RB_DROP);
+		return 0;
+	}
+	fill_hdr(&e->h, EV_CONNECT);
+	e->fd = fd;
+	e->_pad = 0;
+	__builtin_memset(&e->addrs, 0, sizeof(e->addrs));
+	struct file *f = fd_file(bpf_get_current_task_btf(), fd);
+	if (f)
+		read_sock(f, &e->addrs);
+	submit(e);
+	return 0;
 }
 
 /* fds received with SCM_RIGHTS: read back from the caller's control
@@ -732,20 +794,14 @@ struct scm {
 	__u32 cloexec;
 };
 
-struct scm_ctx {
-	struct scm *m;
-	struct proc *pr;
-	struct pending *p;
-};
-
 PERCPU_SCRATCH(scm_scratch, struct scm);
 
-static long scm_acquire(__u64 i, struct scm_ctx *c)
+static long scm_acquire(__u64 i, struct scm **mp)
 {
-	struct scm *m = c->m;
+	struct scm *m = *mp;
 	if (i >= SCM_MAX_FDS || i >= m->n)
 		return 1;
-	emit_acquire(c->pr, c->p, m->fds[i & (SCM_MAX_FDS - 1)], -1, m->cloexec);
+	acquire_fd(m->fds[i & (SCM_MAX_FDS - 1)], -1, m->cloexec);
 	return 0;
 }
 
@@ -828,15 +884,15 @@ static long mmsg_one(__u64 i, struct mmsg_walk *w)
 	return 0;
 }
 
-/* recvmsg() and recvmmsg(): acquisitions of the fds received. */
-static __always_inline void on_recvmsg(struct proc *pr, struct pending *p, long ret)
+/* recvmsg() and recvmmsg() (the call in pending_scratch): acquisitions of
+ * the fds received. */
+GLOBAL int recvmsg_exit(long ret)
 {
-	if (ret < 0)
-		return;
 	__u32 zero = 0;
+	struct pending *p = bpf_map_lookup_elem(&pending_scratch, &zero);
 	struct scm *m = bpf_map_lookup_elem(&scm_scratch, &zero);
-	if (!m)
-		return;
+	if (ret < 0 || !p || !m)
+		return 0;
 	/* recvmsg() is a vector of one (only the first msghdr is read). */
 	int one = p->sc == SC_RECVMSG;
 	struct mmsg_walk w = { .m = m, .vec = p->args[1], .msgs = one ? 1 : ret, .n = 0 };
@@ -846,29 +902,31 @@ static __always_inline void on_recvmsg(struct proc *pr, struct pending *p, long 
 	__u32 n = w.n;
 	__u64 flags = one ? p->args[2] : p->args[3];
 	if (!n)
-		return;
+		return 0;
 	m->n = n;
 	m->cloexec = (flags & MSG_CMSG_CLOEXEC) != 0;
-	struct scm_ctx c = { .m = m, .pr = pr, .p = p };
-	bpf_loop(SCM_MAX_FDS, scm_acquire, &c, 0);
+	bpf_loop(SCM_MAX_FDS, scm_acquire, &m, 0);
+	return 0;
 }
 
 /* An fd was closed: settled if it was held back, else a release event. */
-static __always_inline void release(struct proc *pr, __u32 sc, __u32 tgid, __s32 fd)
+GLOBAL int release_fd(__u32 sc, __s32 fd)
 {
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	/* Open again already: another thread got the number between the
 	 * close and this program (or dup2 put a copy there). Its acquisition
 	 * replaces the old record; settling or releasing now would hit the
 	 * new one instead. */
 	if (fd_file(bpf_get_current_task_btf(), fd))
-		return;
-	if (settle(pr, tgid, fd) == 0)
-		return;
-	forget_fd(pr, tgid, fd);
+		return 0;
+	if (settle(tgid, fd) == 0)
+		return 0;
+	forget_fd(is_traced(tgid), tgid, fd);
 	emit_release(sc, fd, 0, 0, 0);
+	return 0;
 }
 
-static __always_inline int on_exit(struct proc *pr, __u64 id, struct pending *p, long ret)
+static __always_inline int on_exit(__u64 id, struct pending *p, long ret)
 {
 	__u32 tgid = id >> 32;
 	__u32 sc = p->sc;
@@ -880,44 +938,28 @@ static __always_inline int on_exit(struct proc *pr, __u64 id, struct pending *p,
 		/* close(2): the fd is released even when an error such as EINTR
 		 * is returned; only EBADF means nothing was open. */
 		if (ret != -EBADF)
-			release(pr, sc, tgid, (__s32)p->args[0]);
-		goto done;
+			release_fd(sc, (__s32)p->args[0]);
+		return 0;
 	case SC_CLOSE_RANGE:
 		if (ret == 0) {
 			sweep(tgid, NULL);
 			emit_release(sc, -1, (__u32)p->args[0], (__u32)p->args[1],
 				     (__u32)p->args[2]);
 		}
-		goto done;
+		return 0;
 	case SC_CONNECT:
-		if (ret == 0 || ret == -EINPROGRESS) {
-			send_one(tgid, (__s32)p->args[0]);
-			struct ev_connect *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-			if (!e) {
-				count(CNT_RB_DROP);
-				goto done;
-			}
-			fill_hdr(&e->h, EV_CONNECT);
-			e->fd = (__s32)p->args[0];
-			e->_pad = 0;
-			__builtin_memset(&e->addrs, 0, sizeof(e->addrs));
-			struct file *f = fd_file(bpf_get_current_task_btf(), e->fd);
-			if (f)
-				read_sock(f, &e->addrs);
-			submit(e);
-		}
-		goto done;
+		if (ret == 0 || ret == -EINPROGRESS)
+			connect_exit((__s32)p->args[0]);
+		return 0;
 	case SC_MMAP:
-		on_mmap_exit(p, ret);
-		goto done;
+		return mmap_exit(ret);
 	case SC_RECVMSG:
 	case SC_RECVMMSG:
-		on_recvmsg(pr, p, ret);
-		goto done;
+		return recvmsg_exit(ret);
 	}
 
 	if (ret < 0)
-		goto done; /* a failed syscall acquires nothing */
+		return 0; /* a failed syscall acquires nothing */
 
 	switch (sc) {
 	case SC_OPEN:
@@ -956,20 +998,20 @@ static __always_inline int on_exit(struct proc *pr, __u64 id, struct pending *p,
 		/* dup2(2): "If the file descriptor newfd was previously open, it
 		 * is closed before being reused". dup2(fd, fd) changes nothing. */
 		if ((__s32)p->args[0] == (__s32)ret)
-			goto done;
-		release(pr, sc, tgid, (__s32)ret);
+			return 0;
+		release_fd(sc, (__s32)ret);
 		cloexec = sc == SC_DUP3 && (p->args[2] & O_CLOEXEC);
 		break;
 	case SC_FCNTL:
 		if (p->args[1] != F_DUPFD && p->args[1] != F_DUPFD_CLOEXEC)
-			goto done;
+			return 0;
 		cloexec = p->args[1] == F_DUPFD_CLOEXEC;
 		break;
 	case SC_SIGNALFD:
 	case SC_SIGNALFD4:
 		/* signalfd(fd != -1, ...) updates an existing fd. */
 		if ((__s32)p->args[0] != -1)
-			goto done;
+			return 0;
 		cloexec = sc == SC_SIGNALFD4 && (p->args[3] & O_CLOEXEC);
 		break;
 	case SC_EVENTFD2:
@@ -1001,10 +1043,9 @@ static __always_inline int on_exit(struct proc *pr, __u64 id, struct pending *p,
 	}
 
 	if (sc == SC_PIPE || sc == SC_PIPE2 || sc == SC_SOCKETPAIR)
-		emit_acquire(pr, p, fds[0], fds[1], cloexec);
+		acquire_fd(fds[0], fds[1], cloexec);
 	else
-		emit_acquire(pr, p, (__s32)ret, -1, cloexec);
-done:
+		acquire_fd((__s32)ret, -1, cloexec);
 	return 0;
 }
 
@@ -1020,8 +1061,7 @@ SEC("tp_btf/sys_exit")
 int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct proc *pr = is_traced(id >> 32);
-	if (!pr) {
+	if (!is_traced(id >> 32)) {
 		if ((id >> 32) == spawner_pid && (int)PT_REGS_PARM1_SYSCALL(regs) == SETTLE_FD)
 			sweep(0, NULL);
 		return 0;
@@ -1047,7 +1087,7 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 	if (p->sc == SC_MMAP && (!(p->args[2] & PROT_EXEC) || (long)p->args[4] < 0))
 		return 0;
 	read_detail(p, ret);
-	return on_exit(pr, id, p, ret);
+	return on_exit(id, p, ret);
 }
 
 #define IPPROTO_TCP 6
