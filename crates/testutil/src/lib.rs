@@ -328,6 +328,8 @@ pub fn expected_leaks(name: &str) -> &'static [ExpectedLeak] {
                     leak("leak_dup", "file", 3),
                     leak("leak_dup2", "file", 2),
                     leak("leak_fcntl_dupfd", "file", 2),
+                    leak("leak_dup2_onto", "socket", 3),
+                    leak("leak_dup3_onto", "socket", 5),
                     leak("leak_raw_openat", "file", 11),
                     leak("leak_scm_rights", "file", 3),
                     leak("leak_scm_mmsg", "file", 2),

@@ -574,8 +574,11 @@ GLOBAL int put_held(int where, int defer)
 		return 0;
 	__u64 seq;
 	long err = -1;
-	/* The ledger still knows an older fd at this number: its close
-	 * raced with this acquisition (see release_fd()), or dup2 replaced it. */
+	/* An older fd at this number is gone: its close raced with this
+	 * acquisition (see release_fd()), or dup2/dup3 closed it to put the
+	 * copy there. Held back, it is settled; known to the ledger, it is
+	 * released before the new one is acquired. */
+	settle(tgid, fd);
 	struct fdkey k = { .tgid = tgid, .fd = fd };
 	if (bpf_map_lookup_elem(&fdseq, &k)) {
 		forget_fd(pr, tgid, fd);
