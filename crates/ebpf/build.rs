@@ -3,6 +3,12 @@ fn main() {
     leakscope_bpf::build::skeleton(
         "src/bpf/leakscope.bpf.c",
         "leakscope",
-        &["src/bpf/events.h"],
+        &[
+            "src/bpf/events.h",
+            "src/bpf/stack.bpf.h",
+            "src/bpf/held.bpf.h",
+            "src/bpf/path.bpf.h",
+            "src/bpf/scm.bpf.h",
+        ],
     );
 }

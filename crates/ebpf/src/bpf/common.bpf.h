@@ -6,23 +6,23 @@
 #define LEAKSCOPE_COMMON_BPF_H
 
 /* A per-CPU buffer for a record too big for the BPF stack. */
-#define PERCPU_SCRATCH(name, T)                             \
-	struct {                                            \
-		__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);    \
-		__uint(max_entries, 1);                     \
-		__type(key, __u32);                         \
-		__type(value, T);                           \
+#define PERCPU_SCRATCH(name, T)                          \
+	struct {                                         \
+		__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); \
+		__uint(max_entries, 1);                  \
+		__type(key, __u32);                      \
+		__type(value, T);                        \
 	} name SEC(".maps")
 
 /* Syscall number -> the program's syscall code, filled by the loader from
  * the libc constants of the target architecture; 0 = not traced. */
 #define NR_MAX 512
-#define SYSCALL_CODES()                                     \
-	struct {                                            \
-		__uint(type, BPF_MAP_TYPE_ARRAY);           \
-		__uint(max_entries, NR_MAX);                \
-		__type(key, __u32);                         \
-		__type(value, __u32);                       \
+#define SYSCALL_CODES()                           \
+	struct {                                  \
+		__uint(type, BPF_MAP_TYPE_ARRAY); \
+		__uint(max_entries, NR_MAX);      \
+		__type(key, __u32);               \
+		__type(value, __u32);             \
 	} sc_of SEC(".maps")
 
 /* Per-CPU counters of what could not be recorded (read by the loader). */
@@ -71,5 +71,16 @@ static __always_inline long output(void *data, __u64 size)
 		count(CNT_RB_DROP);
 	return r;
 }
+
+/* Global functions: the verifier checks each once, on its own, knowing
+ * nothing of its arguments. A static function is checked again at every
+ * call, and a bpf_loop or bpf_for_each_map_elem callback again until its
+ * states converge; with the acquisition path inlined into the SCM_RIGHTS
+ * and sweep callbacks, 6.18.44's verifier went past its limit of a
+ * million instructions where older ones needed 40,000. Whatever is
+ * reached from several places or from a callback is therefore global:
+ * scalar arguments only (what every supported verifier accepts), maps
+ * and per-CPU scratch looked up again inside. */
+#define GLOBAL __attribute__((noinline))
 
 #endif

@@ -1,0 +1,120 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* User stacks of acquisitions: copied at the syscall, kept in blob maps by
+ * size class until the fd is released. Part of leakscope.bpf.c (its maps). */
+#ifndef LEAKSCOPE_STACK_BPF_H
+#define LEAKSCOPE_STACK_BPF_H
+
+/* How much of the user stack above sp is worth copying: up to the top of
+ * the stack the thread runs on, when that is known and near. The main
+ * thread's stack ends at mm->start_stack; a glibc or musl thread's stack
+ * ends just below its thread control block, where the fs base points. */
+static __always_inline __u64 stack_len(struct task_struct *task, __u64 sp)
+{
+	__u64 top = task->mm->start_stack;
+	if (top > sp && top - sp <= STACK_MAX)
+		return top - sp;
+	top = task->thread.fsbase;
+	if (top > sp && top - sp <= STACK_MAX)
+		return top - sp;
+	return STACK_MAX;
+}
+
+/* Registers and the user stack of the current thread: into `small` when
+ * the stack fits in 4 KiB (returns STACK_IN_SMALL), else into the per-CPU
+ * 8 KiB scratch (STACK_IN_BIG), or nowhere (STACK_NONE). */
+#define STACK_IN_SMALL 1
+#define STACK_IN_BIG 2
+#define STACK_NONE 0
+static __always_inline int read_stack(struct blob_m *small)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	__u64 sp = regs->sp;
+	__u64 len = stack_len(task, sp);
+	/* A guess that crosses the end of the mapping faults: fall back to
+	 * shorter copies (verified on this kernel). */
+	if (len <= STACK_M) {
+		small->ip = regs->ip;
+		small->sp = sp;
+		small->bp = regs->bp;
+		small->refs = 1;
+		if (len && bpf_probe_read_user(small->data, len, (void *)sp) == 0)
+			small->len = len;
+		else if (bpf_probe_read_user(small->data, 256, (void *)sp) == 0)
+			small->len = 256;
+		else
+			small->len = 0;
+		return STACK_IN_SMALL;
+	}
+	__u32 zero = 0;
+	struct blob *big = bpf_map_lookup_elem(&blob_scratch, &zero);
+	if (!big)
+		return STACK_NONE;
+	big->ip = regs->ip;
+	big->sp = sp;
+	big->bp = regs->bp;
+	big->refs = 1;
+	if (len > STACK_MAX)
+		len = STACK_MAX;
+	if (bpf_probe_read_user(big->data, len, (void *)sp) == 0)
+		big->len = len;
+	else if (bpf_probe_read_user(big->data, 1024, (void *)sp) == 0)
+		big->len = 1024;
+	else if (bpf_probe_read_user(big->data, 256, (void *)sp) == 0)
+		big->len = 256;
+	else
+		big->len = 0;
+	return STACK_IN_BIG;
+}
+
+/* A new blob key: this CPU's counter, the CPU, and the size class. */
+static __always_inline __u64 next_seq(__u32 len)
+{
+	__u32 zero = 0;
+	__u64 *ctr = bpf_map_lookup_elem(&seq_percpu, &zero);
+	if (!ctr)
+		return 0;
+	*ctr += 1;
+	__u64 class = len <= STACK_S ? 0 : len <= STACK_M ? 1 : 2;
+	return (*ctr & ((1ULL << 40) - 1)) | ((__u64)bpf_get_smp_processor_id() << 40) |
+	       (class << SEQ_CLASS_SHIFT);
+}
+
+static __always_inline void *blob_map(__u64 seq)
+{
+	switch (seq >> SEQ_CLASS_SHIFT) {
+	case 0:
+		return &blobs_s;
+	case 1:
+		return &blobs_m;
+	default:
+		return &blobs;
+	}
+}
+
+/* Stores a stack under `seq` for the ledger; returns seq or 0. `small`
+ * says that `b` holds at most 1 KiB (class 0), else it is the 8 KiB
+ * scratch. Two calls the compiler cannot merge, so the verifier sees each
+ * buffer with the maps it fits. */
+static __noinline long update_small(__u64 *seq, struct blob_m *b)
+{
+	void *map = (*seq >> SEQ_CLASS_SHIFT) == 0 ? (void *)&blobs_s : (void *)&blobs_m;
+	return bpf_map_update_elem(map, seq, b, BPF_NOEXIST);
+}
+
+static __noinline long update_big(__u64 *seq, struct blob *b)
+{
+	return bpf_map_update_elem(blob_map(*seq), seq, b, BPF_NOEXIST);
+}
+
+static __always_inline __u64 stored(long err, __u64 seq, __u32 *flags)
+{
+	if (err) {
+		count(CNT_BLOB_FULL);
+		*flags |= ACQ_NO_BLOB;
+		return 0;
+	}
+	return seq;
+}
+
+#endif
