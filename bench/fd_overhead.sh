@@ -2,7 +2,7 @@
 # fd_overhead.sh - how much slower does an fd-heavy program run under
 # leakscope, strace and valgrind, and which of them find its 7 leaks?
 #
-# Usage: bench/fd_overhead.sh [stress|realistic|all]        (default: all)
+# Usage: bench/fd_overhead.sh [stress|realistic|sweep|all]  (default: all)
 #
 # Environment:
 #   N          cycles per thread of bench/fd_stress.c (default 200000; each
@@ -12,6 +12,8 @@
 #              shows that ROUNDS rounds would not fit, fewer are run (said so)
 #   RATE       fd syscalls/s in realistic mode (default 10000)
 #   N_REAL     cycles per thread in realistic mode (default 1000, ~1.8 s)
+#   SWEEP_ROUNDS  interleaved rounds per point in sweep mode (default 3)
+#   SWEEP_SCALE   multiplies the cycles of every sweep point (default 1)
 #   LEAKSCOPE  leakscope binary (default target/release/leakscope, then
 #              $CARGO_TARGET_DIR/release/leakscope)
 #   CC         C compiler (default cc)
@@ -27,6 +29,13 @@
 # for valgrind, "Open file descriptor" blocks whose stack has stress_leak;
 # strace prints no leak report (n/a).
 #
+# sweep mode: the workload's shape swept, untraced vs leakscope only: the
+# syscall mix (FD_MIX: open, socket, pipe, dup, all) times the fds each
+# thread keeps open (FD_LIVE: 0, 256, 4096, 16384; fds that live long
+# outgrow what the kernel side holds back, 4096, and each becomes an event
+# with its stack stored). Prints a ratio per point, whether the 7 leaks
+# were found exactly with no events lost, and the worst point.
+#
 # realistic mode: the same program paced to RATE fd syscalls/s (a busy but
 # ordinary server), untraced vs leakscope only; reports wall time and CPU
 # time (user+sys of the program and, for leakscope, of leakscope itself).
@@ -36,8 +45,8 @@
 set -euo pipefail
 
 MODE=${1:-all}
-case $MODE in stress | realistic | all) ;; *)
-	echo "usage: $0 [stress|realistic|all]" >&2
+case $MODE in stress | realistic | sweep | all) ;; *)
+	echo "usage: $0 [stress|realistic|sweep|all]" >&2
 	exit 2
 	;;
 esac
@@ -244,11 +253,57 @@ run_realistic() {
 	echo "(medians over $ROUNDS rounds; cpu = user+sys of the program and of leakscope)"
 }
 
+# --- sweep mode --------------------------------------------------------------
+run_sweep() {
+	echo
+	echo "== sweep: syscall mix x fds kept open per thread, untraced vs leakscope run --track fd"
+	if ((!have_leakscope)); then
+		echo "skipping sweep mode: needs leakscope"
+		return
+	fi
+	# 2 threads x 16384 live fds (a pipe cycle adds two at a time).
+	ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+	local rounds=${SWEEP_ROUNDS:-3} scale=${SWEEP_SCALE:-1}
+	local lives=(0 256 4096 16384)
+	if (($(ulimit -n) < 2 * 16384 + 64)); then
+		lives=(0 256 4096 8192)
+		echo "(fd limit $(ulimit -n): the largest live set is 8192 per thread)"
+	fi
+	# Cycles per point: about half a second untraced on the machine we used.
+	declare -A cycles=([open]=100000 [socket]=25000 [pipe]=50000 [dup]=150000 [all]=15000)
+	printf '%-7s %6s %8s %9s %9s %7s  %s\n' mix live cycles "untraced" leakscope ratio "found the 7 fds"
+	local worst="" worst_ratio=0 mix live n round t b r found
+	for mix in open socket pipe dup all; do
+		for live in "${lives[@]}"; do
+			n=$(awk -v c="${cycles[$mix]}" -v s="$scale" 'BEGIN { printf "%d", c * s }')
+			rm -f "$OUT"/sweep_*.times
+			for ((round = 1; round <= rounds; round++)); do
+				FD_MIX=$mix FD_LIVE=$live timed sweep_untraced $round "$STRESS" "$n"
+				FD_MIX=$mix FD_LIVE=$live timed sweep_leakscope $round \
+					"$LS" run --track fd --format json -o - -- "$STRESS" "$n"
+			done
+			b=$(median 1 "$OUT/sweep_untraced.times")
+			t=$(median 1 "$OUT/sweep_leakscope.times")
+			r=$(ratio "$t" "$b")
+			found=$(leakscope_found "$OUT/sweep_leakscope.1.out")
+			printf '%-7s %6s %8s %9s %9s %7s  %s\n' "$mix" "$live" "$n" "$b" "$t" "$r" "$found"
+			if awk -v a="${r%x}" -v w="$worst_ratio" 'BEGIN { exit !(a > w) }'; then
+				worst_ratio=${r%x}
+				worst="$mix, $live live fds per thread: ${r}"
+			fi
+		done
+	done
+	echo "worst point: $worst"
+	echo "(medians over $rounds interleaved round(s) per point; ratio = leakscope / untraced)"
+}
+
 case $MODE in
 stress) run_stress ;;
 realistic) run_realistic ;;
+sweep) run_sweep ;;
 all)
 	run_stress
 	run_realistic
+	run_sweep
 	;;
 esac

@@ -17,6 +17,14 @@
  *
  * The file lives in a fresh directory under $TMPDIR (or /tmp) and is
  * unlinked before exit. Prints nothing on success.
+ *
+ * The shape can be changed (bench/fd_overhead.sh sweep):
+ *   FD_MIX   which syscalls make up a cycle: all (default: the four
+ *            above), or one of open, socket, pipe, dup
+ *   FD_LIVE  fds each thread keeps open (default 0): each new fd takes a
+ *            slot in a ring of FD_LIVE and closes the fd it evicts, so fds
+ *            live for FD_LIVE acquisitions instead of one syscall; the ring
+ *            is closed before exit (not leaked)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -58,33 +66,74 @@ static void pace(struct timespec *next, long period_ns) {
   clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, next, NULL);
 }
 
+static const char *mix = "all";
+static long live;
+
+/* A new fd: closed at once, or kept in the thread's ring of `live`. */
+static void release_later(int *ring, long *next, int fd) {
+  if (live == 0) {
+    close(fd);
+    return;
+  }
+  long k = (*next)++ % live;
+  if (ring[k] >= 0)
+    close(ring[k]);
+  ring[k] = fd;
+}
+
+static int in_mix(const char *what) {
+  return strcmp(mix, "all") == 0 || strcmp(mix, what) == 0;
+}
+
 __attribute__((noinline)) void stress_cycles(void) {
   int p[2];
   long period_ns = 0;
   struct timespec next;
+  int *ring = NULL;
+  long at = 0;
+  if (live > 0) {
+    if ((ring = malloc(live * sizeof *ring)) == NULL)
+      die("malloc ring");
+    for (long k = 0; k < live; k++)
+      ring[k] = -1;
+  }
+  int do_open = in_mix("open"), do_socket = in_mix("socket");
+  int do_pipe = in_mix("pipe"), do_dup = in_mix("dup");
   if (rate > 0)
     period_ns = (long)(1e9 * SYSCALLS_PER_CYCLE * N_THREADS / rate);
   clock_gettime(CLOCK_MONOTONIC, &next);
   for (long i = 0; i < cycles; i++) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-      die("open");
-    close(fd);
-    int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (s < 0)
-      die("socket");
-    close(s);
-    if (pipe2(p, O_CLOEXEC) != 0)
-      die("pipe2");
-    close(p[0]);
-    close(p[1]);
-    int d = dup(STDERR_FILENO);
-    if (d < 0)
-      die("dup");
-    close(d);
+    if (do_open) {
+      int fd = open(path, O_RDONLY | O_CLOEXEC);
+      if (fd < 0)
+        die("open");
+      release_later(ring, &at, fd);
+    }
+    if (do_socket) {
+      int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      if (s < 0)
+        die("socket");
+      release_later(ring, &at, s);
+    }
+    if (do_pipe) {
+      if (pipe2(p, O_CLOEXEC) != 0)
+        die("pipe2");
+      release_later(ring, &at, p[0]);
+      release_later(ring, &at, p[1]);
+    }
+    if (do_dup) {
+      int d = dup(STDERR_FILENO);
+      if (d < 0)
+        die("dup");
+      release_later(ring, &at, d);
+    }
     if (period_ns > 0)
       pace(&next, period_ns);
   }
+  for (long k = 0; k < live; k++)
+    if (ring[k] >= 0)
+      close(ring[k]);
+  free(ring);
 }
 
 static void *thread_main(void *arg) {
@@ -98,6 +147,14 @@ int main(int argc, char **argv) {
     cycles = atol(argv[1]);
   if (argc > 2)
     rate = atof(argv[2]);
+  if (getenv("FD_MIX") != NULL && getenv("FD_MIX")[0] != '\0')
+    mix = getenv("FD_MIX");
+  if (!in_mix("open") && !in_mix("socket") && !in_mix("pipe") && !in_mix("dup")) {
+    fprintf(stderr, "fd_stress: FD_MIX=%s: use all, open, socket, pipe or dup\n", mix);
+    return 2;
+  }
+  if (getenv("FD_LIVE") != NULL)
+    live = atol(getenv("FD_LIVE"));
   const char *base = getenv("TMPDIR");
   if (base == NULL || base[0] == '\0')
     base = "/tmp";
