@@ -3,9 +3,16 @@
 //! - `build::skeleton` (feature `build`, for build.rs): compiles a
 //!   `.bpf.c` with clang against the shared `vmlinux.h` (CO-RE:
 //!   one header serves every kernel) and generates the libbpf-rs skeleton.
-//! - Loader helpers: [`quiet_libbpf`], [`ensure_tracefs`],
-//!   [`is_permission`], [`attach_all`], [`detach_all`], [`Detaching`], [`percpu_sum`],
-//!   [`monotonic_ns`].
+//! - Loader helpers: [`quiet_libbpf`], [`request_verifier_log`],
+//!   [`ensure_tracefs`], [`is_permission`], [`attach_all`], [`detach_all`],
+//!   [`Detaching`], [`percpu_sum`], [`monotonic_ns`].
+//! - Why a load failed, in one line: [`LoadError`], classified from
+//!   libbpf's errno, the verifier's log ([`verifier`]: libbpf's messages
+//!   are captured, not printed) and the machine's facts ([`Host`]):
+//!   `verifier rejected sys_exit on 6.18.44: program too complex (E2BIG,
+//!   1000001 insns processed)`.
+//! - What a load cost: [`verified_insns`], [`LoadClock`], [`LoadReport`]
+//!   (for `leakscope doctor` and the verifier budget test).
 //! - Ring-buffer records: [`Pod`], [`read`], [`cstr`].
 //!
 //! It does not: know any program's maps or records.
@@ -14,6 +21,13 @@
 use std::io;
 
 use libbpf_rs::{Link, MapCore, MapFlags, Object};
+
+mod host;
+mod load;
+pub mod verifier;
+
+pub use host::{Host, VMLINUX_BTF};
+pub use load::{verified_insns, LoadClock, LoadReport, ProgramLoad};
 
 /// Build-time helper (feature `build`).
 #[cfg(feature = "build")]
@@ -67,11 +81,23 @@ pub mod build {
     }
 }
 
-/// Silences libbpf's own multi-line logging (errors come back as values
-/// and are reported in one line) unless `LEAKSCOPE_DEBUG` is set.
+/// Captures libbpf's own multi-line logging instead of printing it
+/// (errors come back as values and are reported in one line; with
+/// `LEAKSCOPE_DEBUG` its warnings are printed in full as well), and forgets
+/// what earlier loads logged. Call it before opening an object.
 pub fn quiet_libbpf() {
-    if std::env::var_os("LEAKSCOPE_DEBUG").is_none() {
-        libbpf_rs::set_print(None);
+    verifier::start_capture();
+}
+
+/// Asks the kernel for the verifier's statistics (and, with
+/// `LEAKSCOPE_DEBUG`, its full trace) for every program of `object`:
+/// they name a rejected program's reason and each program's cost, and a
+/// rejected program is then verified once, not twice. Call it between
+/// opening and loading.
+pub fn request_verifier_log(object: &mut libbpf_rs::OpenObject) {
+    let level = verifier::kernel_log_level();
+    for mut prog in object.progs_mut() {
+        prog.set_log_level(level);
     }
 }
 
@@ -106,59 +132,257 @@ pub fn ensure_tracefs() -> io::Result<()> {
     Ok(())
 }
 
-/// Whether libbpf failed because the kernel refused us (no CAP_BPF, ...).
-pub fn is_permission(e: &libbpf_rs::Error) -> bool {
-    if e.to_string().contains("Operation not permitted") {
-        return true;
-    }
-    // The verifier rejects a program with EACCES too: as root, that is
-    // what EACCES means (missing capabilities give EPERM).
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    matches!(e.kind(), libbpf_rs::ErrorKind::PermissionDenied) && !root
+/// The errno behind a libbpf error, if it carries one.
+pub fn errno(e: &libbpf_rs::Error) -> Option<i32> {
+    // libbpf-rs keeps the io::Error inside; its text ends with
+    // "(os error N)", and context layers keep that text.
+    let text = format!("{e:#}");
+    let at = text.rfind("(os error ")? + "(os error ".len();
+    text[at..].split(')').next()?.parse().ok()
 }
 
-/// Why leakscope's eBPF programs could not be loaded or attached; the
-/// crates that own a program wrap it in their own error.
+/// Whether libbpf failed because the kernel refused us: EPERM, or EACCES
+/// without root (as root, EACCES is the verifier rejecting a program).
+pub fn is_permission(e: &libbpf_rs::Error) -> bool {
+    match errno(e) {
+        Some(libc::EPERM) => true,
+        // SAFETY: geteuid has no preconditions.
+        Some(libc::EACCES) => (unsafe { libc::geteuid() }) != 0,
+        Some(_) => false,
+        None => e.to_string().contains("Operation not permitted"),
+    }
+}
+
+/// Why leakscope's eBPF programs could not be loaded or attached, in one
+/// line with the kernel's own reason; the crates that own a program wrap
+/// it in their own error. The CLI adds which backend still works.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
-    /// Loading or attaching BPF programs was refused.
-    #[error(
-        "loading eBPF programs was refused ({source}): this needs root or \
-         CAP_BPF+CAP_PERFMON (run leakscope with sudo)"
-    )]
+    /// The kernel refused: no privileges, or EPERM despite them (lockdown,
+    /// a container, RLIMIT_MEMLOCK, ...); the message says which.
+    #[error("{reason}")]
     Permission {
-        /// What libbpf said.
-        source: libbpf_rs::Error,
+        /// What was refused and why, as far as this machine tells.
+        reason: String,
+    },
+    /// The verifier rejected a program.
+    #[error("verifier rejected {program} on {release}: {reason}")]
+    Verifier {
+        /// The program (its C function).
+        program: String,
+        /// `uname -r`.
+        release: String,
+        /// The verifier's final error line, or what it means
+        /// (`program too complex (E2BIG, 1000001 insns processed)`).
+        reason: String,
+    },
+    /// The kernel lacks something the programs need.
+    #[error("kernel {release} lacks {feature}")]
+    MissingFeature {
+        /// What is missing (`BTF type information (...)`, `the BPF helper
+        /// bpf_loop`, ...).
+        feature: String,
+        /// `uname -r`.
+        release: String,
     },
     /// tracefs is missing and could not be mounted.
     #[error(
-        "tracefs is not mounted and mounting it failed ({0}); run \
-         `mount -t tracefs tracefs /sys/kernel/tracing`"
+        "tracefs is not mounted and mounting it at /sys/kernel/tracing failed ({}); \
+         mount it there with `mount -t tracefs tracefs /sys/kernel/tracing`",
+        .0.raw_os_error().map_or_else(|| .0.to_string(), errno_name)
     )]
     Tracefs(io::Error),
-    /// libbpf failed for another reason (the verifier, a missing kernel
-    /// feature, ...).
-    #[error("eBPF {what} failed")]
+    /// libbpf failed for another reason.
+    #[error("eBPF {what} failed: {detail}")]
     Bpf {
         /// Which step.
         what: &'static str,
-        /// What libbpf said.
-        #[source]
-        source: libbpf_rs::Error,
+        /// What libbpf said (its last warning, or its error).
+        detail: String,
     },
 }
 
 impl LoadError {
-    /// Classifies a libbpf failure at step `what`.
+    /// Classifies a libbpf failure at step `what`, from its errno, what
+    /// libbpf and the verifier logged since [`quiet_libbpf`], and this
+    /// machine's facts.
     pub fn libbpf(what: &'static str, source: libbpf_rs::Error) -> LoadError {
-        if is_permission(&source) {
-            LoadError::Permission { source }
+        let failed = verifier::program_logs()
+            .into_iter()
+            .rev()
+            .find(|l| l.error.is_some());
+        classify(
+            what,
+            &source,
+            failed.as_ref(),
+            &verifier::warnings(),
+            &Host::current(),
+            &probe_feature,
+        )
+    }
+}
+
+/// Kernel features whose absence explains a failed load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feature {
+    /// `BPF_PROG_TYPE_TRACING` (`tp_btf`, Linux 5.5).
+    Tracing,
+    /// `BPF_MAP_TYPE_RINGBUF` (Linux 5.8).
+    RingBuf,
+}
+
+/// Asks the kernel whether it has `f`; None if it cannot tell (no
+/// privileges to probe).
+fn probe_feature(f: Feature) -> Option<bool> {
+    use libbpf_rs::libbpf_sys as sys;
+    // SAFETY: plain probes; a null opts pointer is allowed.
+    let rc = unsafe {
+        match f {
+            Feature::Tracing => {
+                sys::libbpf_probe_bpf_prog_type(sys::BPF_PROG_TYPE_TRACING, std::ptr::null())
+            }
+            Feature::RingBuf => {
+                sys::libbpf_probe_bpf_map_type(sys::BPF_MAP_TYPE_RINGBUF, std::ptr::null())
+            }
+        }
+    };
+    match rc {
+        1 => Some(true),
+        0 => Some(false),
+        _ => None,
+    }
+}
+
+fn errno_name(n: i32) -> String {
+    match n {
+        libc::EPERM => "EPERM".into(),
+        libc::EACCES => "EACCES".into(),
+        libc::EINVAL => "EINVAL".into(),
+        libc::E2BIG => "E2BIG".into(),
+        libc::ENOENT => "ENOENT".into(),
+        libc::ESRCH => "ESRCH".into(),
+        libc::ENOMEM => "ENOMEM".into(),
+        libc::ENOSPC => "ENOSPC".into(),
+        libc::EOPNOTSUPP => "EOPNOTSUPP".into(),
+        n => format!("errno {n}"),
+    }
+}
+
+/// The one-line error for a libbpf failure; see [`LoadError::libbpf`].
+fn classify(
+    what: &'static str,
+    source: &libbpf_rs::Error,
+    failed: Option<&verifier::ProgramLog>,
+    warnings: &[String],
+    host: &Host,
+    probe: &dyn Fn(Feature) -> Option<bool>,
+) -> LoadError {
+    let errno = errno(source);
+    let release = host.release.clone();
+    let confidential = host.lockdown.as_deref() == Some("confidentiality");
+    let missing = |feature: String| LoadError::MissingFeature {
+        feature,
+        release: release.clone(),
+    };
+    // The verifier ran and said no: its last line is the reason.
+    if let Some(log) = failed {
+        let error = log.error.as_deref().unwrap_or("");
+        if let Some(f) = verifier::unknown_function(error) {
+            let why = if confidential {
+                " (kernel lockdown 'confidentiality' withholds helpers that read kernel memory)"
+            } else {
+                ""
+            };
+            return missing(format!("{f}, which {} calls{why}", log.name));
+        }
+        return LoadError::Verifier {
+            program: log.name.clone(),
+            release,
+            reason: verifier::describe(error),
+        };
+    }
+    let warned = |needle: &str| warnings.iter().rev().find(|w| w.contains(needle));
+    if matches!(errno, Some(libc::EPERM) | Some(libc::EACCES)) && !host.may_load_bpf() {
+        let said = errno_name(errno.unwrap_or(libc::EPERM));
+        let reason = if host.euid == 0 {
+            format!(
+                "loading eBPF programs needs CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN, which \
+                 this root process lacks: a container or a reduced capability bounding \
+                 set ({said} at {what})"
+            )
         } else {
-            LoadError::Bpf { what, source }
+            format!(
+                "loading eBPF programs needs root or CAP_BPF+CAP_PERFMON, which euid {} \
+                 lacks ({said} at {what})",
+                host.euid
+            )
+        };
+        return LoadError::Permission { reason };
+    }
+    if errno == Some(libc::EPERM) {
+        // Privileged, and still EPERM: say what this machine shows.
+        let why = if confidential {
+            "kernel lockdown is in 'confidentiality' mode".to_string()
+        } else if let Some(w) = warned("try raising 'ulimit -l'") {
+            w.clone()
+        } else {
+            let lockdown = match host.lockdown.as_deref() {
+                Some(mode) => format!("lockdown is '{mode}'"),
+                None => "lockdown unknown".to_string(),
+            };
+            format!(
+                "cause not visible from here ({lockdown}; a seccomp filter or an \
+                 LSM policy such as SELinux can do this)"
+            )
+        };
+        let who = if host.euid == 0 {
+            "root"
+        } else {
+            "CAP_BPF+CAP_PERFMON"
+        };
+        return LoadError::Permission {
+            reason: format!("the kernel refused eBPF {what} with EPERM despite {who}: {why}"),
+        };
+    }
+    // libbpf found something missing before the kernel saw a program.
+    if !host.btf || warned("Error loading vmlinux BTF").is_some() {
+        return missing(format!(
+            "BTF type information ({} is absent: a kernel built without \
+             CONFIG_DEBUG_INFO_BTF)",
+            host::VMLINUX_BTF
+        ));
+    }
+    if let Some(f) = warned("not found in kernel or module BTFs")
+        .and_then(|w| w.find("extern (func ksym)").map(|at| &w[at..]))
+        .and_then(verifier::unknown_function)
+    {
+        return missing(f);
+    }
+    if let Some(w) = warned("failed to find kernel BTF type ID of '") {
+        let at = w.find("of '").map_or(0, |i| i + 4);
+        let target = w[at..].split('\'').next().unwrap_or("?");
+        return missing(format!(
+            "the tracepoint {target} in its BTF (tp_btf/{target})"
+        ));
+    }
+    if matches!(what, "open" | "load" | "attach") {
+        if probe(Feature::Tracing) == Some(false) {
+            return missing("BTF-enabled tracepoints (tp_btf, Linux 5.5)".into());
+        }
+        if probe(Feature::RingBuf) == Some(false) {
+            return missing("the BPF ring buffer (Linux 5.8)".into());
         }
     }
+    let said = match errno {
+        Some(n) => errno_name(n),
+        None => source.to_string(),
+    };
+    let detail = match warnings.last() {
+        Some(w) => format!("{said}; libbpf: {w}"),
+        None => said,
+    };
+    LoadError::Bpf { what, detail }
 }
 
 /// `map_err` for a libbpf step: `.map_err(step("attach"))?`.
@@ -371,4 +595,195 @@ pub fn read<T: Pod>(bytes: &[u8]) -> Option<T> {
 pub fn cstr(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use verifier::tests::{captured, E2BIG, UNRELEASED};
+
+    fn root(release: &str) -> Host {
+        Host {
+            release: release.into(),
+            euid: 0,
+            cap_bpf: true,
+            cap_perfmon: true,
+            cap_sys_admin: true,
+            btf: true,
+            lockdown: Some("none".into()),
+            ..Host::default()
+        }
+    }
+
+    fn os_error(n: i32) -> libbpf_rs::Error {
+        io::Error::from_raw_os_error(n).into()
+    }
+
+    /// The one-line message for a failed load after libbpf printed
+    /// `messages`, on `host`; the kernel probes say nothing.
+    fn message(
+        what: &'static str,
+        errno: i32,
+        messages: &[(libbpf_rs::PrintLevel, &str)],
+        host: &Host,
+    ) -> String {
+        let (programs, warnings) = captured(messages);
+        let failed = programs.iter().rev().find(|l| l.error.is_some());
+        classify(what, &os_error(errno), failed, &warnings, host, &|_| None).to_string()
+    }
+
+    #[test]
+    fn errno_survives_libbpf_rs() {
+        assert_eq!(errno(&os_error(libc::E2BIG)), Some(libc::E2BIG));
+        assert_eq!(errno(&os_error(libc::EPERM)), Some(libc::EPERM));
+    }
+
+    #[test]
+    fn verifier_rejections_name_program_release_and_reason() {
+        assert_eq!(
+            message("load", libc::E2BIG, E2BIG, &root("6.18.44")),
+            "verifier rejected sys_exit on 6.18.44: program too complex (E2BIG, \
+             1000001 insns processed)"
+        );
+        // 6.1 says EACCES or EINVAL; as root that is the verifier, never
+        // a permission problem.
+        for errno in [libc::EINVAL, libc::EACCES] {
+            assert_eq!(
+                message("load", errno, UNRELEASED, &root("6.1.0-x")),
+                "verifier rejected sys_exit on 6.1.0-x: Unreleased reference id=5 \
+                 alloc_insn=4286"
+            );
+        }
+    }
+
+    #[test]
+    fn permission_only_when_the_kernel_refused() {
+        let nobody = Host {
+            euid: 65534,
+            cap_bpf: false,
+            cap_perfmon: false,
+            cap_sys_admin: false,
+            ..root("6.18.44")
+        };
+        let warned = [(
+            libbpf_rs::PrintLevel::Warn,
+            "libbpf: map 'traced': failed to create: -EPERM\n",
+        )];
+        assert_eq!(
+            message("load", libc::EPERM, &warned, &nobody),
+            "loading eBPF programs needs root or CAP_BPF+CAP_PERFMON, which euid 65534 \
+             lacks (EPERM at load)"
+        );
+        // Root and EACCES without a verifier log: not a permission problem.
+        let m = message("load", libc::EACCES, &[], &root("6.18.44"));
+        assert_eq!(m, "eBPF load failed: EACCES");
+        // Root and EPERM: the kernel really refused; say what is known.
+        let locked = Host {
+            lockdown: Some("confidentiality".into()),
+            ..root("6.18.44")
+        };
+        assert_eq!(
+            message("load", libc::EPERM, &[], &locked),
+            "the kernel refused eBPF load with EPERM despite root: kernel lockdown \
+             is in 'confidentiality' mode"
+        );
+        let m = message("load", libc::EPERM, &[], &root("6.18.44"));
+        assert!(
+            m.starts_with("the kernel refused eBPF load with EPERM despite root: cause"),
+            "{m}"
+        );
+        // Root in a container without the capabilities.
+        let capless = Host {
+            cap_bpf: false,
+            cap_sys_admin: false,
+            ..root("6.18.44")
+        };
+        let m = message("load", libc::EPERM, &[], &capless);
+        assert_eq!(
+            m,
+            "loading eBPF programs needs CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN, which this \
+             root process lacks: a container or a reduced capability bounding set (EPERM \
+             at load)"
+        );
+        let e = LoadError::Tracefs(io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(
+            e.to_string(),
+            "tracefs is not mounted and mounting it at /sys/kernel/tracing failed (EPERM); \
+             mount it there with `mount -t tracefs tracefs /sys/kernel/tracing`"
+        );
+    }
+
+    #[test]
+    fn missing_features_are_named() {
+        let no_btf = Host {
+            btf: false,
+            ..root("5.4.0")
+        };
+        let warned = [(
+            libbpf_rs::PrintLevel::Warn,
+            "libbpf: Error loading vmlinux BTF: -ESRCH\n",
+        )];
+        assert_eq!(
+            message("load", libc::ESRCH, &warned, &no_btf),
+            "kernel 5.4.0 lacks BTF type information (/sys/kernel/btf/vmlinux is \
+             absent: a kernel built without CONFIG_DEBUG_INFO_BTF)"
+        );
+        let helper = [(
+            libbpf_rs::PrintLevel::Warn,
+            "libbpf: prog 'sys_exit': -- BEGIN PROG LOAD LOG --\n\
+             12: (85) call bpf_loop#181\n\
+             unknown func bpf_loop#181\n\
+             processed 40 insns (limit 1000000) max_states_per_insn 0\n\
+             -- END PROG LOAD LOG --\n",
+        )];
+        assert_eq!(
+            message("load", libc::EINVAL, &helper, &root("5.15.0")),
+            "kernel 5.15.0 lacks the BPF helper bpf_loop, which sys_exit calls"
+        );
+        let kfunc = [(
+            libbpf_rs::PrintLevel::Warn,
+            "libbpf: extern (func ksym) 'bpf_rcu_read_lock': not found in kernel or \
+             module BTFs\n",
+        )];
+        assert_eq!(
+            message("load", libc::ESRCH, &kfunc, &root("6.1.0")),
+            "kernel 6.1.0 lacks the kfunc bpf_rcu_read_lock"
+        );
+        let tp = [(
+            libbpf_rs::PrintLevel::Warn,
+            "libbpf: prog 'on_tcp_state': failed to find kernel BTF type ID of \
+             'inet_sock_set_state': -ESRCH\n",
+        )];
+        assert_eq!(
+            message("load", libc::ESRCH, &tp, &root("5.10.0")),
+            "kernel 5.10.0 lacks the tracepoint inet_sock_set_state in its BTF \
+             (tp_btf/inet_sock_set_state)"
+        );
+        let (_, warnings) = captured(&[]);
+        let no_ringbuf = classify(
+            "load",
+            &os_error(libc::EINVAL),
+            None,
+            &warnings,
+            &root("5.4.0"),
+            &|f| Some(f != Feature::RingBuf),
+        );
+        assert_eq!(
+            no_ringbuf.to_string(),
+            "kernel 5.4.0 lacks the BPF ring buffer (Linux 5.8)"
+        );
+    }
+
+    #[test]
+    fn other_failures_keep_libbpf_s_last_word() {
+        let warned = [(
+            libbpf_rs::PrintLevel::Warn,
+            "libbpf: prog 'on_exec': failed to attach to tracepoint 'sched/sched_process_exec'\n",
+        )];
+        assert_eq!(
+            message("attach", libc::ENOENT, &warned, &root("6.18.44")),
+            "eBPF attach failed: ENOENT; libbpf: prog 'on_exec': failed to attach to \
+             tracepoint 'sched/sched_process_exec'"
+        );
+    }
 }

@@ -103,12 +103,12 @@ pub fn open(
                 None
             }
             Err(e) => {
-                let hint = if tracking.heap {
-                    ""
-                } else {
-                    " (without privileges, heap leaks can still be traced: --track heap)"
-                };
-                return Err(fatal(exit::ERROR, format!("{e}{hint}")));
+                let rejected = matches!(
+                    e,
+                    leakscope_ebpf::Error::Load(leakscope_bpf::LoadError::Verifier { .. })
+                );
+                let hint = instead(mode, rejected.then_some("--track heap"));
+                return Err(fatal(exit::ERROR, format!("{e}; {hint}")));
             }
         }
     } else {
@@ -133,7 +133,14 @@ pub fn open(
             };
             match leakscope_uheap::HeapTracer::new(config) {
                 Ok(h) => Some(Box::new(h)),
-                Err(e) => return Err(fatal(exit::ERROR, e.to_string())),
+                Err(e) => {
+                    let rejected = matches!(
+                        e,
+                        leakscope_uheap::Error::Load(leakscope_bpf::LoadError::Verifier { .. })
+                    );
+                    let hint = instead(mode, rejected.then_some("--track fd"));
+                    return Err(fatal(exit::ERROR, format!("{e}; {hint}")));
+                }
             }
         }
     };
@@ -149,6 +156,25 @@ pub fn open(
         name,
         notes,
     })
+}
+
+/// What still works when an eBPF backend cannot be used, for the end of
+/// its error: the preload shim needs neither privileges nor eBPF; when the
+/// verifier rejected one program, `other` names the option whose programs
+/// it did not look at.
+fn instead(mode: Mode, other: Option<&str>) -> String {
+    match (mode, other) {
+        (Mode::Launch, _) => {
+            "without eBPF the heap can still be traced: --backend preload --track heap".into()
+        }
+        (Mode::Attach { .. }, Some(other)) => {
+            format!("{other} uses other eBPF programs (`leakscope doctor` shows which work here)")
+        }
+        (Mode::Attach { .. }, None) => "without eBPF only the heap of a command leakscope \
+                                        launches can be traced: leakscope run --backend \
+                                        preload --track heap -- COMMAND"
+            .into(),
+    }
 }
 
 impl Backend for Combined {

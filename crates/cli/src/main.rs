@@ -6,6 +6,7 @@
 
 mod attach;
 mod backends;
+mod doctor;
 mod pipeline;
 mod signals;
 mod snoop;
@@ -18,7 +19,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 /// Exit codes, documented in README.md and `leakscope --help`.
 pub mod exit {
-    /// leakscope itself failed: bad usage, no permission for eBPF, ...
+    /// leakscope itself failed: bad usage, no permission for eBPF, ...; or
+    /// `doctor` found no backend that works.
     pub const ERROR: u8 = 2;
     /// `--fail-on-leak` was given and leaks were found.
     pub const LEAKS_FOUND: u8 = 3;
@@ -32,7 +34,8 @@ const AFTER_HELP: &str = "\
 EXIT STATUS:
   Without --fail-on-leak, leakscope exits as the traced command did (if it
   was killed by a signal, leakscope kills itself with the same signal).
-    2    leakscope failed (bad usage, no permission for eBPF, ...)
+    2    leakscope failed (bad usage, no permission for eBPF, a program
+         the verifier rejected, ...; `leakscope doctor` says why)
     3    --fail-on-leak was given and leaks were found
   126    the command is not executable
   127    the command was not found
@@ -82,6 +85,10 @@ enum Command {
     /// Print fd syscalls (open, close, unlink, socket, ...) live as they happen.
     #[command(after_help = snoop::AFTER_HELP)]
     Snoop(snoop::SnoopArgs),
+    /// Check which backends work on this machine, and why not (loads each
+    /// eBPF program: the verifier's cost per program).
+    #[command(after_help = doctor::AFTER_HELP)]
+    Doctor(doctor::DoctorArgs),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -186,6 +193,7 @@ fn main() -> ExitCode {
         Command::Run(args) => report_error(run(args)),
         Command::Attach(args) => report_error(attach::run(args)),
         Command::Snoop(args) => report_error(snoop::run(args)),
+        Command::Doctor(args) => report_error(doctor::run(args)),
     }
 }
 

@@ -88,7 +88,12 @@ pub fn run(args: SnoopArgs) -> anyhow::Result<ExitCode> {
         failed_only: args.failed,
         entry: args.entry,
     };
-    let mut snoop = Snooper::new(&filter)?;
+    let mut snoop = Snooper::new(&filter).map_err(|e| match e {
+        leakscope_snoop::Error::Load(e) => anyhow::anyhow!(
+            "{e}; snoop has no backend without eBPF (`leakscope doctor` shows what works here)"
+        ),
+        e => e.into(),
+    })?;
     signals::install();
     eprintln!("{}", banner(&filter));
 

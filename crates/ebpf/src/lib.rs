@@ -93,16 +93,7 @@ impl Tracer {
         leakscope_bpf::quiet_libbpf();
         leakscope_bpf::ensure_tracefs()
             .map_err(|e| Error::from(leakscope_bpf::LoadError::Tracefs(e)))?;
-        let open_object = Box::leak(Box::new(MaybeUninit::uninit()));
-        let builder = skel::LeakscopeSkelBuilder::default();
-        let mut open = builder
-            .open(open_object)
-            .map_err(leakscope_bpf::step("open"))?;
-        if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
-            ro.spawner_pid = std::process::id();
-            ro.track_tcp = u32::from(config.tcp);
-        }
-        let skel = open.load().map_err(leakscope_bpf::step("load"))?;
+        let skel = load(Box::leak(Box::new(MaybeUninit::uninit())), config)?;
         for (nr, code) in syscall_numbers() {
             skel.maps
                 .sc_of
@@ -637,4 +628,46 @@ impl leakscope_event::Backend for Tracer {
     fn settled(&self) -> u64 {
         Tracer::settled(self)
     }
+}
+
+/// Loads and attaches the programs as [`Tracer::new`] does with `config`,
+/// then detaches them, tracing nothing, and says what the load cost: each
+/// program's processed instructions and verification time, the wall and
+/// CPU time of the load, or why it failed (for `leakscope doctor` and the
+/// verifier budget test).
+pub fn check_load(config: Config) -> leakscope_bpf::LoadReport {
+    use leakscope_bpf::{LoadClock, LoadError};
+    leakscope_bpf::quiet_libbpf();
+    let clock = LoadClock::start();
+    if let Err(e) = leakscope_bpf::ensure_tracefs() {
+        return clock.failed(LoadError::Tracefs(e));
+    }
+    let mut open_object = MaybeUninit::uninit();
+    let skel = match load(&mut open_object, config) {
+        Ok(skel) => skel,
+        Err(e) => return clock.failed(e),
+    };
+    let mut report = clock.loaded(skel.object());
+    match leakscope_bpf::attach_all(skel.object()) {
+        Ok(mut links) => leakscope_bpf::detach_all(&mut links),
+        Err(e) => report.error = Some(LoadError::libbpf("attach", e)),
+    }
+    report
+}
+
+/// Opens the skeleton, configures it for `config` and loads it (the
+/// verifier runs here), asking the kernel for its statistics.
+fn load(
+    open_object: &mut MaybeUninit<libbpf_rs::OpenObject>,
+    config: Config,
+) -> Result<skel::LeakscopeSkel<'_>, leakscope_bpf::LoadError> {
+    let mut open = skel::LeakscopeSkelBuilder::default()
+        .open(open_object)
+        .map_err(leakscope_bpf::step("open"))?;
+    leakscope_bpf::request_verifier_log(open.open_object_mut());
+    if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
+        ro.spawner_pid = std::process::id();
+        ro.track_tcp = u32::from(config.tcp);
+    }
+    open.load().map_err(leakscope_bpf::step("load"))
 }

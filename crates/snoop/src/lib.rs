@@ -177,6 +177,7 @@ impl Snooper {
         let mut open = skel::SnoopSkelBuilder::default()
             .open(open_object)
             .map_err(leakscope_bpf::step("open"))?;
+        leakscope_bpf::request_verifier_log(open.open_object_mut());
         if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
             ro.self_pid = std::process::id();
             ro.filter_pids = u8::from(!filter.pids.is_empty());
@@ -305,6 +306,38 @@ impl Drop for Snooper {
     fn drop(&mut self) {
         leakscope_bpf::detach_all(&mut self.links);
     }
+}
+
+/// Loads and attaches the programs (with the default [`Filter`]), then
+/// detaches them, tracing nothing, and says what the load cost: each
+/// program's processed instructions and verification time, the wall and
+/// CPU time of the load, or why it failed (for `leakscope doctor` and the
+/// verifier budget test).
+pub fn check_load() -> leakscope_bpf::LoadReport {
+    use leakscope_bpf::{step, LoadClock, LoadError};
+    leakscope_bpf::quiet_libbpf();
+    let clock = LoadClock::start();
+    let mut open_object = MaybeUninit::uninit();
+    let loaded = skel::SnoopSkelBuilder::default()
+        .open(&mut open_object)
+        .map_err(step("open"))
+        .and_then(|mut open| {
+            leakscope_bpf::request_verifier_log(open.open_object_mut());
+            if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
+                ro.self_pid = std::process::id();
+            }
+            open.load().map_err(step("load"))
+        });
+    let skel = match loaded {
+        Ok(skel) => skel,
+        Err(e) => return clock.failed(e),
+    };
+    let mut report = clock.loaded(skel.object());
+    match leakscope_bpf::attach_all(skel.object()) {
+        Ok(mut links) => leakscope_bpf::detach_all(&mut links),
+        Err(e) => report.error = Some(LoadError::libbpf("attach", e)),
+    }
+    report
 }
 
 #[cfg(test)]

@@ -345,6 +345,7 @@ impl HeapTracer {
         let mut open = builder
             .open(open_object)
             .map_err(leakscope_bpf::step("open"))?;
+        leakscope_bpf::request_verifier_log(open.open_object_mut());
         if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
             ro.sample_every = config.sample_every.max(1);
             ro.follow_forks = 1;
@@ -515,7 +516,7 @@ impl HeapTracer {
                                     source,
                                 }
                             } else if leakscope_bpf::is_permission(&source) {
-                                leakscope_bpf::LoadError::Permission { source }.into()
+                                leakscope_bpf::LoadError::libbpf("uprobe attach", source).into()
                             } else {
                                 Error::Attach {
                                     pid,
@@ -870,6 +871,54 @@ impl Backend for HeapTracer {
     fn retain_stack(&mut self, id: StackId) {
         self.retain(id.0, false)
     }
+}
+
+/// Loads the programs as [`HeapTracer::new`] does with `config` and
+/// attaches its tracepoints (uprobes are attached per process, at
+/// [`Backend::attach`]), then detaches them, tracing nothing, and says
+/// what the load cost: each program's processed instructions and
+/// verification time, the wall and CPU time of the load, or why it failed
+/// (for `leakscope doctor` and the verifier budget test).
+pub fn check_load(config: Config) -> leakscope_bpf::LoadReport {
+    use leakscope_bpf::{step, LoadClock, LoadError};
+    use libbpf_rs::skel::Skel;
+    leakscope_bpf::quiet_libbpf();
+    let clock = LoadClock::start();
+    if let Err(e) = leakscope_bpf::ensure_tracefs() {
+        return clock.failed(LoadError::Tracefs(e));
+    }
+    let mut open_object = MaybeUninit::uninit();
+    let loaded = skel::UheapSkelBuilder::default()
+        .open(&mut open_object)
+        .map_err(step("open"))
+        .and_then(|mut open| {
+            leakscope_bpf::request_verifier_log(open.open_object_mut());
+            if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
+                ro.sample_every = config.sample_every.max(1);
+                ro.follow_forks = 1;
+            }
+            open.load().map_err(step("load"))
+        });
+    let skel = match loaded {
+        Ok(skel) => skel,
+        Err(e) => return clock.failed(e),
+    };
+    let mut report = clock.loaded(skel.object());
+    let attached: Result<Vec<_>, _> = [
+        &skel.progs.on_fork,
+        &skel.progs.on_exec,
+        &skel.progs.on_exit_task,
+        &skel.progs.on_mmap_enter,
+        &skel.progs.on_mmap_exit,
+    ]
+    .into_iter()
+    .map(|p| p.attach())
+    .collect();
+    match attached {
+        Ok(mut links) => leakscope_bpf::detach_all(&mut links),
+        Err(e) => report.error = Some(LoadError::libbpf("attach", e)),
+    }
+    report
 }
 
 #[cfg(test)]
