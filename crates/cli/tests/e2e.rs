@@ -329,15 +329,20 @@ fn root_signals_interrupt_no_trace() {
     if !require_root("root_signals_interrupt_no_trace") {
         return;
     }
-    let script = "trap 'exit 42' TERM; while :; do sleep 0.05; done";
-    let child = Command::new(BIN)
+    let script = "trap 'exit 42' TERM; echo ready; while :; do sleep 0.05; done";
+    let mut child = Command::new(BIN)
         .args(["run", "--", "sh", "-c", script])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run leakscope");
     let pid = child.id() as i32;
-    std::thread::sleep(std::time::Duration::from_millis(800));
+    // Signals go once the command runs (loading the programs takes a
+    // while on a slow machine), never on a guess of how long that takes.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).expect("read the command's stdout");
+    assert_eq!(line.trim(), "ready");
     // SAFETY: signalling the child we just spawned.
     unsafe { libc::kill(pid, libc::SIGINT) };
     std::thread::sleep(std::time::Duration::from_millis(200));
