@@ -1,6 +1,9 @@
 //! `leakscope doctor`: the verifier's budget on the running kernel (issue
 //! 9): every program of every eBPF backend loads, each with at most
 //! 100,000 processed instructions, all of them in at most 0.5 s of CPU.
+//! Under software emulation (`scripts/kernels` sets LEAKSCOPE_EMULATED=1)
+//! CPU time is several times a real machine's and says nothing of it: the
+//! CPU budget is then reported, not enforced; the instruction budget is.
 
 use std::process::Command;
 
@@ -65,7 +68,13 @@ fn root_verifier_budget() {
     let cpu = report["load_cpu_ms_total"]
         .as_f64()
         .expect("load_cpu_ms_total");
-    if cpu > LOAD_CPU_BUDGET_MS {
+    let emulated = std::env::var("LEAKSCOPE_EMULATED").as_deref() == Ok("1");
+    if emulated {
+        eprintln!(
+            "root_verifier_budget: emulated machine (LEAKSCOPE_EMULATED=1): \
+             the load's {cpu} ms of CPU is not held to the {LOAD_CPU_BUDGET_MS} ms budget"
+        );
+    } else if cpu > LOAD_CPU_BUDGET_MS {
         problems.push(format!(
             "loading every program took {cpu} ms of CPU, over the budget of \
              {LOAD_CPU_BUDGET_MS} ms"
