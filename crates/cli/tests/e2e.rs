@@ -126,6 +126,31 @@ fixture_tests! {
     root_demo => "demo",
 }
 
+/// A leak under 200 nested calls with 1 KiB frames: the stack is copied
+/// beyond its first 8 KiB, so the outermost frames (main) are still shown,
+/// and the note says how many frames in between were left out.
+#[test]
+fn root_deep_stack_keeps_its_outer_frames() {
+    if !require_root("root_deep_stack_keeps_its_outer_frames") {
+        return;
+    }
+    let bin = fixture("deep_stack");
+    let r = report(&[bin.to_str().unwrap()]);
+    let groups = r["leaks"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "one call site, one group: {groups:#?}");
+    let g = &groups[0];
+    assert_eq!(g["count"], 3);
+    assert!(stack_has(g, "leak_deep"), "{g:#}");
+    assert!(stack_has(g, "descend"), "{g:#}");
+    assert!(stack_has(g, "main"), "the outermost frame: {g:#}");
+    let note = g["stack_note"].as_str().unwrap_or_default();
+    // leak_deep, 201 descend frames, main and libc's start frames above it.
+    assert!(
+        note.contains("frames deep:") && note.contains("frames left out between #63 and #64"),
+        "{note}"
+    );
+}
+
 /// fds the kernel side held back keep their description when they reach
 /// the report: a dup of a file closed since names the file, a pipe's
 /// surviving end is its write end; and the pairs it settled are counted.

@@ -247,7 +247,38 @@ impl Tracer {
         let map = self.blob_map(id.0);
         if let Ok(Some(bytes)) = map.lookup(&key, MapFlags::ANY) {
             let _ = map.delete(&key);
-            self.stacks.insert(id.0, blob_to_stack(&bytes));
+            let mut stack = blob_to_stack(&bytes);
+            if let (RawStack::Copied { bytes: copied, .. }, Some(h)) =
+                (&mut stack, read::<BlobHdr>(&bytes))
+            {
+                self.take_chunks(id.0, h.len as usize, copied);
+            }
+            self.stacks.insert(id.0, stack);
+        }
+    }
+
+    /// Appends the chunks of a stack deeper than one blob (its `len` says
+    /// how deep) to `out`, freeing them in the kernel. A missing chunk ends
+    /// the stack there: the unwinder then says where it was cut.
+    fn take_chunks(&self, seq: u64, len: usize, out: &mut Vec<u8>) {
+        let chunks = &self.skel.maps.chunks;
+        for idx in 1..CHUNKS_MAX {
+            if out.len() >= len {
+                break;
+            }
+            let key = chunk_key(seq, idx);
+            let Ok(Some(bytes)) = chunks.lookup(&key, MapFlags::ANY) else {
+                break;
+            };
+            let _ = chunks.delete(&key);
+            let Some(h) = read::<BlobHdr>(&bytes) else {
+                break;
+            };
+            let data = &bytes[std::mem::size_of::<BlobHdr>()..];
+            out.extend_from_slice(&data[..(h.len as usize).min(data.len())]);
+            if (h.len as usize) < STACK_MAX {
+                break;
+            }
         }
     }
 

@@ -20,6 +20,18 @@ pub const ACQ_SECOND: u32 = 8;
 
 pub const SETTLE_FD: i32 = -7919;
 pub const SEQ_CLASS_SHIFT: u32 = 60;
+/// Bytes of stack in one blob; a deeper stack's rest is in chunks.
+pub const STACK_MAX: usize = 8192;
+/// The most chunks of one stack (its blob is the first).
+pub const CHUNKS_MAX: u32 = 32;
+
+/// Key of a chunk of a deep stack (`struct chunk_key`) as map key bytes.
+pub fn chunk_key(seq: u64, idx: u32) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&seq.to_ne_bytes());
+    key[8..12].copy_from_slice(&idx.to_ne_bytes());
+    key
+}
 
 pub const CNT_RB_DROP: u32 = 0;
 pub const CNT_BLOB_FULL: u32 = 1;

@@ -65,8 +65,14 @@ use leakscope_event::{AbsAddr, FileOffset, Pid, RawStack, TimeNs};
 use crate::elf::{Bytes, ElfInfo};
 pub use crate::maps::ModuleMaps;
 
-/// The most frames [`Unwinder::unwind`] returns for a copied stack.
+/// The most frames [`Unwinder::unwind`] returns for a copied stack: of a
+/// deeper one (recursion), the innermost and outermost `MAX_FRAMES / 2`,
+/// and the note says which frames were left out.
 pub const MAX_FRAMES: usize = 128;
+
+/// The most frames walked at all: past this, a stack is taken to be
+/// corrupt (a loop) rather than deep.
+const MAX_WALK: usize = 16384;
 
 /// Where a frame's address lives, in terms that survive the process.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -221,12 +227,26 @@ impl Unwinder {
             &mut read_stack,
         );
         let mut out = Vec::new();
-        let truncated = loop {
+        // Beyond MAX_FRAMES / 2, the latest MAX_FRAMES / 2 frames, as a ring.
+        let mut tail = std::collections::VecDeque::with_capacity(MAX_FRAMES / 2);
+        let mut walked = 0usize;
+        let mut stop = loop {
             match it.next() {
-                Ok(Some(_)) if out.len() == MAX_FRAMES => {
-                    break Some(format!("stopped after {MAX_FRAMES} frames"));
+                Ok(Some(_)) if walked == MAX_WALK => {
+                    break Some(format!("stopped after {MAX_WALK} frames"));
                 }
-                Ok(Some(frame)) => out.push((frame.address(), frame.is_return_address())),
+                Ok(Some(frame)) => {
+                    walked += 1;
+                    let f = (frame.address(), frame.is_return_address());
+                    if out.len() < MAX_FRAMES / 2 {
+                        out.push(f);
+                    } else {
+                        if tail.len() == MAX_FRAMES / 2 {
+                            tail.pop_front();
+                        }
+                        tail.push_back(f);
+                    }
+                }
                 Ok(None) => break None,
                 Err(framehop::Error::CouldNotReadStack(_)) => {
                     break Some(format!(
@@ -237,7 +257,20 @@ impl Unwinder {
                 Err(e) => break Some(format!("unwinding stopped: {e}")),
             }
         };
-        (out, truncated)
+        let left_out = walked - out.len() - tail.len();
+        if left_out > 0 {
+            let first = out.len();
+            let note = format!(
+                "{walked} frames deep: {left_out} frames left out between #{} and #{first}",
+                first - 1
+            );
+            stop = Some(match stop {
+                Some(why) => format!("{note}; {why}"),
+                None => note,
+            });
+        }
+        out.extend(tail);
+        (out, stop)
     }
 
     /// The framehop module for `k`, built on first use.

@@ -4,7 +4,11 @@
 #ifndef LEAKSCOPE_EVENTS_H
 #define LEAKSCOPE_EVENTS_H
 
-#define STACK_MAX 8192
+#define STACK_MAX 8192 /* bytes of stack in one blob */
+/* Deeper stacks keep their first STACK_MAX bytes in a blob and the rest,
+ * up to STACK_DEEP_MAX in all, in STACK_MAX-byte chunks (`chunks`). */
+#define STACK_DEEP_MAX (256 * 1024)
+#define CHUNKS_MAX (STACK_DEEP_MAX / STACK_MAX)
 #define DETAIL_MAX 256
 #define PATH_PARTS 16
 #define PART_MAX 64
@@ -152,6 +156,15 @@ struct ev_exit {
 	__u64 ip; \
 	__u64 sp; \
 	__u64 bp;
+
+/* Key of the chunks of a deep stack: its blob's key and the chunk's index
+ * (1 is the STACK_MAX bytes after the blob's own). The value is a struct
+ * blob whose len says how many bytes of data it holds. */
+struct chunk_key {
+	__u64 seq;
+	__u32 idx;
+	__u32 _pad;
+};
 
 struct blob {
 	BLOB_HDR

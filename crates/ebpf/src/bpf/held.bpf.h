@@ -16,7 +16,7 @@ static __always_inline void forget_fd(struct proc *pr, __u32 tgid, __s32 fd)
 	bpf_map_delete_elem(&fdseq, &k);
 	if (!seq || (pr && pr->fork_time && time <= pr->fork_time))
 		return;
-	bpf_map_delete_elem(blob_map(seq), &seq);
+	forget_stack(seq);
 }
 
 static __always_inline void remember_fd(struct proc *pr, __u32 tgid, __s32 fd, __u64 seq,
@@ -111,7 +111,7 @@ GLOBAL int drop_held(__u32 tgid, __s32 fd)
 	int inl = v->rec.flags & ACQ_INLINE;
 	unhold(tgid, fd);
 	if (!inl && seq)
-		bpf_map_delete_elem(blob_map(seq), &seq); /* a stack too big to hold inline */
+		forget_stack(seq); /* a stack too big to hold inline */
 	if (track_tcp && ino && (mode & 0170000) == 0140000)
 		bpf_map_delete_elem(&socks, &ino);
 	return 0;

@@ -116,6 +116,17 @@ struct {
 	__type(value, struct blob);
 } blobs SEC(".maps");
 
+/* The rest of stacks deeper than STACK_MAX (see struct chunk_key): at most
+ * 8192 chunks (64 MiB) at once; beyond, such stacks are cut at the last
+ * chunk stored, and the report says where. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct chunk_key);
+	__type(value, struct blob);
+} chunks SEC(".maps");
+
 /* An acquisition held back, with its stack when that fits in 4 KiB (a
  * glibc thread's stack top is ~1.7 KiB of static TLS below its fs base,
  * so 1 KiB would leave out every thread). */
@@ -144,6 +155,7 @@ struct {
 
 PERCPU_SCRATCH(held_scratch, struct held);
 PERCPU_SCRATCH(blob_scratch, struct blob);
+PERCPU_SCRATCH(chunk_scratch, struct blob);
 PERCPU_SCRATCH(pending_scratch, struct pending);
 /* Per-CPU halves of the blob keys: no shared counter to bounce between CPUs. */
 PERCPU_SCRATCH(seq_percpu, __u64);
@@ -288,8 +300,12 @@ GLOBAL int put_held(int where, int defer)
 			if (!big->len)
 				h->rec.flags |= ACQ_NO_STACK;
 			seq = next_seq(big->len);
+			if (seq && big->len > STACK_MAX)
+				big->len = store_chunks(seq, big->sp, big->len);
 			if (seq)
 				err = update_big(&seq, big);
+			if (err && seq)
+				forget_stack(seq); /* its chunks */
 		}
 	}
 	h->rec.seq = stored(err, seq, &h->rec.flags);

@@ -5,16 +5,18 @@
 #define LEAKSCOPE_STACK_BPF_H
 
 /* How much of the user stack above sp is worth copying: up to the top of
- * the stack the thread runs on, when that is known and near. The main
- * thread's stack ends at mm->start_stack; a glibc or musl thread's stack
- * ends just below its thread control block, where the fs base points. */
+ * the stack the thread runs on, when that is known and near (at most
+ * STACK_DEEP_MAX; a deeper stack is cut there, and the report says so).
+ * The main thread's stack ends at mm->start_stack; a glibc or musl
+ * thread's stack ends just below its thread control block, where the fs
+ * base points. */
 static __always_inline __u64 stack_len(struct task_struct *task, __u64 sp)
 {
 	__u64 top = task->mm->start_stack;
-	if (top > sp && top - sp <= STACK_MAX)
+	if (top > sp && top - sp <= STACK_DEEP_MAX)
 		return top - sp;
 	top = task->thread.fsbase;
-	if (top > sp && top - sp <= STACK_MAX)
+	if (top > sp && top - sp <= STACK_DEEP_MAX)
 		return top - sp;
 	return STACK_MAX;
 }
@@ -54,9 +56,10 @@ static __always_inline int read_stack(struct blob_m *small)
 	big->sp = sp;
 	big->bp = regs->bp;
 	big->refs = 1;
-	if (len > STACK_MAX)
-		len = STACK_MAX;
-	if (bpf_probe_read_user(big->data, len, (void *)sp) == 0)
+	/* The first STACK_MAX bytes; `len` counts the chunks to come too
+	 * (store_chunks() copies them once the blob has a key). */
+	__u64 first = len > STACK_MAX ? STACK_MAX : len;
+	if (bpf_probe_read_user(big->data, first, (void *)sp) == 0)
 		big->len = len;
 	else if (bpf_probe_read_user(big->data, 1024, (void *)sp) == 0)
 		big->len = 1024;
@@ -115,6 +118,63 @@ static __always_inline __u64 stored(long err, __u64 seq, __u32 *flags)
 		return 0;
 	}
 	return seq;
+}
+
+struct chunk_copy {
+	__u64 seq;
+	__u64 sp;
+	__u32 len;  /* bytes of stack wanted in all */
+	__u32 done; /* bytes stored so far */
+};
+
+static long copy_chunk(__u64 i, struct chunk_copy *c)
+{
+	__u32 off = (i + 1) * STACK_MAX;
+	if (i >= CHUNKS_MAX - 1 || off >= c->len)
+		return 1;
+	__u32 n = c->len - off;
+	if (n > STACK_MAX)
+		n = STACK_MAX;
+	__u32 zero = 0;
+	struct blob *b = bpf_map_lookup_elem(&chunk_scratch, &zero);
+	if (!b || bpf_probe_read_user(b->data, n, (void *)(c->sp + off)) != 0)
+		return 1;
+	b->refs = 0;
+	b->len = n;
+	b->ip = b->sp = b->bp = 0;
+	struct chunk_key k = { .seq = c->seq, .idx = i + 1, ._pad = 0 };
+	if (bpf_map_update_elem(&chunks, &k, b, BPF_NOEXIST) != 0) {
+		count(CNT_BLOB_FULL);
+		return 1;
+	}
+	c->done = off + n;
+	return 0;
+}
+
+/* Stores the stack from sp + STACK_MAX up to sp + len in chunks of blob
+ * `seq`; returns how many bytes of stack the blob and its chunks hold. */
+GLOBAL int store_chunks(__u64 seq, __u64 sp, __u32 len)
+{
+	struct chunk_copy c = { .seq = seq, .sp = sp, .len = len, .done = STACK_MAX };
+	bpf_loop(CHUNKS_MAX - 1, copy_chunk, &c, 0);
+	return c.done;
+}
+
+static long drop_chunk(__u64 i, __u64 *seq)
+{
+	struct chunk_key k = { .seq = *seq, .idx = i + 1, ._pad = 0 };
+	return bpf_map_delete_elem(&chunks, &k) != 0;
+}
+
+/* Frees stack blob `seq` and, for a deep stack, its chunks. */
+GLOBAL int forget_stack(__u64 seq)
+{
+	if (!seq)
+		return 0;
+	bpf_map_delete_elem(blob_map(seq), &seq);
+	if ((seq >> SEQ_CLASS_SHIFT) == 2)
+		bpf_loop(CHUNKS_MAX - 1, drop_chunk, &seq, 0);
+	return 0;
 }
 
 #endif
