@@ -447,3 +447,32 @@ fn root_without_ebpf_a_plain_run_traces_the_heap() {
     assert_eq!(out.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Heap blocks allocated under 200 nested calls with 1 KiB frames: the
+/// shim keeps the innermost and outermost frames of the stack (main among
+/// them) and says how many it left out between them.
+#[test]
+fn a_deep_stack_keeps_its_outer_frames() {
+    let bin = fixture("deep_stack");
+    let r = report(&["--backend", "preload", "--track", "heap"], &bin);
+    let groups: Vec<&Value> = r["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| functions(g).iter().any(|f| f == "leak_deep"))
+        .collect();
+    assert_eq!(groups.len(), 1, "one call site, one group: {groups:#?}");
+    let g = groups[0];
+    assert_eq!(
+        (g["count"].as_u64(), g["bytes"].as_u64()),
+        (Some(5), Some(320))
+    );
+    let f = functions(g);
+    assert!(f.iter().any(|f| f == "descend"), "{f:?}");
+    assert!(f.iter().any(|f| f == "main"), "the outermost frame: {f:?}");
+    let note = g["stack_note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("frames deep:") && note.contains("frames left out between #46 and #47"),
+        "{note}"
+    );
+}

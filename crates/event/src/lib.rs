@@ -116,6 +116,23 @@ impl TimeNs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AbsAddr(pub u64);
 
+/// Tag of a [`RawStack::Unwound`] entry that stands for frames left out of
+/// a deep stack (the count is in the low 32 bits): a kernel-half address,
+/// never a user return address.
+const LEFT_OUT_TAG: u64 = 0xffff_ff00_0000_0000;
+
+impl AbsAddr {
+    /// The entry that stands for `n` frames left out of a deep stack.
+    pub fn frames_left_out(n: u32) -> AbsAddr {
+        AbsAddr(LEFT_OUT_TAG | u64::from(n))
+    }
+
+    /// How many frames this entry stands for, if it is such an entry.
+    pub fn left_out(self) -> Option<u32> {
+        (self.0 & !0xffff_ffff == LEFT_OUT_TAG).then_some(self.0 as u32)
+    }
+}
+
 /// An offset into an ELF file (what `/proc/PID/maps` calls the offset).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileOffset(pub u64);
@@ -474,7 +491,9 @@ pub enum RawStack {
         /// The copied stack.
         bytes: Vec<u8>,
     },
-    /// Already unwound in process: the ip followed by return addresses.
+    /// Already unwound in process: the ip followed by return addresses;
+    /// of a deep stack, one entry in the middle may stand for frames left
+    /// out ([`AbsAddr::left_out`]).
     Unwound(Vec<AbsAddr>),
     /// No stack could be captured, and why.
     Missing(String),

@@ -15,8 +15,17 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
 use framehop::{ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder as _};
 
-/// Most frames kept per stack, the hook's own address included.
+/// Most frames kept per stack, the hook's own address included. Of a
+/// deeper stack, the innermost `MAX_FRAMES - TAIL - 1` and the outermost
+/// `TAIL` are kept, with an entry between them saying how many were left
+/// out ([`leakscope_event::AbsAddr::frames_left_out`]).
 pub const MAX_FRAMES: usize = 64;
+/// Outermost frames kept of a stack deeper than [`MAX_FRAMES`].
+const TAIL: usize = 16;
+/// Innermost frames kept of such a stack.
+const HEAD: usize = MAX_FRAMES - TAIL - 1;
+/// The most frames walked: a longer walk is taken to be a loop.
+const MAX_WALK: usize = 8192;
 
 /// Bytes of a module mapped in this process, used in place.
 #[derive(Clone, Copy)]
@@ -504,6 +513,9 @@ pub fn capture(
             *precise = false;
         }
     }
+    // Frames past MAX_FRAMES: how many, and the latest TAIL of them.
+    let mut deeper = 0usize;
+    let mut tail = [0u64; TAIL];
     // Where the current bp came from: None, the initial bp.
     let mut bp_src: Option<(u64, u64)> = None;
     let mut regs = UnwindRegsX86_64::new(ra, csp, bp);
@@ -592,14 +604,43 @@ pub fn capture(
         if !snap.covers(r.wrapping_sub(1)) {
             c.uncovered = true;
         }
-        out[c.n] = r;
-        c.n += 1;
-        if c.n == MAX_FRAMES {
-            c.clean = true;
-            break;
+        if c.n < MAX_FRAMES {
+            out[c.n] = r;
+            c.n += 1;
+        } else {
+            // Deeper than MAX_FRAMES: the latest TAIL frames, in a ring.
+            tail[deeper % TAIL] = r;
+            deeper += 1;
+            if MAX_FRAMES + deeper == MAX_WALK {
+                break;
+            }
         }
         addr = next;
     }
+    if deeper > 0 {
+        keep_outermost(out, &tail, deeper);
+    }
     c.nslots = precise.then_some(nslots);
     Some(c)
+}
+
+/// Of a walk `MAX_FRAMES + deeper` frames deep (`out` full, the latest
+/// frames in the ring `tail`): keeps `out[..HEAD]`, then the entry for the
+/// frames left out, then the outermost TAIL frames.
+fn keep_outermost(out: &mut [u64; MAX_FRAMES], tail: &[u64; TAIL], deeper: usize) {
+    // Every frame past HEAD, in order: out[HEAD..] and then the ring's.
+    let mut past = [0u64; MAX_FRAMES - HEAD + TAIL];
+    let mut n = 0;
+    for &f in &out[HEAD..] {
+        past[n] = f;
+        n += 1;
+    }
+    let in_ring = deeper.min(TAIL);
+    for k in 0..in_ring {
+        past[n] = tail[(deeper - in_ring + k) % TAIL];
+        n += 1;
+    }
+    let left = MAX_FRAMES + deeper - HEAD - TAIL;
+    out[HEAD] = leakscope_event::AbsAddr::frames_left_out(left as u32).0;
+    out[HEAD + 1..].copy_from_slice(&past[n - TAIL..n]);
 }

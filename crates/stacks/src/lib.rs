@@ -159,14 +159,24 @@ impl Unwinder {
                 frames: Vec::new(),
                 truncated: Some(reason.clone()),
             },
-            RawStack::Unwound(addrs) => Unwound {
-                frames: addrs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, a)| self.frame(maps, pid, time, a.0, i > 0))
-                    .collect(),
-                truncated: None,
-            },
+            RawStack::Unwound(addrs) => {
+                let mut truncated = None;
+                let mut frames = Vec::with_capacity(addrs.len());
+                for (i, a) in addrs.iter().enumerate() {
+                    match a.left_out() {
+                        Some(n) => {
+                            let deep = addrs.len() - 1 + n as usize;
+                            let at = frames.len();
+                            truncated = Some(format!(
+                                "{deep} frames deep: {n} frames left out between #{} and #{at}",
+                                at.saturating_sub(1)
+                            ));
+                        }
+                        None => frames.push(self.frame(maps, pid, time, a.0, i > 0)),
+                    }
+                }
+                Unwound { frames, truncated }
+            }
             RawStack::Copied { ip, sp, bp, bytes } => {
                 let (addrs, truncated) = self.walk(maps, pid, time, *ip, *sp, *bp, bytes);
                 Unwound {
