@@ -58,7 +58,12 @@ static __always_inline int read_stack(struct blob_m *small)
 	big->refs = 1;
 	/* The first STACK_MAX bytes; `len` counts the chunks to come too
 	 * (store_chunks() copies them once the blob has a key). */
-	__u64 first = len > STACK_MAX ? STACK_MAX : len;
+	__u64 first = len;
+	/* Bounded on the register the helper gets: 6.1's verifier does not
+	 * carry a bound across the 32-bit copy clang otherwise makes. */
+	barrier_var(first);
+	if (first > STACK_MAX)
+		first = STACK_MAX;
 	if (bpf_probe_read_user(big->data, first, (void *)sp) == 0)
 		big->len = len;
 	else if (bpf_probe_read_user(big->data, 1024, (void *)sp) == 0)
@@ -133,6 +138,7 @@ static long copy_chunk(__u64 i, struct chunk_copy *c)
 	if (i >= CHUNKS_MAX - 1 || off >= c->len)
 		return 1;
 	__u32 n = c->len - off;
+	barrier_var(n);
 	if (n > STACK_MAX)
 		n = STACK_MAX;
 	__u32 zero = 0;
