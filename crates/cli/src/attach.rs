@@ -335,6 +335,7 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
     let mut next_interval = args.interval.map(|i| start + Duration::from_secs_f64(i));
     let deadline = args.duration.map(|d| start + Duration::from_secs_f64(d));
     let mut exit_code = None;
+    let mut killed_by = None;
     let mut gone_since: Option<Instant> = None;
     loop {
         s.batch.clear();
@@ -349,9 +350,12 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
             } = &ev
             {
                 if *p == pid {
+                    // wait(2) status: the signal in the low 7 bits, else
+                    // the exit code above them.
                     exit_code = Some(if st & 0x7f == 0 {
                         (st >> 8) & 0xff
                     } else {
+                        killed_by = Some(signals::name(st & 0x7f));
                         128 + (st & 0x7f)
                     });
                 }
@@ -383,6 +387,7 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
     while s.pump(Duration::from_millis(10))? > 0 && Instant::now() < deadline {}
     s.backend.stop();
     let mut report = reporting.report(&mut s, exit_code);
+    report.target.signal = killed_by;
     if args.interval.is_some() {
         growth.update(&mut report.leaks);
     }
@@ -443,6 +448,7 @@ impl Reporting<'_> {
                 command: command.to_vec(),
                 pid: Some(pid.0),
                 exit_code,
+                signal: None,
             },
             backend: s.backend.name().to_string(),
             duration_s: start.elapsed().as_secs_f64(),

@@ -27,7 +27,8 @@ verifier processed (bpf_prog_info.verified_insns, Linux 5.16) and the
 kernel's verification time. The preload shim is tried on a launched program.
 The JSON field names are stable.
 
-Exit status: 0 when at least one backend works, 2 when none does.
+Exit status: 0 when at least one backend works, 1 when none does, 125 when
+leakscope failed (bad usage, stdout not writable).
 
 EXAMPLES:
   sudo leakscope doctor
@@ -177,7 +178,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     Ok(if checks.iter().any(|c| c.reason.is_none()) {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(exit::ERROR)
+        ExitCode::from(exit::NO_BACKEND)
     })
 }
 

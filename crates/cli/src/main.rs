@@ -17,11 +17,22 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// Exit codes, documented in README.md and `leakscope --help`.
+/// Exit codes, documented in README.md, docs/leakscope.1 and `leakscope
+/// --help`. Like env(1), timeout(1), nice(1) and chroot(1), leakscope keeps
+/// 125, 126 and 127 for itself, so that its own failure is never mistaken
+/// for the command's exit code (many programs exit with 1 or 2).
+///
+/// Precedence in `run`: leakscope's own failure (125, 126, 127); then a
+/// command that failed (a non-zero exit or a signal: its status, also with
+/// `--fail-on-leak`); then `--fail-on-leak`'s verdicts, leaks found (3)
+/// before a kind not traced (4); then the command's 0.
 pub mod exit {
-    /// leakscope itself failed: bad usage, no permission for eBPF, ...; or
-    /// `doctor` found no backend that works.
-    pub const ERROR: u8 = 2;
+    /// leakscope itself failed: bad usage (clap's usage errors too), no
+    /// permission for eBPF, a report it cannot write, ...
+    pub const ERROR: u8 = 125;
+    /// `doctor`: no backend works on this machine (its answer, not its
+    /// failure).
+    pub const NO_BACKEND: u8 = 1;
     /// `--fail-on-leak` was given and leaks were found.
     pub const LEAKS_FOUND: u8 = 3;
     /// The command exists but cannot be executed.
@@ -32,11 +43,13 @@ pub mod exit {
 
 const AFTER_HELP: &str = "\
 EXIT STATUS:
-  Without --fail-on-leak, leakscope exits as the traced command did (if it
-  was killed by a signal, leakscope kills itself with the same signal).
-    2    leakscope failed (bad usage, no permission for eBPF, a program
-         the verifier rejected, ...; `leakscope doctor` says why)
+  leakscope exits as the traced command did (if it was killed by a signal,
+  leakscope kills itself with the same signal; core-dumping ones give
+  128+N), also with --fail-on-leak when the command failed. Otherwise:
     3    --fail-on-leak was given and leaks were found
+  125    leakscope failed (bad usage, no permission for eBPF, a program
+         the verifier rejected, a report it cannot write, ...;
+         `leakscope doctor` says why)
   126    the command is not executable
   127    the command was not found
 
@@ -52,8 +65,8 @@ EXAMPLES:
 const ATTACH_HELP: &str = "\
 Resources open before tracing began are listed apart, without a stack, and
 are never counted as leaks. Exit status: 0, or 3 with --fail-on-leak when
-leaks were found, or 2 when leakscope failed (no such process, no
-permission for eBPF).
+leaks were found, or 125 when leakscope failed (bad usage, no such process,
+no permission for eBPF).
 
 EXAMPLES:
   leakscope attach -p 4242                  # until the process exits or Ctrl-C
@@ -127,7 +140,8 @@ pub struct RunArgs {
     /// Write the report to FILE (`-` for stdout) instead of stderr.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
-    /// Exit with 3 when leaks were found (a CI gate).
+    /// Exit with 3 when leaks were found (a CI gate); a command that failed
+    /// keeps its own exit status.
     #[arg(long)]
     fail_on_leak: bool,
     /// What to track (comma-separated) [default: fd,heap; without
@@ -236,7 +250,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Format::Json => leakscope_report::render_json(&outcome.report),
     };
     write_report(args.output.as_deref(), &text)?;
-    if args.fail_on_leak && leaks_found {
+    // The command's own failure comes first (see `exit`): a CI gate must
+    // not turn a crash into "leaks found".
+    let command_failed = !matches!(outcome.status, pipeline::Status::Code(0));
+    if args.fail_on_leak && !command_failed && leaks_found {
         return Ok(ExitCode::from(exit::LEAKS_FOUND));
     }
     match outcome.status {

@@ -194,6 +194,10 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
                 Status::Code(c) => c,
                 Status::Signal(s) => 128 + s,
             }),
+            signal: match status {
+                Status::Code(_) => None,
+                Status::Signal(s) => Some(signals::name(s)),
+            },
         },
         backend: backend.name().to_string(),
         duration_s: duration.as_secs_f64(),

@@ -49,3 +49,61 @@ pub fn die_by(sig: i32) {
         libc::raise(sig);
     }
 }
+
+/// The name of signal `sig` as kill(1) and shells print it: `SIGABRT`,
+/// `SIGRTMIN+3`; a number nothing names stays a number (`signal 99`).
+pub fn name(sig: i32) -> String {
+    const NAMES: &[(i32, &str)] = &[
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGQUIT, "SIGQUIT"),
+        (libc::SIGILL, "SIGILL"),
+        (libc::SIGTRAP, "SIGTRAP"),
+        (libc::SIGABRT, "SIGABRT"),
+        (libc::SIGBUS, "SIGBUS"),
+        (libc::SIGFPE, "SIGFPE"),
+        (libc::SIGKILL, "SIGKILL"),
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGSEGV, "SIGSEGV"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGPIPE, "SIGPIPE"),
+        (libc::SIGALRM, "SIGALRM"),
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGSTKFLT, "SIGSTKFLT"),
+        (libc::SIGCHLD, "SIGCHLD"),
+        (libc::SIGCONT, "SIGCONT"),
+        (libc::SIGSTOP, "SIGSTOP"),
+        (libc::SIGTSTP, "SIGTSTP"),
+        (libc::SIGTTIN, "SIGTTIN"),
+        (libc::SIGTTOU, "SIGTTOU"),
+        (libc::SIGURG, "SIGURG"),
+        (libc::SIGXCPU, "SIGXCPU"),
+        (libc::SIGXFSZ, "SIGXFSZ"),
+        (libc::SIGVTALRM, "SIGVTALRM"),
+        (libc::SIGPROF, "SIGPROF"),
+        (libc::SIGWINCH, "SIGWINCH"),
+        (libc::SIGIO, "SIGIO"),
+        (libc::SIGPWR, "SIGPWR"),
+        (libc::SIGSYS, "SIGSYS"),
+    ];
+    if let Some((_, n)) = NAMES.iter().find(|(s, _)| *s == sig) {
+        return (*n).to_string();
+    }
+    let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
+    match sig {
+        s if s == min => "SIGRTMIN".into(),
+        s if s > min && s <= max => format!("SIGRTMIN+{}", s - min),
+        s => format!("signal {s}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn signals_have_their_names() {
+        assert_eq!(super::name(libc::SIGABRT), "SIGABRT");
+        assert_eq!(super::name(libc::SIGKILL), "SIGKILL");
+        assert_eq!(super::name(libc::SIGRTMIN() + 3), "SIGRTMIN+3");
+        assert_eq!(super::name(99), "signal 99");
+    }
+}

@@ -19,8 +19,9 @@ Filters run in the kernel. Events the kernel had to drop are shown inline as
 `# lost N events` (JSON: {\"lost\":N}) and counted in the summary on stderr.
 Calls already in progress when tracing starts are not shown.
 
-Exit status: 0 after Ctrl-C, SIGTERM or --duration; 2 when leakscope failed
-(unknown syscall name, no such pid, no permission for eBPF).
+Exit status: 0 after Ctrl-C, SIGTERM or --duration; 125 when leakscope
+failed (bad usage, unknown syscall name, no such pid, no permission for
+eBPF).
 
 EXAMPLES:
   leakscope snoop                                          # every process

@@ -175,7 +175,7 @@ fn attach_to_a_missing_pid_is_a_one_line_error() {
         .args(["attach", "-p", "999999999"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(125));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("no such process"), "{err}");

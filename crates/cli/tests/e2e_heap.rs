@@ -280,7 +280,7 @@ fn glibc_caches_are_suppressed_and_counted() {
     let _ = std::fs::remove_file(bin);
 }
 
-/// A suppressions file that is not one: a one-line error and exit 2,
+/// A suppressions file that is not one: a one-line error and exit 125,
 /// before the command runs.
 #[test]
 fn a_bad_suppressions_file_is_a_clear_error() {
@@ -302,7 +302,7 @@ fn a_bad_suppressions_file_is_a_clear_error() {
         .output()
         .expect("run leakscope");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(out.status.code(), Some(125), "{err}");
     assert_eq!(
         err.trim(),
         format!(
@@ -390,7 +390,7 @@ fn root_a_plain_run_tracks_fds_and_heap() {
 }
 
 /// Without permission for eBPF, a plain `run` traces the heap and says fds
-/// were not traced; naming `--track fd` makes it an error (exit 2). Runs
+/// were not traced; naming `--track fd` makes it an error (exit 125). Runs
 /// leakscope as nobody (setpriv), from a copy it may execute.
 #[test]
 fn root_without_ebpf_a_plain_run_traces_the_heap() {
@@ -444,7 +444,7 @@ fn root_without_ebpf_a_plain_run_traces_the_heap() {
         "{groups:#?}"
     );
     let out = as_nobody(&["run", "--track", "fd"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(125));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -329,7 +329,7 @@ fn snoop_unknown_syscall_is_a_one_line_error() {
         .args(["snoop", "--syscalls", "open,bogus"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(125));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("unknown syscall `bogus`"), "{err}");
@@ -343,7 +343,7 @@ fn snoop_missing_pid_is_a_one_line_error() {
         .args(["snoop", "-p", "2147483647"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(125));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         err.trim_end(),

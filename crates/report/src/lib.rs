@@ -9,7 +9,9 @@
 //! ```
 //! use leakscope_report::{Report, Target, Counts, render_text};
 //! let r = Report {
-//!     target: Target { command: vec!["./srv".into()], pid: Some(7), exit_code: Some(0) },
+//!     target: Target {
+//!         command: vec!["./srv".into()], pid: Some(7), exit_code: Some(0), signal: None,
+//!     },
 //!     backend: "ebpf".into(), duration_s: 1.0,
 //!     events: Counts { total: 10, lost: 0, settled: 0 }, notes: vec![], leaks: vec![],
 //!     suppressed: vec![], preexisting: vec![],
@@ -41,6 +43,9 @@ pub struct Target {
     pub pid: Option<u32>,
     /// Its exit code (or 128+signal).
     pub exit_code: Option<i32>,
+    /// The signal that killed it (`SIGABRT`), if one did; `exit_code` is
+    /// then 128 + its number.
+    pub signal: Option<String>,
 }
 
 /// Event counts.
@@ -282,6 +287,12 @@ pub fn render_text(report: &Report, top: usize) -> String {
     let mut out = String::new();
     let cmd = report.target.command.join(" ");
     let exit = match (report.target.exit_code, report.target.pid) {
+        _ if report.target.signal.is_some() => {
+            format!(
+                "killed by {}",
+                report.target.signal.as_deref().unwrap_or("")
+            )
+        }
         (Some(c), _) => format!("exited with {c}"),
         (None, Some(pid)) => format!("(pid {pid}) still running"),
         (None, None) => "was traced".to_string(),
@@ -480,6 +491,7 @@ mod tests {
                 command: vec!["./srv".into()],
                 pid: Some(7),
                 exit_code: Some(0),
+                signal: None,
             },
             backend: "ebpf".into(),
             duration_s: 1.0,
