@@ -256,6 +256,7 @@ impl Session {
 
 pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
     let pid = Pid(args.pid);
+    crate::check_output(args.output.as_deref())?;
     let suppressions = args.suppress.load()?;
     if !alive(pid) {
         return Err(fatal(exit::ERROR, format!("no such process: {}", pid.0)));

@@ -137,7 +137,8 @@ pub struct RunArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
-    /// Write the report to FILE (`-` for stdout) instead of stderr.
+    /// Write the report to FILE (`-` for stdout) instead of stderr; checked
+    /// before the command runs.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
     /// Exit with 3 when leaks were found (a CI gate); a command that failed
@@ -225,6 +226,7 @@ fn report_error(result: anyhow::Result<ExitCode>) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    check_output(args.output.as_deref())?;
     let track = args.track.clone().unwrap_or(vec![Track::Fd, Track::Heap]);
     let config = pipeline::Config {
         command: args.command.clone(),
@@ -276,6 +278,59 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(128u8.wrapping_add(sig as u8)))
         }
     }
+}
+
+/// Fails now, before anything is traced, when the report could not be
+/// written to `path` at the end (issue 10: a whole run was lost to a typo
+/// in `-o`). A file that exists is opened for writing and left as it is;
+/// one that does not is created and removed again. FIFOs and devices are
+/// only required to exist: opening a FIFO would wait for its reader.
+pub(crate) fn check_output(path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use std::fs::OpenOptions;
+    use std::io::ErrorKind;
+    let Some(p) = path.filter(|p| p.as_os_str() != "-") else {
+        return Ok(());
+    };
+    let why = |e: std::io::Error| -> String {
+        match e.kind() {
+            ErrorKind::NotFound => match p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(d) => format!("no such directory: {}", d.display()),
+                None => "no such file or directory".into(),
+            },
+            ErrorKind::PermissionDenied => "permission denied".into(),
+            ErrorKind::ReadOnlyFilesystem => "read-only file system".into(),
+            ErrorKind::IsADirectory => "it is a directory".into(),
+            ErrorKind::NotADirectory => "a part of the path is not a directory".into(),
+            _ => {
+                let s = e.to_string();
+                s.split(" (os error").next().unwrap_or(&s).to_lowercase()
+            }
+        }
+    };
+    let result = match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => Err("it is a directory".to_string()),
+        Ok(m) if m.is_file() => OpenOptions::new()
+            .write(true)
+            .open(p)
+            .map(drop)
+            .map_err(why),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(p)
+            .map(|_| {
+                let _ = std::fs::remove_file(p);
+            })
+            .map_err(why),
+        Err(e) => Err(why(e)),
+    };
+    result.map_err(|why| {
+        pipeline::fatal(
+            exit::ERROR,
+            format!("cannot write the report to {}: {why}", p.display()),
+        )
+    })
 }
 
 fn write_report(path: Option<&std::path::Path>, text: &str) -> anyhow::Result<()> {

@@ -133,23 +133,24 @@ fn a_death_by_a_signal_is_named() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Runs a copy of leakscope (and the shim) as nobody, where no eBPF
-/// program may be loaded; `env` adds variables.
+/// Runs a copy of leakscope (and the shim) in `dir` as nobody, where no
+/// eBPF program may be loaded; `env` adds variables. The first call copies
+/// them and makes `dir` and all in it everyone's.
 fn as_nobody(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    leakscope_testutil::ensure_shim(Path::new(BIN));
-    let bin_dir = Path::new(BIN).parent().unwrap();
-    for f in ["leakscope", leakscope_preload::SHIM_NAME] {
-        if !dir.join(f).exists() {
+    if !dir.join("leakscope").exists() {
+        leakscope_testutil::ensure_shim(Path::new(BIN));
+        let bin_dir = Path::new(BIN).parent().unwrap();
+        for f in ["leakscope", leakscope_preload::SHIM_NAME] {
             std::fs::copy(bin_dir.join(f), dir.join(f)).unwrap();
         }
+        let chmod = Command::new("chmod")
+            .arg("-R")
+            .arg("a+rwx")
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(chmod.success());
     }
-    let chmod = Command::new("chmod")
-        .arg("-R")
-        .arg("a+rwx")
-        .arg(dir)
-        .status()
-        .unwrap();
-    assert!(chmod.success());
     Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(dir.join("leakscope"))
@@ -193,5 +194,122 @@ fn root_doctor_without_a_working_backend_exits_1() {
         "the shim works: {}",
         stderr(&out)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `-o` to a path that cannot be written fails at once, in one line and
+/// with 125, before the command runs: a missing directory, a directory,
+/// a path through a file. `run` and `attach` alike.
+#[test]
+fn an_unwritable_output_fails_before_the_command_runs() {
+    let dir = temp_dir("output");
+    let marker = dir.join("ran");
+    let file = dir.join("file");
+    std::fs::write(&file, "").unwrap();
+    let cases = [
+        (
+            "/nonexistent/dir/r.json".to_string(),
+            "no such directory: /nonexistent/dir",
+        ),
+        (dir.display().to_string(), "it is a directory"),
+        (
+            format!("{}/r.json", file.display()),
+            "a part of the path is not a directory",
+        ),
+    ];
+    for (path, why) in &cases {
+        let out = leakscope(&[
+            "run",
+            "--track",
+            "heap",
+            "-o",
+            path,
+            "--",
+            "touch",
+            marker.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(125), "{path}: {}", stderr(&out));
+        assert_eq!(
+            stderr(&out),
+            format!("leakscope: error: cannot write the report to {path}: {why}\n")
+        );
+        assert!(!marker.exists(), "{path}: the command ran");
+    }
+    // attach checks before it attaches (no privileges needed to fail).
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    let pid = sleeper.id().to_string();
+    let out = leakscope(&["attach", "-p", &pid, "-o", &cases[0].0]);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "leakscope: error: cannot write the report to {}: {}\n",
+            cases[0].0, cases[0].1
+        )
+    );
+    // A path that can be written is left as it was found.
+    let fresh = dir.join("fresh.json");
+    let out = leakscope(&[
+        "run",
+        "--track",
+        "heap",
+        "-o",
+        fresh.to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(std::fs::read_to_string(&fresh)
+        .unwrap()
+        .contains("Summary:"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A read-only place (a directory or a file the user may not write):
+/// 125 before the command runs. As nobody, since root writes anywhere.
+#[test]
+fn root_a_read_only_output_fails_before_the_command_runs() {
+    if !require_root("root_a_read_only_output_fails_before_the_command_runs") {
+        return;
+    }
+    let dir = temp_dir("readonly");
+    let marker = dir.join("ran");
+    let locked = dir.join("locked");
+    std::fs::create_dir_all(&locked).unwrap();
+    let report = dir.join("report.json");
+    std::fs::write(&report, "old").unwrap();
+    let _ = as_nobody(&dir, &["--version"], &[]);
+    for (p, mode) in [(&locked, "0555"), (&report, "0444")] {
+        let st = Command::new("chmod").arg(mode).arg(p).status().unwrap();
+        assert!(st.success());
+    }
+    for path in [locked.join("r.json"), report.clone()] {
+        let path = path.to_str().unwrap();
+        let out = as_nobody(
+            &dir,
+            &[
+                "run",
+                "--backend",
+                "preload",
+                "--track",
+                "heap",
+                "-o",
+                path,
+                "--",
+                "touch",
+                marker.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(out.status.code(), Some(125), "{path}: {}", stderr(&out));
+        assert_eq!(
+            stderr(&out),
+            format!("leakscope: error: cannot write the report to {path}: permission denied\n")
+        );
+        assert!(!marker.exists(), "{path}: the command ran");
+    }
+    assert_eq!(std::fs::read_to_string(&report).unwrap(), "old");
     let _ = std::fs::remove_dir_all(&dir);
 }
