@@ -168,7 +168,9 @@ pub struct SuppressArgs {
     /// Do not report leak groups whose stack matches a `leak:PATTERN` line
     /// of FILE (LeakSanitizer's format: a function, source file or module
     /// name; `*` wildcards, `^`/`$` anchors). Repeatable. What was
-    /// suppressed is counted in the summary.
+    /// suppressed is counted in the summary. Other sanitizers' lines
+    /// (`called_from_lib:`, `interceptor_via_fun:`, ...) are skipped with
+    /// a warning.
     #[arg(long = "suppressions", value_name = "FILE")]
     files: Vec<PathBuf>,
     /// Also report what glibc, libstdc++ and Rust's std keep until exit
@@ -188,8 +190,14 @@ impl SuppressArgs {
             leakscope_report::Suppressions::defaults()
         };
         for f in &self.files {
-            s.add_file(f)
+            let ignored = s
+                .add_file(f)
                 .map_err(|e| pipeline::fatal(exit::ERROR, e.to_string()))?;
+            // A file shared with AddressSanitizer: its other types are
+            // not ours, and not an error (issue 10).
+            if let Some(w) = ignored.warning(&f.display().to_string()) {
+                eprintln!("leakscope: warning: {w}");
+            }
         }
         Ok(s)
     }

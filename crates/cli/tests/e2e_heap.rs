@@ -20,9 +20,15 @@ fn heap_fixture(name: &str) -> PathBuf {
 /// [`heap_fixture`] with extra compiler arguments (libraries, after the
 /// source).
 fn heap_fixture_with(name: &str, extra: &[&str]) -> PathBuf {
+    heap_fixture_as(name, name, extra)
+}
+
+/// [`heap_fixture_with`], built under its own name `tag`: tests running
+/// at the same time each remove their own copy.
+fn heap_fixture_as(name: &str, tag: &str, extra: &[&str]) -> PathBuf {
     let out = workspace_root().join("target/fixtures");
     std::fs::create_dir_all(&out).unwrap();
-    let bin = out.join(format!("heap-{name}-{}", std::process::id()));
+    let bin = out.join(format!("heap-{tag}-{}", std::process::id()));
     let src = workspace_root().join(format!("fixtures/heap/{name}.c"));
     let st = Command::new("cc")
         .args(["-g", "-O2", "-fomit-frame-pointer", "-pthread", "-o"])
@@ -285,7 +291,7 @@ fn glibc_caches_are_suppressed_and_counted() {
 #[test]
 fn a_bad_suppressions_file_is_a_clear_error() {
     let supp = std::env::temp_dir().join(format!("leakscope-bad-{}.supp", std::process::id()));
-    std::fs::write(&supp, "leak:ok\nrace:foo\n").unwrap();
+    std::fs::write(&supp, "leak:ok\nleak foo\n").unwrap();
     let marker = std::env::temp_dir().join(format!("leakscope-ran-{}", std::process::id()));
     let out = Command::new(BIN)
         .args([
@@ -306,12 +312,81 @@ fn a_bad_suppressions_file_is_a_clear_error() {
     assert_eq!(
         err.trim(),
         format!(
-            "leakscope: error: {}:2: unknown suppression type `race` (only `leak` and `leak-init` are)",
+            "leakscope: error: {}:2: `leak foo` is not `leak:PATTERN`",
             supp.display()
         )
     );
     assert!(!marker.exists(), "the command must not run");
     let _ = std::fs::remove_file(supp);
+}
+
+/// A LeakSanitizer file shared with AddressSanitizer (and TSan, UBSan)
+/// holds their types too: they are skipped with one warning line naming
+/// them, before the command runs; its `leak:` lines still apply.
+#[test]
+fn other_sanitizers_suppressions_are_skipped_with_a_warning() {
+    ensure_shim();
+    let bin = heap_fixture_as("glibc_caches", "glibc_caches-asan", &[]);
+    let supp = std::env::temp_dir().join(format!("leakscope-asan-{}.supp", std::process::id()));
+    std::fs::write(
+        &supp,
+        "# shared with ASAN_OPTIONS=suppressions=...\n\
+         leak:^cache_fill$\n\
+         called_from_lib:libfoo.so\n\
+         interceptor_via_fun:parse_config\n\
+         interceptor_name:strlen\n\
+         odr_violation:^g_table$\n\
+         interceptor_via_lib:libbar.so\n\
+         race:^worker_loop$\n\
+         interceptor_via_fun:read_all\n",
+    )
+    .unwrap();
+    let out_path = std::env::temp_dir().join(format!("leakscope-asan-{}.json", std::process::id()));
+    let out = Command::new(BIN)
+        .args(["run", "--backend", "preload", "--track", "heap"])
+        .arg("--suppressions")
+        .arg(&supp)
+        .args(["--format", "json", "-o"])
+        .arg(&out_path)
+        .arg("--")
+        .arg(&bin)
+        .output()
+        .expect("run leakscope");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(
+        err.lines().next(),
+        Some(
+            format!(
+                "leakscope: warning: {}: ignored 7 lines of types `called_from_lib`, \
+                 `interceptor_via_fun`, `interceptor_name`, `odr_violation`, \
+                 `interceptor_via_lib`, `race` (other sanitizers' suppressions; \
+                 leakscope reads `leak` and `leak-init`)",
+                supp.display()
+            )
+            .as_str()
+        ),
+        "{err}"
+    );
+    assert_eq!(err.matches("warning").count(), 1, "{err}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+    let groups = groups_by_function(&r);
+    assert!(!groups.iter().any(|g| g.0.iter().any(|f| f == "cache_fill")));
+    let mine: Vec<&Value> = r["suppressed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["origin"] != "default")
+        .collect();
+    assert_eq!(mine.len(), 1, "{mine:#?}");
+    assert_eq!(mine[0]["origin"], format!("{}:2", supp.display()));
+    assert_eq!(
+        (&mine[0]["count"], &mine[0]["bytes"]),
+        (&Value::from(5), &Value::from(200))
+    );
+    let _ = std::fs::remove_file(supp);
+    let _ = std::fs::remove_file(out_path);
+    let _ = std::fs::remove_file(bin);
 }
 
 /// A program linked with jemalloc keeps jemalloc under the shim (the

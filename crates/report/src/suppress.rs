@@ -8,6 +8,13 @@
 //! as a substring; `*` matches any run of characters, a leading `^`
 //! anchors it at the start and a trailing `$` at the end.
 //!
+//! Files shared with AddressSanitizer or other sanitizers hold other
+//! types too (`called_from_lib:`, `interceptor_via_fun:`,
+//! `interceptor_name:`, `odr_violation:`, `race:`, ...): those lines are
+//! skipped and [`Suppressions::add`] returns them ([`Ignored`]) so the
+//! caller can say so in one line. A line that is not `TYPE:PATTERN` at all
+//! is an error.
+//!
 //! One extension: `leak-init:MODULE` suppresses what a library allocates
 //! in its own initializer, before any code of the program runs: a stack of
 //! the allocator, then a frame in a module whose file name contains
@@ -63,6 +70,34 @@ pub enum Error {
     },
 }
 
+/// The lines of a file that belong to other sanitizers, skipped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ignored {
+    /// Their types, in the order first seen (`called_from_lib`, `race`).
+    pub types: Vec<String>,
+    /// How many lines.
+    pub lines: usize,
+}
+
+impl Ignored {
+    /// One line for the user about file `name`, or `None` when nothing was
+    /// skipped.
+    pub fn warning(&self, name: &str) -> Option<String> {
+        if self.lines == 0 {
+            return None;
+        }
+        let types: Vec<String> = self.types.iter().map(|t| format!("`{t}`")).collect();
+        Some(format!(
+            "{name}: ignored {} line{} of {} {} (other sanitizers' suppressions; \
+             leakscope reads `leak` and `leak-init`)",
+            self.lines,
+            if self.lines == 1 { "" } else { "s" },
+            if types.len() == 1 { "type" } else { "types" },
+            types.join(", "),
+        ))
+    }
+}
+
 /// What one rule took out of a report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Suppressed {
@@ -100,7 +135,9 @@ impl Suppressions {
 
     /// Adds the rules of a suppression file's `text`; `name` names it in
     /// errors and origins (`name:LINE`; the defaults use `default` alone).
-    pub fn add(&mut self, text: &str, name: &str) -> Result<(), Error> {
+    /// Returns the lines of other types it skipped.
+    pub fn add(&mut self, text: &str, name: &str) -> Result<Ignored, Error> {
+        let mut ignored = Ignored::default();
         for (i, line) in text.lines().enumerate() {
             let origin = if name == DEFAULT_ORIGIN {
                 name.to_string()
@@ -120,12 +157,24 @@ impl Suppressions {
             let init = match kind.trim() {
                 "leak" => false,
                 "leak-init" => true,
-                other => {
+                // Sanitizer types are words: `interceptor_via_fun`,
+                // `odr_violation`, UBSan's `float-cast-overflow`.
+                other
+                    if !other.is_empty()
+                        && other
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+                {
+                    if !ignored.types.iter().any(|t| t == other) {
+                        ignored.types.push(other.to_string());
+                    }
+                    ignored.lines += 1;
+                    continue;
+                }
+                _ => {
                     return Err(Error::Syntax {
                         origin,
-                        what: format!(
-                            "unknown suppression type `{other}` (only `leak` and `leak-init` are)"
-                        ),
+                        what: format!("`{line}` is not `TYPE:PATTERN`"),
                     })
                 }
             };
@@ -146,11 +195,11 @@ impl Suppressions {
                 origin,
             });
         }
-        Ok(())
+        Ok(ignored)
     }
 
-    /// Adds the rules of the file at `path`.
-    pub fn add_file(&mut self, path: &std::path::Path) -> Result<(), Error> {
+    /// Adds the rules of the file at `path` (see [`Suppressions::add`]).
+    pub fn add_file(&mut self, path: &std::path::Path) -> Result<Ignored, Error> {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
             path: name.clone(),
@@ -375,15 +424,48 @@ mod tests {
     #[test]
     fn bad_lines_are_errors_with_their_line() {
         let mut s = Suppressions::none();
-        let e = s.add("leak:ok\nrace:foo\n", "f.supp").unwrap_err();
+        let e = s.add("leak:ok\nrace foo:bar\n", "f.supp").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "f.supp:2: unknown suppression type `race` (only `leak` and `leak-init` are)"
+            "f.supp:2: `race foo:bar` is not `TYPE:PATTERN`"
         );
         let e = s.add("justaword", "g").unwrap_err();
         assert_eq!(e.to_string(), "g:1: `justaword` is not `leak:PATTERN`");
         let e = s.add("leak:  ", "h").unwrap_err();
         assert_eq!(e.to_string(), "h:1: empty pattern");
+    }
+
+    /// A file shared with AddressSanitizer (or TSan, UBSan): its other
+    /// types are skipped and named, its `leak:` lines kept.
+    #[test]
+    fn other_sanitizers_types_are_skipped_and_named() {
+        let mut s = Suppressions::none();
+        let text = "# shared with ASan\n\
+                    called_from_lib:libfoo.so\n\
+                    leak:^cache_\n\
+                    interceptor_via_fun:bar\n\
+                    interceptor_name:strlen\n\
+                    odr_violation:^g_table$\n\
+                    interceptor_via_fun:baz\n\
+                    race:foo\n\
+                    float-cast-overflow:conv.c\n";
+        let ignored = s.add(text, "asan.supp").unwrap();
+        assert_eq!(s.rules().len(), 1);
+        assert_eq!(s.rules()[0].origin, "asan.supp:3");
+        assert_eq!(ignored.lines, 7);
+        assert_eq!(
+            ignored.warning("asan.supp").unwrap(),
+            "asan.supp: ignored 7 lines of types `called_from_lib`, `interceptor_via_fun`, \
+             `interceptor_name`, `odr_violation`, `race`, `float-cast-overflow` (other \
+             sanitizers' suppressions; leakscope reads `leak` and `leak-init`)"
+        );
+        let one = s.add("race:x\n", "t.supp").unwrap();
+        assert_eq!(
+            one.warning("t.supp").unwrap(),
+            "t.supp: ignored 1 line of type `race` (other sanitizers' suppressions; \
+             leakscope reads `leak` and `leak-init`)"
+        );
+        assert_eq!(s.add("leak:y\n", "u.supp").unwrap().warning("u.supp"), None);
     }
 
     fn frame(function: Option<&str>, module: &str) -> StackFrame {
