@@ -397,6 +397,9 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
     if args.fail_on_leak && !report.leaks.is_empty() {
         return Ok(ExitCode::from(exit::LEAKS_FOUND));
     }
+    if args.fail_on_leak && !report.fully_traced() {
+        return Ok(ExitCode::from(exit::NOT_TRACED));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -463,6 +466,7 @@ impl Reporting<'_> {
                 notes.extend(crate::pipeline::lost_note(lost));
                 notes
             },
+            coverage: s.backend.coverage(),
             leaks: groups,
             suppressed,
             preexisting: Vec::new(),

@@ -2,10 +2,12 @@
 //! launch: eBPF for fds, the preload shim for the heap.
 
 use std::io;
+use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use leakscope_event::{Backend, Event, RawStack, StackId};
+use leakscope_event::{Backend, Event, Pid, RawStack, StackId};
+use leakscope_report::{Coverage, Traced};
 
 use crate::exit;
 use crate::pipeline::fatal;
@@ -52,14 +54,28 @@ pub struct Combined {
     fd: Option<Box<dyn Backend>>,
     heap: Option<Box<dyn Backend>>,
     name: &'static str,
-    /// What was left out, and why.
-    notes: Vec<String>,
+    mode: Mode,
+    /// What the user asked for (`--track`, or the defaults).
+    asked: Tracking,
+    /// What is traced: `asked` less what `--backend` cannot track.
+    tracking: Tracking,
+    /// Kinds asked for whose backend could not be opened, and why.
+    dropped_fd: Option<String>,
+    dropped_heap: Option<String>,
+    /// The heap backend sent something: the shim is in some process.
+    heap_seen: bool,
+    /// Processes that cannot load the shim (statically linked), with
+    /// their program; seen at launch or, with eBPF, at each exec.
+    no_shim: Vec<(Pid, String)>,
+    /// The program launched, for the reason nothing loaded the shim.
+    launched: Option<std::path::PathBuf>,
 }
 
 /// Opens the backends `tracking` needs under `choice`, or says in one line
 /// why it cannot and what would work instead. With `defaults` (the user
 /// named no kinds), a backend named by `choice` keeps only what it can
-/// track, and fds are dropped with a note when eBPF cannot be used.
+/// track, and fds are dropped when eBPF cannot be used; the report says
+/// so ([`Combined::coverage`]).
 pub fn open(
     mut tracking: Tracking,
     choice: Choice,
@@ -67,7 +83,9 @@ pub fn open(
     allocator: Option<String>,
     defaults: bool,
 ) -> anyhow::Result<Combined> {
-    let mut notes = Vec::new();
+    let asked = tracking;
+    let mut dropped_fd = None;
+    let mut dropped_heap = None;
     if defaults {
         match choice {
             Choice::Preload => tracking.fd = false,
@@ -96,10 +114,9 @@ pub fn open(
         match leakscope_ebpf::Tracer::new(leakscope_ebpf::Config { tcp: tracking.tcp }) {
             Ok(t) => Some(Box::new(t)),
             Err(e) if defaults && tracking.heap && !tracking.tcp => {
-                notes.push(format!(
-                    "fds were not traced: {e}. The heap was; --track heap says \
-                     that is all you want"
-                ));
+                // Not asked for by name: the heap alone is traced, and
+                // the report says this (`--track heap` asks for no more).
+                dropped_fd = Some(format!("{e} (--track heap: the heap alone)"));
                 None
             }
             Err(e) => {
@@ -119,7 +136,7 @@ pub fn open(
         (true, Mode::Launch) => match leakscope_preload::Preload::new() {
             Ok(p) => Some(Box::new(p)),
             Err(e) if defaults && fd.is_some() => {
-                notes.push(format!("the heap was not traced: {e}"));
+                dropped_heap = Some(e.to_string());
                 None
             }
             Err(e) => return Err(fatal(exit::ERROR, format!("preload backend: {e}"))),
@@ -154,8 +171,202 @@ pub fn open(
         fd,
         heap,
         name,
-        notes,
+        mode,
+        asked,
+        tracking,
+        dropped_fd,
+        dropped_heap,
+        heap_seen: false,
+        no_shim: Vec::new(),
+        launched: None,
     })
+}
+
+/// Whether the ELF file at `path` is statically linked: it has no
+/// PT_INTERP program header, so no dynamic loader runs in it and nothing
+/// reads LD_PRELOAD (ld.so(8)); static-pie executables included. `None`
+/// when it cannot be read or is not ELF (a `#!` script: its interpreter's
+/// exec is seen on its own).
+pub fn statically_linked(path: &Path) -> Option<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    const PT_INTERP: u32 = 3;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut h = [0u8; 64];
+    f.read_exact(&mut h).ok()?;
+    if h[..4] != *b"\x7fELF" {
+        return None;
+    }
+    let le = match h[5] {
+        1 => true,
+        2 => false,
+        _ => return None,
+    };
+    let u16_at = |b: &[u8], o: usize| {
+        let v = [b[o], b[o + 1]];
+        if le {
+            u16::from_le_bytes(v)
+        } else {
+            u16::from_be_bytes(v)
+        }
+    };
+    let u32_at = |b: &[u8], o: usize| {
+        let v = [b[o], b[o + 1], b[o + 2], b[o + 3]];
+        if le {
+            u32::from_le_bytes(v)
+        } else {
+            u32::from_be_bytes(v)
+        }
+    };
+    // e_phoff, e_phentsize, e_phnum (elf(5)) for ELFCLASS32 and 64.
+    let (phoff, phentsize, phnum) = match h[4] {
+        1 => (u32_at(&h, 0x1c) as u64, u16_at(&h, 0x2a), u16_at(&h, 0x2c)),
+        2 => {
+            let lo = u32_at(&h, 0x20) as u64;
+            let hi = u32_at(&h, 0x24) as u64;
+            let off = if le { hi << 32 | lo } else { lo << 32 | hi };
+            (off, u16_at(&h, 0x36), u16_at(&h, 0x38))
+        }
+        _ => return None,
+    };
+    if phentsize < 4 || phnum == 0 {
+        return Some(true);
+    }
+    let mut ph = vec![0u8; phentsize as usize * phnum as usize];
+    f.seek(SeekFrom::Start(phoff)).ok()?;
+    f.read_exact(&mut ph).ok()?;
+    Some(
+        !ph.chunks_exact(phentsize as usize)
+            .any(|p| u32_at(p, 0) == PT_INTERP),
+    )
+}
+
+/// Why the loader would ignore LD_PRELOAD in `path` for us: a set-user-ID
+/// or set-group-ID program of another user or group runs in secure mode
+/// (ld.so(8)).
+fn secure_mode(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    // SAFETY: geteuid(2) and getegid(2) cannot fail.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if m.mode() & libc::S_ISUID != 0 && m.uid() != euid {
+        Some("set-user-ID")
+    } else if m.mode() & libc::S_ISGID != 0 && m.gid() != egid {
+        Some("set-group-ID")
+    } else {
+        None
+    }
+}
+
+impl Combined {
+    /// What was traced and what was not, per kind, and why (see
+    /// [`Coverage`]). Final once the trace has ended.
+    pub fn coverage(&self) -> Vec<Coverage> {
+        let kinds = [
+            ("fd", self.asked.fd, self.tracking.fd),
+            ("heap", self.asked.heap, self.tracking.heap),
+            ("tcp", self.asked.tcp, self.tracking.tcp),
+        ];
+        kinds
+            .into_iter()
+            .map(|(kind, asked, tracking)| {
+                let none = |requested: bool, reason: String| Coverage {
+                    kind: kind.into(),
+                    requested,
+                    traced: Traced::None,
+                    reason: Some(reason),
+                };
+                if !tracking {
+                    let why = match (kind, asked) {
+                        ("fd", true) => "--backend preload traces the heap only".into(),
+                        ("heap", true) => "--backend ebpf does not trace the heap of a \
+                                           launched command (the preload shim does: \
+                                           --backend auto)"
+                            .into(),
+                        _ => format!("not asked for (--track {kind})"),
+                    };
+                    return none(false, why);
+                }
+                let dropped = match kind {
+                    "fd" => &self.dropped_fd,
+                    "heap" => &self.dropped_heap,
+                    _ => &None,
+                };
+                if let Some(why) = dropped {
+                    return none(true, why.clone());
+                }
+                if kind == "heap" && self.mode == Mode::Launch {
+                    return self.heap_coverage();
+                }
+                Coverage::all(kind)
+            })
+            .collect()
+    }
+
+    /// The preload shim's coverage of a launch: none when no process
+    /// loaded it, part when some could not (statically linked).
+    fn heap_coverage(&self) -> Coverage {
+        let mut c = Coverage::all("heap");
+        let list = |n: usize| -> String {
+            let mut s: Vec<String> = self
+                .no_shim
+                .iter()
+                .take(n)
+                .map(|(pid, path)| format!("`{path}` (pid {})", pid.0))
+                .collect();
+            if self.no_shim.len() > n {
+                s.push(format!("and {} more", self.no_shim.len() - n));
+            }
+            s.join(", ")
+        };
+        let statics = match self.no_shim.len() {
+            0 => None,
+            1 => Some(format!(
+                "{} is statically linked and ignores LD_PRELOAD",
+                list(1)
+            )),
+            n => Some(format!(
+                "{n} statically linked programs ignore LD_PRELOAD: {}",
+                list(3)
+            )),
+        };
+        if !self.heap_seen {
+            c.traced = Traced::None;
+            let launched = self.launched.as_deref();
+            c.reason = Some(match (statics, launched.and_then(secure_mode)) {
+                (Some(s), _) => s,
+                (None, Some(what)) => format!(
+                    "`{}` is {what}: the loader ignores LD_PRELOAD for it",
+                    launched
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                ),
+                (None, None) => "no process loaded the shim (statically linked and \
+                                 setuid programs ignore LD_PRELOAD)"
+                    .into(),
+            });
+        } else if let Some(s) = statics {
+            c.traced = Traced::Part;
+            c.reason = Some(s);
+        }
+        c
+    }
+
+    /// Notes a process that cannot load the shim, once: the launch and
+    /// the kernel's exec event name the same program differently
+    /// (`./prog`, `/home/me/prog`), so they are compared as real paths.
+    fn note_static(no_shim: &mut Vec<(Pid, String)>, pid: Pid, path: &Path) {
+        if statically_linked(path) != Some(true) {
+            return;
+        }
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let same = real(path);
+        if !no_shim
+            .iter()
+            .any(|(p, s)| *p == pid && real(Path::new(s)) == same)
+        {
+            no_shim.push((pid, path.display().to_string()));
+        }
+    }
 }
 
 /// What still works when an eBPF backend cannot be used, for the end of
@@ -186,10 +397,16 @@ impl Backend for Combined {
         if let Some(h) = &mut self.heap {
             h.prepare(cmd);
         }
-        match &mut self.fd {
+        let child = match &mut self.fd {
             Some(f) => f.spawn(cmd),
             None => cmd.spawn(),
+        }?;
+        if self.heap.is_some() {
+            let prog = Path::new(cmd.get_program());
+            Self::note_static(&mut self.no_shim, Pid(child.id()), prog);
+            self.launched = Some(prog.to_path_buf());
         }
+        Ok(child)
     }
 
     fn attach(&mut self, pid: leakscope_event::Pid) -> io::Result<()> {
@@ -203,10 +420,12 @@ impl Backend for Combined {
     }
 
     fn notes(&self) -> Vec<String> {
-        let mut notes = self.notes.clone();
+        let mut notes = Vec::new();
         for b in [&self.fd, &self.heap].into_iter().flatten() {
             notes.extend(b.notes());
         }
+        // What was not traced is said by the coverage, with a reason.
+        notes.retain(|n| !n.starts_with("the heap was not traced"));
         notes
     }
 
@@ -216,8 +435,20 @@ impl Backend for Combined {
         sink: &mut dyn FnMut(Event),
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut heap_timeout = timeout;
+        let watch_execs = self.heap.is_some() && self.mode == Mode::Launch;
         if let Some(f) = &mut self.fd {
-            f.poll(timeout, sink)?;
+            let no_shim = &mut self.no_shim;
+            f.poll(timeout, &mut |ev| {
+                // An exec into a static program leaves the shim behind.
+                if let (true, Event::Exec { pid, path, .. }) = (watch_execs, &ev) {
+                    let exe = match Path::new(path) {
+                        p if p.is_absolute() => p.to_path_buf(),
+                        _ => std::path::PathBuf::from(format!("/proc/{}/exe", pid.0)),
+                    };
+                    Self::note_static(no_shim, *pid, &exe);
+                }
+                sink(ev)
+            })?;
             heap_timeout = Duration::ZERO;
         }
         let both = self.fd.is_some();
@@ -227,7 +458,9 @@ impl Backend for Combined {
             _ => 0,
         };
         if let Some(h) = &mut self.heap {
+            let seen = &mut self.heap_seen;
             h.poll(heap_timeout, &mut |mut ev| {
+                *seen = true;
                 let t = ev.time_mut();
                 *t = leakscope_event::TimeNs(t.0.saturating_add_signed(shift));
                 match ev {

@@ -35,6 +35,10 @@ pub mod exit {
     pub const NO_BACKEND: u8 = 1;
     /// `--fail-on-leak` was given and leaks were found.
     pub const LEAKS_FOUND: u8 = 3;
+    /// `--fail-on-leak` was given, no leaks were found, but a kind asked
+    /// for (by `--track` or by default) was not traced, or not in every
+    /// process: "no leaks" would be a guess.
+    pub const NOT_TRACED: u8 = 4;
     /// The command exists but cannot be executed.
     pub const NOT_EXECUTABLE: u8 = 126;
     /// The command was not found.
@@ -47,6 +51,10 @@ EXIT STATUS:
   leakscope kills itself with the same signal; core-dumping ones give
   128+N), also with --fail-on-leak when the command failed. Otherwise:
     3    --fail-on-leak was given and leaks were found
+    4    --fail-on-leak was given, no leaks were found, but a kind asked
+         for (by --track or by default) was not traced, or not in every
+         process (no permission for eBPF, a statically linked program
+         under the heap shim, ...): the report's first line says which
   125    leakscope failed (bad usage, no permission for eBPF, a program
          the verifier rejected, a report it cannot write, ...;
          `leakscope doctor` says why)
@@ -65,8 +73,8 @@ EXAMPLES:
 const ATTACH_HELP: &str = "\
 Resources open before tracing began are listed apart, without a stack, and
 are never counted as leaks. Exit status: 0, or 3 with --fail-on-leak when
-leaks were found, or 125 when leakscope failed (bad usage, no such process,
-no permission for eBPF).
+leaks were found (4 when none were but a kind was not traced), or 125 when
+leakscope failed (bad usage, no such process, no permission for eBPF).
 
 EXAMPLES:
   leakscope attach -p 4242                  # until the process exits or Ctrl-C
@@ -141,12 +149,13 @@ pub struct RunArgs {
     /// before the command runs.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
-    /// Exit with 3 when leaks were found (a CI gate); a command that failed
+    /// Exit with 3 when leaks were found (a CI gate), with 4 when none were
+    /// but a kind asked for could not be traced; a command that failed
     /// keeps its own exit status.
     #[arg(long)]
     fail_on_leak: bool,
     /// What to track (comma-separated) [default: fd,heap; without
-    /// permission for eBPF the heap alone, with a note saying so].
+    /// permission for eBPF the heap alone, and the report says so].
     #[arg(long, value_enum, value_delimiter = ',')]
     track: Option<Vec<Track>>,
     /// Show at most N leak groups in text output.
@@ -243,7 +252,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             heap: track.contains(&Track::Heap),
             tcp: track.contains(&Track::Tcp),
         },
-        // Not asked for by name: fds are dropped, with a note, when eBPF
+        // Not asked for by name: fds are dropped, and the report says so, when eBPF
         // is not permitted.
         fd_optional: args.track.is_none(),
         backend: match args.backend {
@@ -265,6 +274,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let command_failed = !matches!(outcome.status, pipeline::Status::Code(0));
     if args.fail_on_leak && !command_failed && leaks_found {
         return Ok(ExitCode::from(exit::LEAKS_FOUND));
+    }
+    if args.fail_on_leak && !command_failed && !outcome.report.fully_traced() {
+        return Ok(ExitCode::from(exit::NOT_TRACED));
     }
     match outcome.status {
         pipeline::Status::Code(c) => Ok(ExitCode::from(c as u8)),

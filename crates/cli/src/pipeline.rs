@@ -207,6 +207,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
             settled: 2 * backend.settled(),
         },
         notes,
+        coverage: backend.coverage(),
         leaks: groups,
         suppressed,
         preexisting: Vec::new(),

@@ -256,12 +256,25 @@ fn root_json_contract_v1() {
         "backend",
         "duration_s",
         "events",
+        "coverage",
         "leaks",
         "suppressed",
     ] {
         assert!(r.get(k).is_some(), "missing top-level field {k}");
     }
     assert!(r["suppressed"].is_array());
+    // What was traced, per kind (fds asked for by --track fd; traced).
+    let coverage = r["coverage"].as_array().expect("coverage");
+    let kinds: Vec<&str> = coverage.iter().filter_map(|c| c["kind"].as_str()).collect();
+    assert_eq!(kinds, ["fd", "heap", "tcp"]);
+    for c in coverage {
+        assert_eq!(keys(c), ["kind", "reason", "requested", "traced"], "{c}");
+    }
+    assert_eq!(
+        (&coverage[0]["requested"], &coverage[0]["traced"]),
+        (&Value::from(true), &Value::from("all"))
+    );
+    assert_eq!(coverage[1]["requested"], false);
     assert_eq!(
         keys(&r["target"]),
         ["command", "exit_code", "pid", "signal"]

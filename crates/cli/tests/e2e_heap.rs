@@ -465,8 +465,9 @@ fn root_a_plain_run_tracks_fds_and_heap() {
 }
 
 /// Without permission for eBPF, a plain `run` traces the heap and says fds
-/// were not traced; naming `--track fd` makes it an error (exit 125). Runs
-/// leakscope as nobody (setpriv), from a copy it may execute.
+/// were not traced (`coverage`); naming `--track fd` makes it an error
+/// (exit 125). Runs leakscope as nobody (setpriv), from a copy it may
+/// execute.
 #[test]
 fn root_without_ebpf_a_plain_run_traces_the_heap() {
     if !require_root("root_without_ebpf_a_plain_run_traces_the_heap") {
@@ -509,8 +510,15 @@ fn root_without_ebpf_a_plain_run_traces_the_heap() {
     );
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
     assert_eq!(r["backend"], "preload");
-    let notes = r["notes"].to_string();
-    assert!(notes.contains("fds were not traced"), "{notes}");
+    // Said by the coverage (what was traced and why not), not a note.
+    let fd = &r["coverage"][0];
+    assert_eq!(
+        (&fd["kind"], &fd["requested"], &fd["traced"]),
+        (&Value::from("fd"), &Value::from(true), &Value::from("none")),
+        "{fd}"
+    );
+    assert!(fd["reason"].as_str().unwrap().contains("CAP_BPF"), "{fd}");
+    assert_eq!(r["coverage"][1]["traced"], "all");
     let groups = groups_by_function(&r);
     assert!(
         groups

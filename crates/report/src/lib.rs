@@ -7,16 +7,19 @@
 //! `tests/json_contract.rs`).
 //!
 //! ```
-//! use leakscope_report::{Report, Target, Counts, render_text};
+//! use leakscope_report::{Coverage, Report, Target, Counts, render_text};
 //! let r = Report {
 //!     target: Target {
 //!         command: vec!["./srv".into()], pid: Some(7), exit_code: Some(0), signal: None,
 //!     },
 //!     backend: "ebpf".into(), duration_s: 1.0,
-//!     events: Counts { total: 10, lost: 0, settled: 0 }, notes: vec![], leaks: vec![],
+//!     events: Counts { total: 10, lost: 0, settled: 0 }, notes: vec![],
+//!     coverage: vec![Coverage::all("fd")], leaks: vec![],
 //!     suppressed: vec![], preexisting: vec![],
 //! };
-//! assert!(render_text(&r, 10).contains("No leaks found"));
+//! let text = render_text(&r, 10);
+//! assert!(text.starts_with("leakscope: `./srv` exited with 0; traced fds (ebpf)\n"));
+//! assert!(text.contains("No leaks found"));
 //! ```
 //!
 //! It does not: trace, unwind or symbolize.
@@ -166,6 +169,46 @@ pub struct Preexisting {
     pub detail: String,
 }
 
+/// How much of a kind of resource was traced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Traced {
+    /// Every process of the traced tree.
+    All,
+    /// Some processes but not others (a statically linked program started
+    /// by a script ignores the heap shim).
+    Part,
+    /// None of it.
+    None,
+}
+
+/// Whether one kind of resource (`fd`, `heap`, `tcp`) was traced, and why
+/// not: a report says "no leaks" only of what it saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct Coverage {
+    /// `fd`, `heap` or `tcp`.
+    pub kind: String,
+    /// Asked for, by `--track` or by default. A requested kind that was
+    /// not traced in full fails `--fail-on-leak`.
+    pub requested: bool,
+    /// How much of it was traced.
+    pub traced: Traced,
+    /// Why it was not (all) traced.
+    pub reason: Option<String>,
+}
+
+impl Coverage {
+    /// A kind traced in full.
+    pub fn all(kind: &str) -> Coverage {
+        Coverage {
+            kind: kind.into(),
+            requested: true,
+            traced: Traced::All,
+            reason: None,
+        }
+    }
+}
+
 /// A whole report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -179,6 +222,9 @@ pub struct Report {
     pub events: Counts,
     /// Things the reader must know (lost stacks, skipped syscalls).
     pub notes: Vec<String>,
+    /// What was traced and what was not, per kind; empty when not known
+    /// (the report then makes no claim about it).
+    pub coverage: Vec<Coverage>,
     /// Leak groups, largest first.
     pub leaks: Vec<Group>,
     /// What suppressions took out of `leaks`, per rule that matched.
@@ -186,6 +232,16 @@ pub struct Report {
     /// Attach mode: what was open before tracing began (reported apart).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub preexisting: Vec<Preexisting>,
+}
+
+impl Report {
+    /// Whether every kind that was asked for was traced in full, so that
+    /// no leaks means none were there to see.
+    pub fn fully_traced(&self) -> bool {
+        self.coverage
+            .iter()
+            .all(|c| !c.requested || c.traced == Traced::All)
+    }
 }
 
 #[derive(Serialize)]
@@ -285,29 +341,9 @@ fn what(g: &Group) -> String {
 /// Human text: one block per group (at most `top`), then a summary line.
 pub fn render_text(report: &Report, top: usize) -> String {
     let mut out = String::new();
-    let cmd = report.target.command.join(" ");
-    let exit = match (report.target.exit_code, report.target.pid) {
-        _ if report.target.signal.is_some() => {
-            format!(
-                "killed by {}",
-                report.target.signal.as_deref().unwrap_or("")
-            )
-        }
-        (Some(c), _) => format!("exited with {c}"),
-        (None, Some(pid)) => format!("(pid {pid}) still running"),
-        (None, None) => "was traced".to_string(),
-    };
-    let _ = writeln!(
-        out,
-        "{}",
-        clip(
-            &format!(
-                "leakscope: `{}` {exit}; traced {:.2} s ({})",
-                cmd, report.duration_s, report.backend
-            ),
-            WIDTH
-        )
-    );
+    for line in header(report) {
+        let _ = writeln!(out, "{line}");
+    }
     let total = report.leaks.len();
     for (i, g) in report.leaks.iter().take(top).enumerate() {
         let _ = writeln!(out);
@@ -394,7 +430,10 @@ pub fn render_text(report: &Report, top: usize) -> String {
         );
     }
     if total == 0 {
-        let _ = writeln!(out, "\nNo leaks found.");
+        let _ = writeln!(out);
+        for line in wrap(&no_leaks(report), "", "  ") {
+            let _ = writeln!(out, "{line}");
+        }
     }
     if !report.preexisting.is_empty() {
         let _ = writeln!(
@@ -417,6 +456,158 @@ pub fn render_text(report: &Report, top: usize) -> String {
     out
 }
 
+/// How a kind is named: in a list of what was traced (`fds`, `heap`),
+/// as a subject with its verb (`fds` were, `the heap` was), and before
+/// "leaks" (`fd`, `heap`).
+fn kind_words(kind: &str) -> (&str, &str, &str, &str) {
+    match kind {
+        "fd" => ("fds", "fds", "were", "fd"),
+        "heap" => ("heap", "the heap", "was", "heap"),
+        "tcp" => ("TCP states", "TCP states", "were", "TCP"),
+        other => (other, other, "was", other),
+    }
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn and_list(items: &[String], and: &str) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} {and} {last}", rest.join(", ")),
+    }
+}
+
+/// What was asked for and was not traced in full.
+fn untraced(report: &Report) -> impl Iterator<Item = &Coverage> {
+    report
+        .coverage
+        .iter()
+        .filter(|c| c.requested && c.traced != Traced::All)
+}
+
+/// "the heap was not traced", "part of the heap was not traced".
+fn not_traced(c: &Coverage) -> String {
+    let (_, subject, verb, _) = kind_words(&c.kind);
+    match c.traced {
+        Traced::Part => format!("part of {subject} was not traced"),
+        _ => format!("{subject} {verb} not traced"),
+    }
+}
+
+/// The first lines: the command, how it ended, what was traced and what
+/// was not, each kind not traced with its reason.
+fn header(report: &Report) -> Vec<String> {
+    let cmd = report.target.command.join(" ");
+    let exit = match (report.target.exit_code, report.target.pid) {
+        _ if report.target.signal.is_some() => {
+            format!(
+                "killed by {}",
+                report.target.signal.as_deref().unwrap_or("")
+            )
+        }
+        (Some(c), _) => format!("exited with {c}"),
+        (None, Some(pid)) => format!("(pid {pid}) still running"),
+        (None, None) => "was traced".to_string(),
+    };
+    let asked: Vec<&Coverage> = report.coverage.iter().filter(|c| c.requested).collect();
+    let mut traced: Vec<String> = Vec::new();
+    let mut not: Vec<String> = Vec::new();
+    for c in &asked {
+        let (list, alone, _, _) = kind_words(&c.kind);
+        match c.traced {
+            Traced::All => traced.push(list.to_string()),
+            Traced::Part => {
+                traced.push(list.to_string());
+                not.push(format!("all of {alone}"));
+            }
+            Traced::None => not.push(alone.to_string()),
+        }
+    }
+    // The heap shim that saw no process traced nothing: not named.
+    let heap_none = asked
+        .iter()
+        .any(|c| c.kind == "heap" && c.traced == Traced::None);
+    let backend = match report.backend.split_once('+') {
+        Some((fd, "preload")) if heap_none => fd,
+        _ => &report.backend,
+    };
+    let mut tail = if asked.is_empty() {
+        format!("traced ({backend})")
+    } else if traced.is_empty() {
+        "traced NOTHING".to_string()
+    } else {
+        format!("traced {} ({backend})", and_list(&traced, "and"))
+    };
+    if !not.is_empty() {
+        let _ = write!(tail, ", NOT {}", and_list(&not, "or"));
+    }
+    // The command gives way when the line is too long: what was traced
+    // and what was not must never be clipped.
+    let fixed = format!("leakscope: `` {exit}; {tail}").chars().count();
+    let cmd = clip(&cmd, WIDTH.saturating_sub(fixed).max(10));
+    let mut lines = vec![format!("leakscope: `{cmd}` {exit}; {tail}")];
+    for c in untraced(report) {
+        if let Some(why) = &c.reason {
+            lines.extend(wrap(&format!("{}: {why}", not_traced(c)), "  ", "    "));
+        }
+    }
+    lines
+}
+
+/// The verdict when no leak group is left: only of what was traced.
+fn no_leaks(report: &Report) -> String {
+    let missing: Vec<&Coverage> = untraced(report).collect();
+    if missing.is_empty() {
+        return "No leaks found.".into();
+    }
+    let why: Vec<String> = missing
+        .iter()
+        .map(|c| match &c.reason {
+            Some(r) => format!("{}: {r}", not_traced(c)),
+            None => not_traced(c),
+        })
+        .collect();
+    let seen: Vec<String> = report
+        .coverage
+        .iter()
+        .filter(|c| c.requested && c.traced != Traced::None)
+        .map(|c| kind_words(&c.kind).3.to_string())
+        .collect();
+    if seen.is_empty() {
+        return format!(
+            "Nothing was traced, so no leaks can be reported; {}.",
+            why.join("; ")
+        );
+    }
+    format!(
+        "No {} leaks found; {}.",
+        and_list(&seen, "or"),
+        why.join("; ")
+    )
+}
+
+/// `text` in lines of at most 80 columns, broken between words; the first
+/// line starts with `first`, the others with `rest`. A word longer than a
+/// line stays whole.
+fn wrap(text: &str, first: &str, rest: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = first.to_string();
+    let mut empty = true;
+    for word in text.split_whitespace() {
+        if !empty && line.chars().count() + 1 + word.chars().count() > WIDTH {
+            lines.push(std::mem::replace(&mut line, rest.to_string()));
+            empty = true;
+        }
+        if !empty {
+            line.push(' ');
+        }
+        line.push_str(word);
+        empty = false;
+    }
+    lines.push(line);
+    lines
+}
+
 fn summary(report: &Report) -> String {
     let mut parts = Vec::new();
     for (kind, unit) in [("fd", "fd"), ("heap", "heap block"), ("tcp", "TCP socket")] {
@@ -437,18 +628,29 @@ fn summary(report: &Report) -> String {
         }
         parts.push(p);
     }
-    let leaked = if parts.is_empty() {
-        "no leaks".to_string()
-    } else {
-        format!("{} leaked", parts.join(", "))
+    let seen: Vec<String> = report
+        .coverage
+        .iter()
+        .filter(|c| c.requested && c.traced != Traced::None)
+        .map(|c| kind_words(&c.kind).3.to_string())
+        .collect();
+    let missing: Vec<String> = untraced(report).map(not_traced).collect();
+    let mut leaked = match (parts.is_empty(), missing.is_empty(), seen.is_empty()) {
+        (false, _, _) => format!("{} leaked", parts.join(", ")),
+        (true, true, _) => "no leaks".to_string(),
+        (true, false, true) => "nothing traced".to_string(),
+        (true, false, false) => format!("no {} leaks", and_list(&seen, "or")),
     };
+    if !missing.is_empty() {
+        let _ = write!(leaked, " ({})", missing.join(", "));
+    }
     let settled = match report.events.settled {
         0 => String::new(),
         n => format!(" ({n} settled in place)"),
     };
     let mut line = format!(
-        "Summary: {leaked}; {} events{settled}, {} lost.",
-        report.events.total, report.events.lost
+        "Summary: {leaked}; {} events{settled} in {:.2} s, {} lost.",
+        report.events.total, report.duration_s, report.events.lost
     );
     if !report.suppressed.is_empty() {
         let n: u64 = report.suppressed.iter().map(|s| s.count).sum();
@@ -501,6 +703,7 @@ mod tests {
                 settled,
             },
             notes: vec![],
+            coverage: vec![],
             leaks: vec![],
             suppressed: vec![],
             preexisting: vec![],
@@ -511,12 +714,107 @@ mod tests {
     fn summary_says_how_many_events_were_settled_in_place() {
         assert_eq!(
             summary(&report(695, 370, 0)),
-            "Summary: no leaks; 695 events (370 settled in place), 0 lost."
+            "Summary: no leaks; 695 events (370 settled in place) in 1.00 s, 0 lost."
         );
         assert_eq!(
             summary(&report(10, 0, 3)),
-            "Summary: no leaks; 10 events, 3 lost."
+            "Summary: no leaks; 10 events in 1.00 s, 3 lost."
         );
+    }
+
+    fn not_traced(kind: &str, traced: Traced, reason: &str) -> Coverage {
+        Coverage {
+            kind: kind.into(),
+            requested: true,
+            traced,
+            reason: Some(reason.into()),
+        }
+    }
+
+    /// "No leaks found" only of what was traced (issue 10): the first
+    /// line says what was and what was not, the verdict and the summary
+    /// name what was not.
+    #[test]
+    fn no_leaks_is_said_only_of_what_was_traced() {
+        let mut r = report(6, 0, 0);
+        r.backend = "ebpf+preload".into();
+        r.coverage = vec![Coverage::all("fd"), Coverage::all("heap")];
+        let text = render_text(&r, 10);
+        assert_eq!(
+            text,
+            "leakscope: `./srv` exited with 0; traced fds and heap (ebpf+preload)\n\
+             \n\
+             No leaks found.\n\
+             \n\
+             Summary: no leaks; 6 events in 1.00 s, 0 lost.\n"
+        );
+        let static_ = "./srv is statically linked: the loader ignores LD_PRELOAD";
+        r.coverage[1] = not_traced("heap", Traced::None, static_);
+        r.backend = "ebpf".into();
+        let text = render_text(&r, 10);
+        assert_eq!(
+            text,
+            "leakscope: `./srv` exited with 0; traced fds (ebpf), NOT the heap\n  \
+             the heap was not traced: ./srv is statically linked: the loader ignores\n    \
+             LD_PRELOAD\n\
+             \n\
+             No fd leaks found; the heap was not traced: ./srv is statically linked: the\n  \
+             loader ignores LD_PRELOAD.\n\
+             \n\
+             Summary: no fd leaks (the heap was not traced); 6 events in 1.00 s, 0 lost.\n"
+        );
+        r.coverage = vec![not_traced("heap", Traced::None, static_)];
+        let text = render_text(&r, 10);
+        assert!(
+            text.starts_with("leakscope: `./srv` exited with 0; traced NOTHING, NOT the heap\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nNothing was traced, so no leaks can be reported; the heap was not"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Summary: nothing traced (the heap was not traced);"),
+            "{text}"
+        );
+        r.coverage = vec![
+            Coverage::all("fd"),
+            not_traced("heap", Traced::Part, "pid 9 `/sbin/x` is statically linked"),
+        ];
+        r.target.command = vec![
+            "sh".into(),
+            "-c".into(),
+            "a-long-script-name; exec /sbin/x".into(),
+        ];
+        let text = render_text(&r, 10);
+        let first = text.lines().next().unwrap();
+        assert_eq!(
+            first,
+            "leakscope: `sh -c a-l…` exited with 0; traced fds and heap (ebpf), NOT all of \
+             the heap"
+        );
+        assert!(
+            text.contains("\nNo fd or heap leaks found; part of the heap was not traced: pid 9"),
+            "{text}"
+        );
+        // A kind the user did not ask for is not the report's business.
+        r.coverage = vec![
+            Coverage::all("fd"),
+            Coverage {
+                requested: false,
+                ..not_traced("heap", Traced::None, "not asked for")
+            },
+        ];
+        assert!(r.fully_traced());
+        let text = render_text(&r, 10);
+        assert!(
+            text.starts_with(
+                "leakscope: `sh -c a-long-script-name; exec /s…` exited with 0; traced fds \
+                 (ebpf)\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("\nNo leaks found.\n"), "{text}");
     }
 
     #[test]
