@@ -437,6 +437,81 @@ fn a_malloc_the_shim_cannot_interpose_is_reported() {
     let _ = std::fs::remove_file(bin);
 }
 
+/// A non-PIE executable that takes malloc's address only has malloc's PLT
+/// stub: an undefined `malloc` whose value is the stub's address (Debian's
+/// python3 is built so). That is not a malloc of its own: the shim sees
+/// every allocation, and there is no note saying it does not (issue 10).
+/// The same executable defining malloc itself still gets the note.
+#[test]
+fn a_non_pie_executable_with_a_malloc_plt_stub_is_traced_without_a_note() {
+    let dir = workspace_root().join("target/fixtures");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join(format!("plt_stub-{}.c", std::process::id()));
+    std::fs::write(
+        &src,
+        "#include <stdlib.h>\n\
+         void *(*volatile allocate)(size_t);\n\
+         static void *volatile keep[7];\n\
+         __attribute__((noinline)) void leak_through_pointer(void) {\n\
+           for (int i = 0; i < 7; i++) keep[i] = allocate(48);\n\
+         }\n\
+         int main(void) {\n\
+           allocate = malloc; /* non-PIC code: a canonical PLT entry */\n\
+           leak_through_pointer();\n\
+           return 0;\n\
+         }\n",
+    )
+    .unwrap();
+    let bin = dir.join(format!("plt_stub-{}", std::process::id()));
+    let st = Command::new("cc")
+        .args(["-g", "-O2", "-no-pie", "-fno-pie", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .expect("run cc");
+    assert!(st.success());
+    // The case itself: malloc undefined (UND) with the stub's address.
+    let syms = Command::new("readelf")
+        .args(["--dyn-syms", "-W"])
+        .arg(&bin)
+        .output()
+        .expect("readelf (binutils)");
+    let syms = String::from_utf8_lossy(&syms.stdout);
+    let malloc = syms
+        .lines()
+        .find(|l| l.contains(" malloc@"))
+        .unwrap_or_else(|| panic!("{syms}"));
+    let f: Vec<&str> = malloc.split_whitespace().collect();
+    assert_eq!(f[6], "UND", "{malloc}");
+    assert_ne!(u64::from_str_radix(f[1], 16).unwrap(), 0, "{malloc}");
+
+    let r = report(&["--backend", "preload", "--track", "heap"], &bin);
+    assert_eq!(r["notes"], Value::Array(vec![]), "{}", r["notes"]);
+    assert_eq!(r["coverage"][1]["traced"], "all");
+    let groups = groups_by_function(&r);
+    let mine: Vec<_> = groups
+        .iter()
+        .filter(|g| g.0.iter().any(|f| f == "leak_through_pointer"))
+        .collect();
+    assert_eq!(mine.len(), 1, "{groups:#?}");
+    assert_eq!((mine[0].1, mine[0].2), (7, 336));
+    let _ = std::fs::remove_file(&src);
+    let _ = std::fs::remove_file(&bin);
+
+    // A real definition in a non-PIE executable: the note stays.
+    let own = heap_fixture_as("own_malloc", "own_malloc-nopie", &["-no-pie", "-fno-pie"]);
+    let r = report(&["--backend", "preload", "--track", "heap"], &own);
+    let notes = r["notes"].to_string();
+    assert!(
+        notes.contains(&format!(
+            "malloc is defined by {}, ahead of the preload shim",
+            own.display()
+        )),
+        "{notes}"
+    );
+    let _ = std::fs::remove_file(own);
+}
+
 /// `leakscope run` with no --track traces fds (eBPF) and the heap (the
 /// shim) together: the demo's 17 FILEs opened and never closed are 17 file
 /// fds, 17 FILE structs and 17 stdio buffers, all from read_settings.

@@ -1034,16 +1034,18 @@ impl State {
         // symbol of a shared object is reached through the GOT, that is,
         // as whatever comes first. Compare the objects instead, by a
         // function of the shim's that nothing interposes.
-        // SAFETY: dlsym/dladdr with a NUL-terminated name and valid out
-        // structs; the returned name is copied.
+        // SAFETY: dlsym/dladdr/dladdr1 with a NUL-terminated name and valid
+        // out structs; the returned name is copied.
         let theirs = unsafe {
             let f = libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr());
             let mut info: libc::Dl_info = std::mem::zeroed();
             let mut mine: libc::Dl_info = std::mem::zeroed();
+            let mut sym: *mut c_void = std::ptr::null_mut();
             if f.is_null()
-                || libc::dladdr(f, &mut info) == 0
+                || libc::dladdr1(f, &mut info, &mut sym, RTLD_DL_SYMENT) == 0
                 || libc::dladdr(init as *const c_void, &mut mine) == 0
                 || info.dli_fbase == mine.dli_fbase
+                || !defines_malloc(f, &info, sym as *const ElfSym)
             {
                 None
             } else if info.dli_fname.is_null() {
@@ -2112,6 +2114,40 @@ execl_trampoline!(
     execle,
     EXECLE
 );
+
+/// dladdr1(3): return the matching symbol's table entry.
+const RTLD_DL_SYMENT: c_int = 1;
+
+#[cfg(target_pointer_width = "64")]
+type ElfSym = libc::Elf64_Sym;
+#[cfg(target_pointer_width = "32")]
+type ElfSym = libc::Elf32_Sym;
+
+/// Whether `f`, what `dlsym(RTLD_DEFAULT, "malloc")` found in the object
+/// `info` names, is a definition of `malloc` there (`sym`: its symbol
+/// entry from dladdr1). A non-PIE executable that takes malloc's address
+/// holds an *undefined* `malloc` whose value is the address of its PLT
+/// stub (a canonical PLT entry, which keeps function pointers equal
+/// across objects), and glibc's lookup returns that stub (do_lookup_x
+/// skips undefined symbols only when their value is 0): Debian's python3
+/// is such an executable. The stub jumps to the shim's malloc, so it is
+/// no reason for a note (issue 10). Only a defined function symbol named
+/// `malloc` that starts at `f` is.
+fn defines_malloc(f: *mut c_void, info: &libc::Dl_info, sym: *const ElfSym) -> bool {
+    const SHN_UNDEF: u16 = 0;
+    const STT_FUNC: u8 = 2;
+    const STT_GNU_IFUNC: u8 = 10;
+    if sym.is_null() || info.dli_sname.is_null() || info.dli_saddr != f {
+        return false;
+    }
+    // SAFETY: dladdr1 set `sym` to an entry of the object's symbol table
+    // and `dli_sname` to a NUL-terminated name in its string table.
+    let (sym, name) = unsafe { (&*sym, CStr::from_ptr(info.dli_sname)) };
+    name.to_bytes() == b"malloc"
+        && sym.st_shndx != SHN_UNDEF
+        && sym.st_value != 0
+        && matches!(sym.st_info & 0xf, STT_FUNC | STT_GNU_IFUNC)
+}
 
 #[cfg(test)]
 mod tests {
