@@ -368,6 +368,7 @@ pub fn expected_leaks(name: &str) -> &'static [ExpectedLeak] {
         "threads" => const { &[leak("worker_leak", "file", 26)] },
         "close_range" => const { &[leak("open_many", "file", 2)] },
         "short_lived" => const { &[leak("quick_leak", "file", 3)] },
+        "deep_stack" => const { &[leak("leak_deep", "file", 3)] },
         "static_leak" => {
             const {
                 &[
