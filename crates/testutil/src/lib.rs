@@ -1,6 +1,6 @@
-//! Dev-only test support for leakscope: builds the C fixtures in `fixtures/`
-//! (small programs with known, prime-numbered fd leaks), and gates tests that
-//! need root.
+//! Dev-only test support for leakscope: builds the C and C++ fixtures in
+//! `fixtures/` (small programs with known, prime-numbered fd leaks), makes
+//! stripped copies of them, and gates tests that need root.
 //!
 //! Input: a fixture name (`fd_leak` for `fixtures/fd_leak.c`) and extra cc
 //! flags. Output: the path of the compiled binary under
@@ -36,8 +36,9 @@
 //! It does not:
 //! - trace anything or run leakscope; end-to-end tests do that with
 //!   `env!("CARGO_BIN_EXE_leakscope")`;
-//! - install a C compiler: it runs `$CC` (default `cc`), and `-static`
-//!   builds need the static libc (`libc6-dev` ships it).
+//! - install a compiler: it runs `$CC` (default `cc`) for `.c` fixtures and
+//!   `$CXX` (default `c++`) for `.cpp` ones, and `-static` builds need the
+//!   static libc (`libc6-dev` ships it); [`stripped`] runs binutils.
 
 #![deny(missing_docs)]
 
@@ -95,7 +96,8 @@ pub fn fixture_out_dir() -> PathBuf {
     }
 }
 
-/// Names of all fixtures (`fixtures/*.c` without the extension), sorted.
+/// Names of all fixtures (`fixtures/*.c` and `fixtures/*.cpp` without the
+/// extension), sorted.
 pub fn fixture_names() -> Vec<String> {
     let dir = fixtures_dir();
     let entries = fs::read_dir(&dir)
@@ -103,7 +105,7 @@ pub fn fixture_names() -> Vec<String> {
     let mut names: Vec<String> = entries
         .filter_map(|e| {
             let path = e.ok()?.path();
-            if path.extension()? != "c" {
+            if path.extension()? != "c" && path.extension()? != "cpp" {
                 return None;
             }
             Some(path.file_stem()?.to_str()?.to_owned())
@@ -162,15 +164,33 @@ fn binary_name(name: &str, extra: &[&str]) -> String {
 
 fn build(name: &str, extra: &[&str], bin_name: &str) -> PathBuf {
     let src_dir = fixtures_dir();
-    let source = src_dir.join(format!("{name}.c"));
+    let c_source = src_dir.join(format!("{name}.c"));
+    // A C++ fixture (`cxx_names.cpp`) is built by the C++ compiler, as
+    // C++17, with the same other flags.
+    let cxx = !c_source.exists() && src_dir.join(format!("{name}.cpp")).exists();
+    let source = if cxx {
+        src_dir.join(format!("{name}.cpp"))
+    } else {
+        c_source
+    };
     let out_dir = fixture_out_dir();
     let binary = out_dir.join(bin_name);
     let stamp = out_dir.join(format!("{bin_name}.stamp"));
-    let cc = std::env::var("CC")
+    let (var, default) = if cxx { ("CXX", "c++") } else { ("CC", "cc") };
+    let cc = std::env::var(var)
         .ok()
         .filter(|cc| !cc.is_empty())
-        .unwrap_or_else(|| "cc".to_owned());
-    let mut flags: Vec<&str> = BASE_CFLAGS.to_vec();
+        .unwrap_or_else(|| default.to_owned());
+    let mut flags: Vec<&str> = BASE_CFLAGS
+        .iter()
+        .map(|&f| {
+            if cxx && f == "-std=c11" {
+                "-std=c++17"
+            } else {
+                f
+            }
+        })
+        .collect();
     flags.extend_from_slice(default_flags(name));
     flags.extend_from_slice(extra);
 
@@ -197,7 +217,7 @@ fn build(name: &str, extra: &[&str], bin_name: &str) -> PathBuf {
     cmd.args(&flags).arg("-o").arg(&tmp).arg(&source);
     let output = cmd
         .output()
-        .unwrap_or_else(|e| panic!("cannot run the C compiler {cc:?} (set $CC): {e}"));
+        .unwrap_or_else(|e| panic!("cannot run the compiler {cc:?} (set ${var}): {e}"));
     if !output.status.success() {
         let _ = fs::remove_file(&tmp);
         panic!(
@@ -369,6 +389,51 @@ pub fn expected_leaks(name: &str) -> &'static [ExpectedLeak] {
         "close_range" => const { &[leak("open_many", "file", 2)] },
         "short_lived" => const { &[leak("quick_leak", "file", 3)] },
         "deep_stack" => const { &[leak("leak_deep", "file", 3)] },
+        "short_names" => {
+            const {
+                &[
+                    leak("f", "file", 3),
+                    leak("g", "file", 5),
+                    leak("h", "file", 7),
+                ]
+            }
+        }
+        // Named as c++filt prints the functions' symbols; each also leaks
+        // one heap block per fd (see the source).
+        "cxx_names" => {
+            const {
+                &[
+                    leak(
+                        "outer::inner::Registry<int>::open_log(char const*)",
+                        "file",
+                        3,
+                    ),
+                    leak(
+                        "outer::Widget* outer::inner::make_blocks<outer::Widget, 5>(char const*)",
+                        "file",
+                        5,
+                    ),
+                    leak(
+                        "outer::run_lambda(char const*)::{lambda(int)#1}::operator()(int) const",
+                        "file",
+                        7,
+                    ),
+                    leak("outer::Log::operator<<(char const*)", "file", 11),
+                    leak(
+                        "outer::via_function(char const*)::{lambda(int)#1}::operator()(int) const",
+                        "file",
+                        13,
+                    ),
+                    // 2 calls where it is inlined, 17 out of line.
+                    leak("outer::inner::Box<long>::fill(char const*)", "file", 19),
+                    leak(
+                        "outer::spawn(char const*, int)::{lambda()#1}::operator()() const",
+                        "file",
+                        19,
+                    ),
+                ]
+            }
+        }
         "static_leak" => {
             const {
                 &[
@@ -388,6 +453,82 @@ pub fn expected_leaks(name: &str) -> &'static [ExpectedLeak] {
         }
         _ => panic!("no expected leak table for fixture {name:?}"),
     }
+}
+
+/// How [`stripped`] strips a copy of a fixture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Strip {
+    /// `strip --strip-debug`: no DWARF, `.symtab` kept.
+    Debug,
+    /// `strip --strip-all`: no DWARF, no `.symtab`; only `.dynsym` is left.
+    All,
+    /// `strip --strip-all`, with the debug info in `<binary>.debug` beside it
+    /// (`objcopy --only-keep-debug`) named by `.gnu_debuglink`
+    /// (`objcopy --add-gnu-debuglink`), as distributions ship debug info.
+    DebugLink,
+}
+
+/// A stripped copy of the fixture binary `bin`, built once per process
+/// under `<fixture out dir>/stripped-<how>/<file name of bin>` (the same
+/// file name, so the module is named as the fixture). With
+/// [`Strip::DebugLink`] the debug file is `<that path>.debug`.
+pub fn stripped(bin: &Path, how: Strip) -> PathBuf {
+    static DONE: OnceLock<Mutex<HashMap<(PathBuf, Strip), PathBuf>>> = OnceLock::new();
+    let mut done = DONE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(p) = done.get(&(bin.to_path_buf(), how)) {
+        return p.clone();
+    }
+    let tag = match how {
+        Strip::Debug => "debug",
+        Strip::All => "all",
+        Strip::DebugLink => "debuglink",
+    };
+    let dir = fixture_out_dir().join(format!("stripped-{tag}"));
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    let name = bin.file_name().expect("a binary has a file name");
+    let out = dir.join(name);
+    // Built under a temporary name and renamed, like the fixtures.
+    let tmp = temp_name(&dir, &name.to_string_lossy());
+    fs::copy(bin, &tmp).unwrap_or_else(|e| panic!("cannot copy {}: {e}", bin.display()));
+    let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+        let o = Command::new(cmd)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd} (binutils): {e}"));
+        assert!(
+            o.status.success(),
+            "{cmd} {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    match how {
+        Strip::Debug => run("strip", &["--strip-debug".as_ref(), tmp.as_os_str()]),
+        Strip::All => run("strip", &["--strip-all".as_ref(), tmp.as_os_str()]),
+        Strip::DebugLink => {
+            let debug = dir.join(format!("{}.debug", name.to_string_lossy()));
+            let debug_tmp = temp_name(&dir, &format!("{}.debug", name.to_string_lossy()));
+            run(
+                "objcopy",
+                &[
+                    "--only-keep-debug".as_ref(),
+                    bin.as_os_str(),
+                    debug_tmp.as_os_str(),
+                ],
+            );
+            rename(&debug_tmp, &debug);
+            run("strip", &["--strip-all".as_ref(), tmp.as_os_str()]);
+            // The link holds the file name only; the symbolizer looks for
+            // it next to the binary, as gdb does.
+            let link = format!("--add-gnu-debuglink={}", debug.display());
+            run("objcopy", &[link.as_ref(), tmp.as_os_str()]);
+        }
+    }
+    rename(&tmp, &out);
+    done.insert((bin.to_path_buf(), how), out.clone());
+    out
 }
 
 /// Builds the heap shim next to the CLI binary `bin` (leakscope finds it
