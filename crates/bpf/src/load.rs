@@ -119,6 +119,21 @@ impl LoadClock {
         }
     }
 
+    /// [`LoadClock::loaded`], then `attach` (the links are detached again
+    /// at once): a failure to attach is the report's error.
+    pub fn attached(
+        &self,
+        object: &Object,
+        attach: impl FnOnce(&Object) -> Result<Vec<libbpf_rs::Link>, libbpf_rs::Error>,
+    ) -> LoadReport {
+        let mut report = self.loaded(object);
+        match attach(object) {
+            Ok(mut links) => crate::detach_all(&mut links),
+            Err(e) => report.error = Some(LoadError::libbpf("attach", e)),
+        }
+        report
+    }
+
     /// The report of a load that failed with `error`: the programs the
     /// verifier looked at, from its log.
     pub fn failed(&self, error: LoadError) -> LoadReport {

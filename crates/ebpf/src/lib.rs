@@ -678,12 +678,7 @@ pub fn check_load(config: Config) -> leakscope_bpf::LoadReport {
         Ok(skel) => skel,
         Err(e) => return clock.failed(e),
     };
-    let mut report = clock.loaded(skel.object());
-    match leakscope_bpf::attach_all(skel.object()) {
-        Ok(mut links) => leakscope_bpf::detach_all(&mut links),
-        Err(e) => report.error = Some(LoadError::libbpf("attach", e)),
-    }
-    report
+    clock.attached(skel.object(), leakscope_bpf::attach_all)
 }
 
 /// Opens the skeleton, configures it for `config` and loads it (the

@@ -314,7 +314,7 @@ impl Drop for Snooper {
 /// CPU time of the load, or why it failed (for `leakscope doctor` and the
 /// verifier budget test).
 pub fn check_load() -> leakscope_bpf::LoadReport {
-    use leakscope_bpf::{step, LoadClock, LoadError};
+    use leakscope_bpf::{step, LoadClock};
     leakscope_bpf::quiet_libbpf();
     let clock = LoadClock::start();
     let mut open_object = MaybeUninit::uninit();
@@ -332,12 +332,7 @@ pub fn check_load() -> leakscope_bpf::LoadReport {
         Ok(skel) => skel,
         Err(e) => return clock.failed(e),
     };
-    let mut report = clock.loaded(skel.object());
-    match leakscope_bpf::attach_all(skel.object()) {
-        Ok(mut links) => leakscope_bpf::detach_all(&mut links),
-        Err(e) => report.error = Some(LoadError::libbpf("attach", e)),
-    }
-    report
+    clock.attached(skel.object(), leakscope_bpf::attach_all)
 }
 
 #[cfg(test)]

@@ -903,22 +903,19 @@ pub fn check_load(config: Config) -> leakscope_bpf::LoadReport {
         Ok(skel) => skel,
         Err(e) => return clock.failed(e),
     };
-    let mut report = clock.loaded(skel.object());
-    let attached: Result<Vec<_>, _> = [
-        &skel.progs.on_fork,
-        &skel.progs.on_exec,
-        &skel.progs.on_exit_task,
-        &skel.progs.on_mmap_enter,
-        &skel.progs.on_mmap_exit,
-    ]
-    .into_iter()
-    .map(|p| p.attach())
-    .collect();
-    match attached {
-        Ok(mut links) => leakscope_bpf::detach_all(&mut links),
-        Err(e) => report.error = Some(LoadError::libbpf("attach", e)),
-    }
-    report
+    // Uprobes are attached per process: only the tracepoints here.
+    clock.attached(skel.object(), |_| {
+        [
+            &skel.progs.on_fork,
+            &skel.progs.on_exec,
+            &skel.progs.on_exit_task,
+            &skel.progs.on_mmap_enter,
+            &skel.progs.on_mmap_exit,
+        ]
+        .into_iter()
+        .map(|p| p.attach())
+        .collect()
+    })
 }
 
 #[cfg(test)]
