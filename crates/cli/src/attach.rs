@@ -464,6 +464,7 @@ impl Reporting<'_> {
             notes: {
                 let mut notes = s.backend.notes();
                 notes.extend(crate::pipeline::lost_note(lost));
+                notes.extend(crate::pipeline::exec_note(s.ledger.freed_by_exec()));
                 notes
             },
             coverage: s.backend.coverage(),

@@ -174,6 +174,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     // Pairs settled in the kernel are an acquisition and a release each.
     let events = ledger.events() + 2 * backend.settled();
     let lost = ledger.lost();
+    let freed_by_exec = ledger.freed_by_exec();
     let leaks = ledger.finish();
     let (groups, kept) = build_groups(
         leaks,
@@ -186,6 +187,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     suppressed.extend(kept);
     let mut notes = backend.notes();
     notes.extend(lost_note(lost));
+    notes.extend(exec_note(freed_by_exec));
     let report = Report {
         target: Target {
             command: config.command.clone(),
@@ -526,4 +528,15 @@ fn merge_same_source(groups: Vec<Group>) -> Vec<Group> {
     }
     out.sort_by(|a, b| b.count.cmp(&a.count).then(b.bytes.cmp(&a.bytes)));
     out
+}
+
+/// Heap blocks that images replaced by execve(2) still held: not leaks,
+/// and said so rather than silently left out.
+pub(crate) fn exec_note((blocks, bytes): (u64, u64)) -> Option<String> {
+    (blocks > 0).then(|| {
+        format!(
+            "{blocks} heap blocks ({bytes} bytes) held by program images that execve replaced \
+             are not leaks (execve frees them) and are not listed"
+        )
+    })
 }

@@ -634,3 +634,31 @@ fn a_deep_stack_keeps_its_outer_frames() {
         "{note}"
     );
 }
+
+/// execve(2) frees the old image's memory: a program's blocks before it
+/// execs itself are not leaks (valgrind does not report them either), the
+/// new image's are; the report says how many it left out and why.
+#[test]
+fn execve_frees_the_old_images_heap() {
+    let bin = heap_fixture("exec_chain");
+    let r = report(&["--backend", "preload", "--track", "heap"], &bin);
+    let mut counts = std::collections::BTreeMap::new();
+    for g in r["leaks"].as_array().unwrap() {
+        let f = functions(g);
+        for name in ["before_exec", "after_exec"] {
+            if f.iter().any(|x| x == name) {
+                *counts.entry(name).or_insert(0) += g["count"].as_u64().unwrap();
+            }
+        }
+    }
+    assert_eq!(
+        counts,
+        std::collections::BTreeMap::from([("after_exec", 5)]),
+        "{r:#}"
+    );
+    let notes = r["notes"].to_string();
+    assert!(
+        notes.contains("held by program images that execve replaced are not leaks"),
+        "{notes}"
+    );
+}

@@ -133,6 +133,204 @@ impl AbsAddr {
     }
 }
 
+/// Tag of the [`RawStack::Unwound`] entry, always the last, that says why
+/// the stack is missing or ends early (a [`StackCut`] in the low 32
+/// bits): a kernel-half address, never a user return address.
+const CUT_TAG: u64 = 0xffff_fe00_0000_0000;
+
+impl AbsAddr {
+    /// The entry that says why a stack unwound in process ends here.
+    pub fn stack_cut(cut: StackCut) -> AbsAddr {
+        AbsAddr(CUT_TAG | u64::from(cut.code()))
+    }
+
+    /// Why the stack ends here, if this is such an entry.
+    pub fn cut(self) -> Option<StackCut> {
+        if self.0 & !0xffff_ffff != CUT_TAG {
+            return None;
+        }
+        StackCut::from_code(self.0 as u32)
+    }
+}
+
+/// Why a stack taken in process (by the preload shim) is missing or ends
+/// before its outermost frame. Its `Display` is the report's note, worded
+/// to follow the word "stack".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StackCut {
+    /// Not taken: allocated before the shim had its module list (early
+    /// start-up).
+    NotReady,
+    /// Not taken: allocated while its thread was exiting, after its
+    /// recorder was handed back.
+    ThreadExit,
+    /// Not taken: the code ran on a stack that is not its thread's own (a
+    /// coroutine, green thread or signal stack), and reading that memory
+    /// failed with this errno.
+    Unreadable(u16),
+    /// The next frame would lie outside the thread's stack.
+    OutsideStack,
+    /// On a stack that is not the thread's own: the next frame's memory
+    /// could not be read.
+    Unmapped,
+    /// Frame-pointer unwinding went backwards (a frame without unwind
+    /// information and a frame pointer that is not one).
+    Backwards,
+    /// The next frame would be this one again.
+    Loop,
+    /// An address overflowed while computing the next frame.
+    Overflow,
+}
+
+impl StackCut {
+    fn code(self) -> u32 {
+        match self {
+            StackCut::NotReady => 1,
+            StackCut::ThreadExit => 2,
+            StackCut::Unreadable(errno) => 3 << 16 | u32::from(errno),
+            StackCut::OutsideStack => 4,
+            StackCut::Unmapped => 5,
+            StackCut::Backwards => 6,
+            StackCut::Loop => 7,
+            StackCut::Overflow => 8,
+        }
+    }
+
+    fn from_code(code: u32) -> Option<StackCut> {
+        Some(match code {
+            1 => StackCut::NotReady,
+            2 => StackCut::ThreadExit,
+            c if c >> 16 == 3 => StackCut::Unreadable(c as u16),
+            4 => StackCut::OutsideStack,
+            5 => StackCut::Unmapped,
+            6 => StackCut::Backwards,
+            7 => StackCut::Loop,
+            8 => StackCut::Overflow,
+            _ => return None,
+        })
+    }
+
+    /// Whether no frame at all could be taken.
+    pub fn is_missing(self) -> bool {
+        matches!(
+            self,
+            StackCut::NotReady | StackCut::ThreadExit | StackCut::Unreadable(_)
+        )
+    }
+}
+
+impl fmt::Display for StackCut {
+    /// Short enough to follow "    (stack " on an 80-column line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StackCut::NotReady => f.write_str("not taken: allocated before the shim could unwind"),
+            StackCut::ThreadExit => f.write_str("not taken: allocated while its thread was exiting"),
+            StackCut::Unreadable(errno) => {
+                let name = match i32::from(*errno) {
+                    1 => "EPERM".to_string(),
+                    12 => "ENOMEM".to_string(),
+                    13 => "EACCES".to_string(),
+                    14 => "EFAULT".to_string(),
+                    38 => "ENOSYS".to_string(),
+                    n => format!("errno {n}"),
+                };
+                write!(f, "not taken: its coroutine or signal stack is unreadable ({name})")
+            }
+            StackCut::OutsideStack => {
+                f.write_str("truncated: the next frame lies outside the thread's stack")
+            }
+            StackCut::Unmapped => f.write_str("truncated: the next frame's memory is unreadable"),
+            StackCut::Backwards => {
+                f.write_str("unwinding stopped: frame pointer unwinding went backwards")
+            }
+            StackCut::Loop => f.write_str("unwinding stopped: the next frame is this one again"),
+            StackCut::Overflow => f.write_str("unwinding stopped: an address overflowed"),
+        }
+    }
+}
+
+/// x86-64 machine code around return addresses, read by the unwinders to
+/// tell a return address that a `call` pushed from one that was planted.
+pub mod x86_64 {
+    /// Bytes of code before a return address that [`follows_call`] reads.
+    pub const BEFORE: usize = 9;
+    /// Bytes of code at a return address that [`is_sigreturn`] reads.
+    pub const AT: usize = 9;
+
+    /// Whether the code `before` (the [`BEFORE`] bytes that end at a
+    /// return address) ends with a call instruction: `call rel32` (`e8`)
+    /// or an indirect `call` (`ff /2`, any addressing form, any prefix).
+    /// Loose by design: bytes that merely look like a call count as one.
+    pub fn follows_call(before: &[u8; BEFORE]) -> bool {
+        if before[BEFORE - 5] == 0xe8 {
+            return true;
+        }
+        (2..=8).any(|len| {
+            let p = BEFORE - len;
+            if before[p] != 0xff {
+                return false;
+            }
+            let m = before[p + 1];
+            let (md, reg, rm) = (m >> 6, (m >> 3) & 7, m & 7);
+            if reg != 2 {
+                return false;
+            }
+            let mut n = 2;
+            if md != 3 && rm == 4 {
+                n += 1; // SIB
+                if md == 0 && p + 2 < BEFORE && before[p + 2] & 7 == 5 {
+                    n += 4; // SIB without base: disp32
+                }
+            }
+            match md {
+                0 if rm == 5 => n += 4, // RIP-relative
+                1 => n += 1,
+                2 => n += 4,
+                _ => {}
+            }
+            n == len
+        })
+    }
+
+    /// Whether `at` (the [`AT`] bytes at an address) is a signal return
+    /// trampoline, `rt_sigreturn(2)` as glibc (`mov $15, %rax; syscall`)
+    /// or musl (`mov $15, %eax; syscall`) write it: the kernel makes a
+    /// signal handler return there.
+    pub fn is_sigreturn(at: &[u8; AT]) -> bool {
+        at == &[0x48, 0xc7, 0xc0, 0x0f, 0, 0, 0, 0x0f, 0x05]
+            || at[..7] == [0xb8, 0x0f, 0, 0, 0, 0x0f, 0x05]
+    }
+
+    /// What the code around return address `ra` says of its frame.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Planted {
+        /// A call pushed it: an ordinary return address.
+        No,
+        /// The kernel's signal frame: the handler returns to
+        /// `rt_sigreturn`, and the interrupted code is the next frame.
+        Sigreturn,
+        /// Neither a call nor a signal frame: the address was stored as a
+        /// function's return address before it started, as
+        /// `makecontext(3)` stores glibc's `__start_context` for the
+        /// context's function. The address is the start of the code that
+        /// runs when the function returns, and nothing is below it.
+        ContextStart,
+    }
+
+    /// Classifies return address `ra` from the code `before` it and `at`
+    /// it.
+    pub fn planted(before: &[u8; BEFORE], at: &[u8; AT]) -> Planted {
+        if is_sigreturn(at) {
+            Planted::Sigreturn
+        } else if follows_call(before) {
+            Planted::No
+        } else {
+            Planted::ContextStart
+        }
+    }
+}
+
 /// An offset into an ELF file (what `/proc/PID/maps` calls the offset).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileOffset(pub u64);
@@ -371,6 +569,9 @@ pub enum Event {
         time: TimeNs,
         /// Which process.
         pid: Pid,
+        /// The image was replaced by execve(2), which frees its memory:
+        /// its blocks are not leaks (valgrind does not report them either).
+        by_exec: bool,
     },
     /// A TCP socket changed state (`sock:inet_sock_set_state`).
     TcpState {
@@ -561,5 +762,76 @@ pub trait Backend {
     /// without sending events (each stands for two events).
     fn settled(&self) -> u64 {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::x86_64::{follows_call, planted, Planted, BEFORE};
+    use super::{AbsAddr, StackCut};
+
+    /// `code` padded in front to [`BEFORE`] bytes with `int3`.
+    fn before(code: &[u8]) -> [u8; BEFORE] {
+        let mut b = [0xcc; BEFORE];
+        b[BEFORE - code.len()..].copy_from_slice(code);
+        b
+    }
+
+    #[test]
+    fn every_call_form_is_a_call() {
+        for code in [
+            &[0xe8, 1, 2, 3, 4][..],                         // call rel32
+            &[0xff, 0xd0],                                   // call *%rax
+            &[0x41, 0xff, 0xd4],                             // call *%r12
+            &[0x3e, 0xff, 0xd0],                             // notrack call *%rax
+            &[0xff, 0x15, 1, 2, 3, 4],                       // call *x(%rip)
+            &[0xff, 0x50, 0x08],                             // call *8(%rax)
+            &[0xff, 0x14, 0x24],                             // call *(%rsp)
+            &[0xff, 0x54, 0x24, 0x08],                       // call *8(%rsp)
+            &[0xff, 0x94, 0x24, 1, 2, 3, 4],                 // call *x(%rsp)
+            &[0xff, 0x14, 0xc5, 1, 2, 3, 4],                 // call *x(,%rax,8)
+            &[0x41, 0xff, 0x94, 0xc4, 1, 2, 3, 4],           // call *x(%r12,%rax,8)
+            &[0xff, 0x90, 1, 2, 3, 4],                       // call *x(%rax)
+        ] {
+            assert!(follows_call(&before(code)), "{code:x?}");
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_call() {
+        // glibc 2.36's __start_context follows a jmp and a 7-byte nop.
+        let start_context = [0xff, 0xff, 0x0f, 0x1f, 0x80, 0, 0, 0, 0];
+        assert!(!follows_call(&start_context));
+        assert!(!follows_call(&before(&[0xff, 0xe3]))); // jmp *%rbx
+        assert!(!follows_call(&before(&[0xc3]))); // ret
+        let at = [0x48, 0x89, 0xdc, 0x48, 0x8b, 0x3c, 0x24, 0x48, 0x85];
+        assert_eq!(planted(&start_context, &at), Planted::ContextStart);
+        // glibc's __restore_rt is preceded by a nop.
+        let restore_rt = [0x48, 0xc7, 0xc0, 0x0f, 0, 0, 0, 0x0f, 0x05];
+        assert_eq!(planted(&before(&[0x90]), &restore_rt), Planted::Sigreturn);
+        assert_eq!(planted(&before(&[0xff, 0xd0]), &at), Planted::No);
+    }
+
+    #[test]
+    fn stack_cuts_round_trip() {
+        for cut in [
+            StackCut::NotReady,
+            StackCut::ThreadExit,
+            StackCut::Unreadable(1),
+            StackCut::Unreadable(38),
+            StackCut::OutsideStack,
+            StackCut::Unmapped,
+            StackCut::Backwards,
+            StackCut::Loop,
+            StackCut::Overflow,
+        ] {
+            let a = AbsAddr::stack_cut(cut);
+            assert_eq!(a.cut(), Some(cut));
+            assert_eq!(a.left_out(), None);
+            // "    (stack {note})" fits in 80 columns.
+            assert!(cut.to_string().len() <= 68, "{cut}");
+        }
+        assert_eq!(AbsAddr::frames_left_out(3).cut(), None);
+        assert_eq!(AbsAddr(0x7f00_0000_1000).cut(), None);
     }
 }

@@ -205,6 +205,7 @@ pub struct Ledger {
     now: TimeNs,
     events: u64,
     lost: u64,
+    exec_freed: (u64, u64),
 }
 
 impl Ledger {
@@ -221,6 +222,12 @@ impl Ledger {
     /// Events the backends reported lost.
     pub fn lost(&self) -> u64 {
         self.lost
+    }
+
+    /// Heap blocks (and their bytes) that images replaced by execve(2)
+    /// still held: freed by the exec, not leaks.
+    pub fn freed_by_exec(&self) -> (u64, u64) {
+        self.exec_freed
     }
 
     fn table_mut(&mut self, pid: Pid) -> &mut BTreeMap<Fd, Acquire> {
@@ -408,7 +415,17 @@ impl Ledger {
                     h.remove(addr);
                 }
             }
-            Event::HeapEnd { pid, time } => {
+            Event::HeapEnd {
+                pid, by_exec: true, ..
+            } => {
+                if let Some(h) = self.heaps.remove(pid) {
+                    for (_, b) in h.into_iter() {
+                        self.exec_freed.0 += 1;
+                        self.exec_freed.1 += b.size;
+                    }
+                }
+            }
+            Event::HeapEnd { pid, time, .. } => {
                 if let Some(h) = self.heaps.remove(pid) {
                     self.leaks.extend(h.into_iter().map(|(addr, b)| Leak {
                         holder: *pid,
@@ -792,6 +809,7 @@ mod tests {
             Event::HeapEnd {
                 time: TimeNs(3),
                 pid: P,
+                by_exec: false,
             },
         ]);
         assert_eq!(leaks.len(), 1);
@@ -842,5 +860,29 @@ mod tests {
         assert_eq!(groups.len(), 2);
         assert_eq!((groups[0].key, groups[0].count), (StackId(1), 3));
         assert_eq!((groups[1].key, groups[1].count), (StackId(2), 1));
+    }
+
+    #[test]
+    fn execve_frees_the_old_images_heap() {
+        let mut l = Ledger::default();
+        for ev in [
+            Event::Alloc {
+                time: TimeNs(1),
+                pid: P,
+                tid: Tid(P.0),
+                addr: AbsAddr(0x1000),
+                size: 64,
+                stack: StackId(1),
+            },
+            Event::HeapEnd {
+                time: TimeNs(2),
+                pid: P,
+                by_exec: true,
+            },
+        ] {
+            l.apply(&ev);
+        }
+        assert_eq!(l.freed_by_exec(), (1, 64));
+        assert!(l.finish().is_empty());
     }
 }

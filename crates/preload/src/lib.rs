@@ -191,6 +191,10 @@ struct Conn {
     pid: Option<u32>,
     /// Read to EOF and finished (HeapEnd sent).
     done: bool,
+    /// Read to EOF while its process lived on: an exec whose new image
+    /// has not connected yet, or a program that closed the connection.
+    /// Finished once that is known (see [`Preload::end_dead`]).
+    eof: bool,
     /// Allocations and frees of the batch being received, emitted in
     /// sequence order at its end.
     pending: Vec<Pending>,
@@ -414,6 +418,7 @@ impl Preload {
                         ns: self.next_ns,
                         pid: None,
                         done: false,
+                        eof: false,
                         pending: Vec::new(),
                         floor: 0,
                     });
@@ -478,13 +483,31 @@ impl Preload {
         self.chunk = chunk;
         self.decode_buffered(i, sink)?;
         if eof {
-            self.finish(i, sink);
+            // execve(2) closes the connection (close-on-exec) before the
+            // new image connects: while the process lives on, wait for
+            // that (or for its death) to say how its heap ended.
+            match self.conns[i].pid {
+                Some(pid) if alive(pid) => self.conns[i].eof = true,
+                _ => self.finish(i, false, sink),
+            }
         }
         Ok(())
     }
 
-    /// Ends connection `i`: its image's heap is gone.
-    fn finish(&mut self, i: usize, sink: &mut dyn FnMut(Event)) {
+    /// Finishes the connections read to EOF whose process has died since:
+    /// their image's heap ended with the process.
+    fn end_dead(&mut self, sink: &mut dyn FnMut(Event)) {
+        for i in 0..self.conns.len() {
+            let c = &self.conns[i];
+            if c.eof && !c.done && !c.pid.is_some_and(alive) {
+                self.finish(i, false, sink);
+            }
+        }
+    }
+
+    /// Ends connection `i`: its image's heap is gone, freed by execve if
+    /// `by_exec`, else with blocks never freed.
+    fn finish(&mut self, i: usize, by_exec: bool, sink: &mut dyn FnMut(Event)) {
         let c = &mut self.conns[i];
         if c.done {
             return;
@@ -504,6 +527,7 @@ impl Preload {
             sink(Event::HeapEnd {
                 time,
                 pid: Pid(pid),
+                by_exec,
             });
         }
     }
@@ -663,8 +687,10 @@ impl Preload {
                 // image's events.
                 for j in 0..self.conns.len() {
                     if j != i && !self.conns[j].done && self.conns[j].pid == Some(pid) {
-                        self.service(j, usize::MAX, Some(EXEC_DRAIN), sink)?;
-                        self.finish(j, sink);
+                        if !self.conns[j].eof {
+                            self.service(j, usize::MAX, Some(EXEC_DRAIN), sink)?;
+                        }
+                        self.finish(j, true, sink);
                     }
                 }
                 sink(Event::Exec {
@@ -729,8 +755,12 @@ impl Preload {
     /// Waits up to `timeout` for records and hands the events to `sink`
     /// (see [`Backend::poll`]).
     pub fn poll(&mut self, timeout: Duration, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
+        // Connections at EOF stay readable: they are not polled.
+        let active: Vec<usize> = (0..self.conns.len())
+            .filter(|&i| !self.conns[i].eof)
+            .collect();
         let mut pfds: Vec<libc::pollfd> = std::iter::once(self.listener.as_raw_fd())
-            .chain(self.conns.iter().map(|c| c.stream.as_raw_fd()))
+            .chain(active.iter().map(|&i| self.conns[i].stream.as_raw_fd()))
             .chain(self.child_exit.as_ref().map(|f| f.as_raw_fd()))
             .map(|fd| libc::pollfd {
                 fd,
@@ -756,7 +786,7 @@ impl Preload {
         let ready: Vec<bool> = pfds[1..].iter().map(|p| p.revents != 0).collect();
         // Existing connections first: a new connection may be an exec that
         // needs the old one finished.
-        for (i, r) in ready.into_iter().enumerate() {
+        for (&i, r) in active.iter().zip(ready) {
             if r && !self.conns[i].done {
                 self.service(i, READ_BUDGET, None, sink)?;
             }
@@ -768,6 +798,7 @@ impl Preload {
                 self.service(i, READ_BUDGET, None, sink)?;
             }
         }
+        self.end_dead(sink);
         self.conns.retain(|c| !c.done);
         Ok(())
     }
@@ -847,5 +878,19 @@ impl Backend for Preload {
 
     fn settled(&self) -> u64 {
         Preload::settled(self)
+    }
+}
+
+/// Whether process `pid` still runs: it exists and is not a zombie (an
+/// exited process its parent has not reaped yet).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses
+        // and may itself hold ") ".
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
     }
 }

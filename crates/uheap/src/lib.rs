@@ -652,7 +652,11 @@ impl HeapTracer {
                 }
             }
             Record::Exec { time, pid } => {
-                sink(Event::HeapEnd { time, pid });
+                sink(Event::HeapEnd {
+                    time,
+                    pid,
+                    by_exec: true,
+                });
                 let path = std::fs::read_link(format!("/proc/{pid}/exe"))
                     .map(|p| p.to_string_lossy().into_owned())
                     .unwrap_or_default();
@@ -665,7 +669,11 @@ impl HeapTracer {
                 self.end_process(pid);
             }
             Record::Exit { time, pid } => {
-                sink(Event::HeapEnd { time, pid });
+                sink(Event::HeapEnd {
+                    time,
+                    pid,
+                    by_exec: false,
+                });
                 sink(Event::Exit {
                     time,
                     pid,
