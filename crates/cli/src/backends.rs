@@ -1,5 +1,6 @@
 //! Choosing backends for what is tracked, and running several on one
-//! launch: eBPF for fds, the preload shim for the heap.
+//! launch: eBPF (or ptrace, without it) for fds, the preload shim for the
+//! heap.
 
 use std::io;
 use std::path::Path;
@@ -43,6 +44,8 @@ pub enum Choice {
     Auto,
     Ebpf,
     Preload,
+    /// seccomp-filtered ptrace for fds (no privileges).
+    Ptrace,
 }
 
 /// Stack ids of the heap backend carry this bit so they never collide
@@ -69,6 +72,10 @@ pub struct Combined {
     no_shim: Vec<(Pid, String)>,
     /// The program launched, for the reason nothing loaded the shim.
     launched: Option<std::path::PathBuf>,
+    /// The fd backend is ptrace: it alone may wait for the command.
+    reaped: Option<leakscope_ptrace::Reaped>,
+    /// Why fds are traced with ptrace rather than eBPF (`--backend auto`).
+    fallback: Option<String>,
 }
 
 /// Opens the backends `tracking` needs under `choice`, or says in one line
@@ -89,9 +96,17 @@ pub fn open(
     if defaults {
         match choice {
             Choice::Preload => tracking.fd = false,
-            Choice::Ebpf if mode == Mode::Launch => tracking.heap = false,
+            Choice::Ebpf | Choice::Ptrace if mode == Mode::Launch => tracking.heap = false,
             _ => {}
         }
+    }
+    if tracking.tcp && choice == Choice::Ptrace {
+        return Err(fatal(
+            exit::ERROR,
+            "the ptrace backend traces fds, not TCP states (those need eBPF: \
+             --backend ebpf, as root)"
+                .into(),
+        ));
     }
     if tracking.heap && mode == Mode::Launch && choice == Choice::Ebpf {
         return Err(fatal(
@@ -110,9 +125,29 @@ pub fn open(
                 .into(),
         ));
     }
-    let fd: Option<Box<dyn Backend>> = if tracking.needs_fd_backend() {
+    let mut reaped = None;
+    let mut fallback = None;
+    let fd: Option<Box<dyn Backend>> = if !tracking.needs_fd_backend() {
+        None
+    } else if choice == Choice::Ptrace {
+        let t = open_ptrace(mode)?;
+        reaped = Some(t.reaped());
+        Some(Box::new(t))
+    } else {
         match leakscope_ebpf::Tracer::new(leakscope_ebpf::Config { tcp: tracking.tcp }) {
             Ok(t) => Some(Box::new(t)),
+            // --backend auto: without eBPF, fds are traced with ptrace,
+            // and the report's first lines say why (issue 13).
+            Err(e)
+                if choice == Choice::Auto && !tracking.tcp && leakscope_ptrace::check().is_ok() =>
+            {
+                let t = open_ptrace(mode)?;
+                reaped = Some(t.reaped());
+                fallback = Some(format!(
+                    "fds traced with ptrace: eBPF could not be used: {e}"
+                ));
+                Some(Box::new(t))
+            }
             Err(e) if defaults && tracking.heap && !tracking.tcp => {
                 // Not asked for by name: the heap alone is traced, and
                 // the report says this (`--track heap` asks for no more).
@@ -128,8 +163,6 @@ pub fn open(
                 return Err(fatal(exit::ERROR, format!("{e}; {hint}")));
             }
         }
-    } else {
-        None
     };
     let heap: Option<Box<dyn Backend>> = match (tracking.heap, mode) {
         (false, _) => None,
@@ -161,7 +194,11 @@ pub fn open(
             }
         }
     };
+    let ptrace = reaped.is_some();
     let name = match (&fd, &heap, mode) {
+        (Some(_), Some(_), Mode::Launch) if ptrace => "ptrace+preload",
+        (Some(_), Some(_), Mode::Attach { .. }) if ptrace => "ptrace+ebpf",
+        (Some(_), None, _) if ptrace => "ptrace",
         (Some(_), Some(_), Mode::Launch) => "ebpf+preload",
         (Some(_), None, _) | (_, Some(_), Mode::Attach { .. }) => "ebpf",
         (None, Some(_), Mode::Launch) => "preload",
@@ -179,7 +216,17 @@ pub fn open(
         heap_seen: false,
         no_shim: Vec::new(),
         launched: None,
+        reaped,
+        fallback,
     })
+}
+
+/// The ptrace backend, or why it cannot be used (one sentence saying what
+/// to change).
+fn open_ptrace(mode: Mode) -> anyhow::Result<leakscope_ptrace::Tracer> {
+    let _ = mode;
+    leakscope_ptrace::Tracer::new(leakscope_ptrace::Config::default())
+        .map_err(|e| fatal(exit::ERROR, format!("{e}; nothing can trace fds here")))
 }
 
 /// Whether the ELF file at `path` is statically linked: it has no
@@ -258,6 +305,18 @@ fn secure_mode(path: &Path) -> Option<&'static str> {
 }
 
 impl Combined {
+    /// The command's exit status once it has exited: the ptrace backend
+    /// reaps it itself (a waitpid of ours would take its ptrace stops).
+    pub fn try_wait(&mut self, child: &mut Child) -> io::Result<Option<std::process::ExitStatus>> {
+        use std::os::unix::process::ExitStatusExt;
+        match &self.reaped {
+            Some(r) => Ok(r
+                .status(Pid(child.id()))
+                .map(std::process::ExitStatus::from_raw)),
+            None => child.try_wait(),
+        }
+    }
+
     /// What was traced and what was not, per kind, and why (see
     /// [`Coverage`]). Final once the trace has ended.
     pub fn coverage(&self) -> Vec<Coverage> {
@@ -420,7 +479,7 @@ impl Backend for Combined {
     }
 
     fn notes(&self) -> Vec<String> {
-        let mut notes = Vec::new();
+        let mut notes: Vec<String> = self.fallback.iter().cloned().collect();
         for b in [&self.fd, &self.heap].into_iter().flatten() {
             notes.extend(b.notes());
         }

@@ -138,6 +138,8 @@ pub enum BackendChoice {
     Ebpf,
     /// An LD_PRELOAD shim interposing the allocator; no privileges; heap only.
     Preload,
+    /// seccomp-filtered ptrace; no privileges; fds only.
+    Ptrace,
 }
 
 #[derive(clap::Args, Debug)]
@@ -259,6 +261,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             BackendChoice::Auto => backends::Choice::Auto,
             BackendChoice::Ebpf => backends::Choice::Ebpf,
             BackendChoice::Preload => backends::Choice::Preload,
+            BackendChoice::Ptrace => backends::Choice::Ptrace,
         },
         suppressions: args.suppress.load()?,
     };

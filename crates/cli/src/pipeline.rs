@@ -132,7 +132,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
             }
         }
         if status.is_none() {
-            if let Some(s) = child.try_wait()? {
+            if let Some(s) = backend.try_wait(&mut child)? {
                 status = Some(s);
             }
         }
