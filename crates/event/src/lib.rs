@@ -225,7 +225,9 @@ impl fmt::Display for StackCut {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StackCut::NotReady => f.write_str("not taken: allocated before the shim could unwind"),
-            StackCut::ThreadExit => f.write_str("not taken: allocated while its thread was exiting"),
+            StackCut::ThreadExit => {
+                f.write_str("not taken: allocated while its thread was exiting")
+            }
             StackCut::Unreadable(errno) => {
                 let name = match i32::from(*errno) {
                     1 => "EPERM".to_string(),
@@ -235,7 +237,10 @@ impl fmt::Display for StackCut {
                     38 => "ENOSYS".to_string(),
                     n => format!("errno {n}"),
                 };
-                write!(f, "not taken: its coroutine or signal stack is unreadable ({name})")
+                write!(
+                    f,
+                    "not taken: its coroutine or signal stack is unreadable ({name})"
+                )
             }
             StackCut::OutsideStack => {
                 f.write_str("truncated: the next frame lies outside the thread's stack")
@@ -780,18 +785,18 @@ mod tests {
     #[test]
     fn every_call_form_is_a_call() {
         for code in [
-            &[0xe8, 1, 2, 3, 4][..],                         // call rel32
-            &[0xff, 0xd0],                                   // call *%rax
-            &[0x41, 0xff, 0xd4],                             // call *%r12
-            &[0x3e, 0xff, 0xd0],                             // notrack call *%rax
-            &[0xff, 0x15, 1, 2, 3, 4],                       // call *x(%rip)
-            &[0xff, 0x50, 0x08],                             // call *8(%rax)
-            &[0xff, 0x14, 0x24],                             // call *(%rsp)
-            &[0xff, 0x54, 0x24, 0x08],                       // call *8(%rsp)
-            &[0xff, 0x94, 0x24, 1, 2, 3, 4],                 // call *x(%rsp)
-            &[0xff, 0x14, 0xc5, 1, 2, 3, 4],                 // call *x(,%rax,8)
-            &[0x41, 0xff, 0x94, 0xc4, 1, 2, 3, 4],           // call *x(%r12,%rax,8)
-            &[0xff, 0x90, 1, 2, 3, 4],                       // call *x(%rax)
+            &[0xe8, 1, 2, 3, 4][..],               // call rel32
+            &[0xff, 0xd0],                         // call *%rax
+            &[0x41, 0xff, 0xd4],                   // call *%r12
+            &[0x3e, 0xff, 0xd0],                   // notrack call *%rax
+            &[0xff, 0x15, 1, 2, 3, 4],             // call *x(%rip)
+            &[0xff, 0x50, 0x08],                   // call *8(%rax)
+            &[0xff, 0x14, 0x24],                   // call *(%rsp)
+            &[0xff, 0x54, 0x24, 0x08],             // call *8(%rsp)
+            &[0xff, 0x94, 0x24, 1, 2, 3, 4],       // call *x(%rsp)
+            &[0xff, 0x14, 0xc5, 1, 2, 3, 4],       // call *x(,%rax,8)
+            &[0x41, 0xff, 0x94, 0xc4, 1, 2, 3, 4], // call *x(%r12,%rax,8)
+            &[0xff, 0x90, 1, 2, 3, 4],             // call *x(%rax)
         ] {
             assert!(follows_call(&before(code)), "{code:x?}");
         }
