@@ -151,6 +151,71 @@ fn root_deep_stack_keeps_its_outer_frames() {
     );
 }
 
+/// The functions of a group's stack, innermost first (`?` for a frame
+/// without one).
+fn function_names(g: &Value) -> Vec<&str> {
+    g["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["function"].as_str().unwrap_or("?"))
+        .collect()
+}
+
+/// Leaks on stacks the program allocated (fixtures/coroutine.c), found
+/// and counted like any. A makecontext context's stack is copied whole
+/// (on a stack of its own mapping, to the mapping's end) and ends at
+/// glibc's `__start_context`, after the function the context ran: nothing
+/// beyond it, also on main's frame, where main's own frames lie beyond it.
+/// A signal handler's stack on sigaltstack ends at the signal frame, and
+/// the note says why.
+#[test]
+fn root_coroutine_stacks_end_where_the_context_starts() {
+    if !require_root("root_coroutine_stacks_end_where_the_context_starts") {
+        return;
+    }
+    let bin = fixture("coroutine");
+    check_fixture("coroutine", &bin);
+    let r = report(&[bin.to_str().unwrap()]);
+    let groups = r["leaks"].as_array().unwrap();
+    assert_eq!(
+        groups.len(),
+        4,
+        "one group per leaking function: {groups:#?}"
+    );
+    for (leak, run) in [
+        ("leak_on_heap", "run_on_heap"),
+        ("leak_on_mmap", "run_on_mmap"),
+        ("leak_on_main", "run_on_main"),
+    ] {
+        let g = groups.iter().find(|g| stack_has(g, leak)).unwrap();
+        let names = function_names(g);
+        let at = names.iter().position(|f| *f == leak).unwrap();
+        assert!(at > 0, "libc's open above {leak}: {names:?}");
+        assert_eq!(
+            names[at..],
+            [leak, run, "__start_context"],
+            "the context's stack, and nothing past its start"
+        );
+        assert!(g["stack_note"].is_null(), "{leak}: {}", g["stack_note"]);
+    }
+    let g = groups
+        .iter()
+        .find(|g| stack_has(g, "leak_in_handler"))
+        .unwrap();
+    let names = function_names(g);
+    let at = names.iter().position(|f| *f == "leak_in_handler").unwrap();
+    assert_eq!(
+        names[at..],
+        ["leak_in_handler", "on_signal", "__restore_rt"],
+        "the handler's stack up to the signal frame"
+    );
+    assert_eq!(
+        g["stack_note"],
+        "truncated at a signal frame: the interrupted stack was not copied"
+    );
+}
+
 /// fds the kernel side held back keep their description when they reach
 /// the report: a dup of a file closed since names the file, a pipe's
 /// surviving end is its write end; and the pairs it settled are counted.

@@ -661,3 +661,120 @@ fn execve_frees_the_old_images_heap() {
         "{notes}"
     );
 }
+
+/// The blocks of fixtures/coroutine.c, by leaking function: (count, bytes,
+/// the stack's functions, its note).
+fn coroutine_groups(r: &Value) -> Vec<(u64, u64, Vec<String>, Option<String>)> {
+    let mut groups: Vec<_> = r["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["count"].as_u64().unwrap(),
+                g["bytes"].as_u64().unwrap(),
+                functions(g),
+                g["stack_note"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    groups.sort();
+    groups
+}
+
+/// Blocks allocated on stacks the program allocated (fixtures/coroutine.c):
+/// makecontext contexts on a malloc'd stack, an mmap'd one and one in
+/// main's frame, and a signal handler on sigaltstack. Every block is
+/// reported; a context's stack ends at glibc's `__start_context` after the
+/// function the context ran, with nothing past it (on main's frame, main's
+/// own frames lie beyond it); the handler's goes through the signal frame
+/// on to the code it interrupted.
+#[test]
+fn coroutine_and_signal_stacks() {
+    let bin = fixture("coroutine");
+    let r = report(&["--backend", "preload", "--track", "heap"], &bin);
+    assert_eq!(r["events"]["lost"], 0);
+    let groups = coroutine_groups(&r);
+    let context = |leak: &str, run: &str| -> Vec<String> {
+        ["malloc", leak, run, "__start_context"]
+            .map(String::from)
+            .to_vec()
+    };
+    let [handler, heap, mmap, main] = &groups[..] else {
+        panic!("4 groups expected: {groups:#?}");
+    };
+    assert_eq!(
+        [heap, mmap, main].map(|g| g.clone()),
+        [
+            (3, 144, context("leak_on_heap", "run_on_heap"), None),
+            (5, 400, context("leak_on_mmap", "run_on_mmap"), None),
+            (7, 784, context("leak_on_main", "run_on_main"), None),
+        ]
+    );
+    let (count, bytes, f, note) = handler;
+    assert_eq!((*count, *bytes, note), (2, 288, &None), "{f:?}");
+    // libc's frames between __restore_rt and send_signal (raise and what
+    // it calls) differ between glibc versions.
+    assert_eq!(
+        f[..4],
+        ["malloc", "leak_in_handler", "on_signal", "__restore_rt"],
+        "{f:?}"
+    );
+    let at = f.iter().position(|f| f == "send_signal");
+    assert!(
+        at.is_some_and(|at| f[at + 1] == "main" && at > 4),
+        "the interrupted code, send_signal called by main: {f:?}"
+    );
+}
+
+/// Where process_vm_readv(2) is denied (a seccomp policy), the shim cannot
+/// read a stack other than the thread's own: each block allocated on one
+/// is still reported, without a stack, and the note says why; blocks on
+/// the thread's stack (the context in main's frame) keep theirs.
+#[test]
+fn a_stack_the_shim_cannot_read_is_said_so() {
+    let wrapper = heap_fixture("no_vm_readv");
+    let bin = fixture("coroutine");
+    ensure_shim();
+    let out_path = std::env::temp_dir().join(format!(
+        "leakscope-heap-{}-no_vm_readv.json",
+        std::process::id()
+    ));
+    let out = Command::new(BIN)
+        .args(["run", "--backend", "preload", "--track", "heap"])
+        .args(["--format", "json", "-o"])
+        .arg(&out_path)
+        .arg("--")
+        .arg(&wrapper)
+        .arg(&bin)
+        .output()
+        .expect("run leakscope");
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&wrapper);
+    assert_eq!(
+        coroutine_groups(&r),
+        [
+            (
+                7,
+                784,
+                ["malloc", "leak_on_main", "run_on_main", "__start_context"]
+                    .map(String::from)
+                    .to_vec(),
+                None
+            ),
+            (
+                10,
+                832,
+                vec![],
+                Some("not taken: its coroutine or signal stack is unreadable (EPERM)".into())
+            ),
+        ]
+    );
+}

@@ -169,6 +169,9 @@ pub enum StackCut {
     /// coroutine, green thread or signal stack), and reading that memory
     /// failed with this errno.
     Unreadable(u16),
+    /// Not taken: the shim could not map the stack it unwinds on, off the
+    /// thread's own stack.
+    NoMemory,
     /// The next frame would lie outside the thread's stack.
     OutsideStack,
     /// On a stack that is not the thread's own: the next frame's memory
@@ -194,6 +197,7 @@ impl StackCut {
             StackCut::Backwards => 6,
             StackCut::Loop => 7,
             StackCut::Overflow => 8,
+            StackCut::NoMemory => 9,
         }
     }
 
@@ -207,6 +211,7 @@ impl StackCut {
             6 => StackCut::Backwards,
             7 => StackCut::Loop,
             8 => StackCut::Overflow,
+            9 => StackCut::NoMemory,
             _ => return None,
         })
     }
@@ -215,7 +220,10 @@ impl StackCut {
     pub fn is_missing(self) -> bool {
         matches!(
             self,
-            StackCut::NotReady | StackCut::ThreadExit | StackCut::Unreadable(_)
+            StackCut::NotReady
+                | StackCut::ThreadExit
+                | StackCut::Unreadable(_)
+                | StackCut::NoMemory
         )
     }
 }
@@ -242,6 +250,7 @@ impl fmt::Display for StackCut {
                     "not taken: its coroutine or signal stack is unreadable ({name})"
                 )
             }
+            StackCut::NoMemory => f.write_str("not taken: no memory to map a stack to unwind on"),
             StackCut::OutsideStack => {
                 f.write_str("truncated: the next frame lies outside the thread's stack")
             }
@@ -306,6 +315,17 @@ pub mod x86_64 {
         at == &[0x48, 0xc7, 0xc0, 0x0f, 0, 0, 0, 0x0f, 0x05]
             || at[..7] == [0xb8, 0x0f, 0, 0, 0, 0x0f, 0x05]
     }
+
+    /// Where the kernel's signal frame keeps the interrupted code's
+    /// `rbp`, `rsp` and `rip`: offsets from the handler's canonical frame
+    /// address, which is the `struct ucontext` right above the return
+    /// address the kernel pushed (its `uc_mcontext` is at 40; glibc's
+    /// unwind information for `__restore_rt` reads the same offsets).
+    pub const UC_RBP: u64 = 120;
+    /// See [`UC_RBP`].
+    pub const UC_RSP: u64 = 160;
+    /// See [`UC_RBP`].
+    pub const UC_RIP: u64 = 168;
 
     /// What the code around return address `ra` says of its frame.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -824,6 +844,7 @@ mod tests {
             StackCut::ThreadExit,
             StackCut::Unreadable(1),
             StackCut::Unreadable(38),
+            StackCut::NoMemory,
             StackCut::OutsideStack,
             StackCut::Unmapped,
             StackCut::Backwards,

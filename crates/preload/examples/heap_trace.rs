@@ -178,11 +178,14 @@ fn main() -> ExitCode {
             if std::env::var_os("HEAP_TRACE_RAW").is_some() {
                 println!("  raw {raw:x?}");
             }
-            let frames = unwinder.unwind(&maps, pid, time, &raw).frames;
-            for f in symbolizer.symbolize(&frames).iter().take(12) {
+            let unwound = unwinder.unwind(&maps, pid, time, &raw);
+            for f in symbolizer.symbolize(&unwound.frames).iter().take(12) {
                 let module = f.module.as_deref().unwrap_or("?");
                 let module = module.rsplit('/').next().unwrap_or(module);
                 println!("  {} ({module})", f.function.as_deref().unwrap_or("??"));
+            }
+            if let Some(note) = unwound.truncated {
+                println!("  (stack {note})");
             }
         }
     }

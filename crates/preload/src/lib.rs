@@ -814,9 +814,11 @@ impl Preload {
     pub fn raw_stack(&self, id: StackId) -> RawStack {
         match self.stacks.get(&id.0) {
             Some(a) => RawStack::Unwound(a.clone()),
-            None if id.0 & 0xffff_ffff == 0 => RawStack::Missing(
-                "the shim could not capture this stack (signal stack or thread teardown)".into(),
-            ),
+            // The shim of this version sends a reason instead (a stack
+            // of one `AbsAddr::stack_cut` entry).
+            None if id.0 & 0xffff_ffff == 0 => {
+                RawStack::Missing("not taken by the shim (no reason given)".into())
+            }
             None => RawStack::Missing(format!("unknown stack id {:#x}", id.0)),
         }
     }

@@ -30,6 +30,19 @@
 //!   without frame pointers (libc, `-fomit-frame-pointer` programs) unwinds
 //!   correctly. The module list is rebuilt after dlopen/dlclose and when a
 //!   frame falls outside every known module while the loader's counters moved.
+//! - Code that runs on a stack the program allocated (a `makecontext(3)`
+//!   coroutine, a green thread, a `sigaltstack(2)` signal handler) is
+//!   unwound too: the thread's own stack is known (the `[stack]` mapping,
+//!   or the one holding the thread pointer), and any other stack is read
+//!   through `process_vm_readv(2)` on the process itself, which fails
+//!   instead of faulting on memory freed meanwhile. Such a capture runs on
+//!   a stack of the shim's own (it takes tens of KiB, more than a
+//!   coroutine's or a signal handler's stack may have left), and is cached
+//!   apart, its words checked in walk order. A context's stack ends at its
+//!   start (glibc's `__start_context`, an address no call pushed); a
+//!   signal frame is crossed from the registers the kernel saved in it. A
+//!   stack that cannot be taken, or ends early, says why
+//!   (`leakscope_event::StackCut`).
 //! - The allocating hooks are naked trampolines that pass their entry stack
 //!   and frame pointers on, so the walk starts at the caller. Each thread
 //!   caches its last captures by (hook, return address, stack pointer, and
@@ -103,8 +116,11 @@
 //! | 4 | STACK | `id:var n:var addrs:[u64; n]`: `addrs[0]` is the address of the interposed function (stands for the ip), the rest are return addresses, innermost first |
 //!
 //! HELLO comes first on every connection. A STACK comes before the first
-//! ALLOC that names its id, in the same or an earlier batch; id 0 means "no
-//! stack could be taken" (signal stack, thread teardown). Sort a batch's
+//! ALLOC that names its id, in the same or an earlier batch. A STACK's last
+//! address may be an entry saying why the walk ended early
+//! (`AbsAddr::stack_cut`, a kernel-half address); a stack that could not
+//! be taken at all is that entry alone. (Id 0, "no stack", is no longer
+//! sent.) Sort a batch's
 //! ALLOCs and FREEs by (seq, FREE after ALLOC). HELLO's time is
 //! `CLOCK_MONOTONIC` ns; the others are `CLOCK_MONOTONIC_COARSE` ns, read
 //! from the collector's clock page (one load; the vDSO without it), which
@@ -141,6 +157,7 @@ use std::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
 
+use leakscope_event::{AbsAddr, StackCut};
 use unwind::MAX_FRAMES;
 
 extern "C" {
@@ -700,6 +717,14 @@ const CACHED: usize = 64;
 /// State only the owning thread touches (no lock).
 struct Own {
     cache: unwind::Cache,
+    /// Reads stacks other than the thread's own.
+    alt: unwind::AltMem,
+    /// Top of the stack captures off the thread's own stack run on; 0:
+    /// not mapped yet.
+    ustack: u64,
+    /// Like `cached`, for captures off the thread's own stack, checked
+    /// word by word in walk order (see [`unchanged_in_order`]).
+    alt_cached: Vec<Cached>,
     id_gen: u32,
     cached: Vec<Cached>,
 }
@@ -857,6 +882,9 @@ fn new_thread(shared: bool) -> *mut Thread {
         enc: UnsafeCell::new(Enc::new()),
         own: UnsafeCell::new(Own {
             cache: unwind::Cache::new(),
+            alt: unwind::AltMem::default(),
+            ustack: 0,
+            alt_cached: Vec::new(),
             id_gen: ID_GEN.load(Ordering::Relaxed),
             cached: Vec::new(),
         }),
@@ -918,6 +946,7 @@ fn adopt(g: &Guard) -> &'static Thread {
         (*t).tid.store(libc::gettid() as u32, Ordering::Relaxed);
         // Another thread's stack: its cached captures mean nothing here.
         (*(*t).own.get()).cached.clear();
+        (*(*t).own.get()).alt_cached.clear();
         let key = THREAD_KEY.load(Ordering::Relaxed);
         if key != u64::MAX {
             libc::pthread_setspecific(key as libc::pthread_key_t, t as *const c_void);
@@ -1475,6 +1504,21 @@ fn unchanged(words: &[(u64, u64)]) -> bool {
     diff == 0
 }
 
+/// [`unchanged`] for a capture off the thread's own stack, whose extent is
+/// unknown: the words in the order the walk read them, stopping at the
+/// first that changed. Each word's address follows from `sp`, `bp` and
+/// the words before it, so while they match, the next word is in a frame
+/// that is live on this very stack (the frame a matching return address
+/// returns into), never in memory freed since. The walks cached are the
+/// clean ones through no signal frame.
+fn unchanged_in_order(words: &[(u64, u64)]) -> bool {
+    words.iter().all(|&(a, v)| {
+        // SAFETY: as above; volatile, so that no load is made before the
+        // comparisons that come first.
+        unsafe { std::ptr::read_volatile(a as *const u64) == v }
+    })
+}
+
 /// The stack id for a hook called with return address `*sp` and frame
 /// pointer `bp`, from `t`'s (this thread's) capture cache or a capture.
 #[inline(always)]
@@ -1483,6 +1527,7 @@ fn stack_of(t: &Thread, own: &mut Own, hook: u64, sp: u64, bp: u64) -> u32 {
     if own.id_gen != id_gen {
         own.id_gen = id_gen;
         own.cached.clear();
+        own.alt_cached.clear();
     }
     // Every hook's `sp` comes from its entry trampoline: the stack pointer
     // at the call, 8-aligned and pointing at the return address.
@@ -1507,7 +1552,71 @@ fn stack_of(t: &Thread, own: &mut Own, hook: u64, sp: u64, bp: u64) -> u32 {
     capture_stack(t, own, hook, ra, sp, bp, slot)
 }
 
-/// [`stack_of`] when the cache cannot answer: unwind, intern, cache.
+/// Bytes of the stack that a thread's captures off its own stack run on.
+const UNWIND_STACK: usize = 128 * 1024;
+
+/// The top of this recorder's unwind stack, mapped on first use (with a
+/// guard page below); `None` if it cannot be mapped. Kept with the
+/// recorder, which outlives its thread and serves the next one.
+fn unwind_stack(own: &mut Own) -> Option<u64> {
+    if own.ustack == 0 {
+        // SAFETY: a fresh anonymous mapping; raw libc calls, no allocation.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                UNWIND_STACK + 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return None;
+            }
+            libc::mprotect(p, 4096, libc::PROT_NONE);
+            own.ustack = p as u64 + 4096 + UNWIND_STACK as u64;
+        }
+    }
+    Some(own.ustack)
+}
+
+/// Runs `f` with the stack pointer at `top` (16-byte aligned), back on the
+/// caller's stack when it returns.
+///
+/// # Safety
+/// `top` is the top of a mapped, writable stack that nothing else uses,
+/// large enough for `f`.
+unsafe fn on_stack(top: u64, f: &mut dyn FnMut()) {
+    unsafe extern "C" fn tramp(arg: *mut c_void) {
+        // SAFETY: `arg` is the `&mut dyn FnMut()` below, alive meanwhile.
+        let f = unsafe { &mut *(arg as *mut &mut dyn FnMut()) };
+        f();
+    }
+    let mut f = f;
+    let arg = &mut f as *mut &mut dyn FnMut() as *mut c_void;
+    // SAFETY: r12 is callee-saved, so it holds the caller's stack pointer
+    // across the call; every caller-saved register is declared clobbered.
+    // `top` is 16-byte aligned, as the call wants.
+    unsafe {
+        std::arch::asm!(
+            "mov r12, rsp",
+            "mov rsp, {top}",
+            "call {tramp}",
+            "mov rsp, r12",
+            top = in(reg) top,
+            tramp = in(reg) tramp as *const () as usize,
+            in("rdi") arg,
+            out("r12") _,
+            clobber_abi("C"),
+        );
+    }
+}
+
+/// [`stack_of`] when the cache cannot answer: unwind, intern, cache. Off
+/// the thread's own stack, on the recorder's unwind stack: a capture
+/// takes tens of KiB of stack (framehop's DWARF evaluation; twice that
+/// unoptimized), more than a coroutine's or a signal handler's stack may
+/// have left.
 #[cold]
 #[inline(never)]
 fn capture_stack(
@@ -1519,26 +1628,84 @@ fn capture_stack(
     bp: u64,
     slot: usize,
 ) -> u32 {
-    let mut frames = [0u64; MAX_FRAMES];
-    let mut slots = [(0u64, 0u64); unwind::SLOTS];
-    let Some(mut cap) = unwind::capture(hook, ra, sp, bp, &mut own.cache, &mut frames, &mut slots)
-    else {
-        return 0;
-    };
-    if cap.uncovered && unwind::refresh_if_needed(true, now_ns()) {
-        match unwind::capture(hook, ra, sp, bp, &mut own.cache, &mut frames, &mut slots) {
-            Some(c) => cap = c,
-            None => return 0,
+    if unwind::on_thread_stack(sp) {
+        return capture_here(t, own, hook, ra, sp, bp, slot, false);
+    }
+    let gen = unwind::SNAP_GEN.load(Ordering::Acquire);
+    if let Some(c) = own.alt_cached.get(slot) {
+        if c.gen == gen
+            && c.ra == ra
+            && c.sp == sp
+            && c.hook == hook
+            && (c.bp_free || c.bp == bp)
+            && unchanged_in_order(&c.slots[..c.n as usize])
+        {
+            return c.id;
         }
     }
-    let n = cap.n;
+    let Some(top) = unwind_stack(own) else {
+        return cut_stack(t, StackCut::NoMemory);
+    };
+    let mut id = 0;
+    // SAFETY: the recorder's own unwind stack, unused meanwhile (a signal
+    // handler that allocates now is not recorded: the hook is busy).
+    unsafe {
+        on_stack(top, &mut || {
+            id = capture_here(t, own, hook, ra, sp, bp, slot, true)
+        })
+    };
+    id
+}
+
+/// [`capture_stack`] on the current stack; `alt`: `sp` is off the
+/// thread's own stack.
+#[allow(clippy::too_many_arguments)]
+fn capture_here(
+    t: &Thread,
+    own: &mut Own,
+    hook: u64,
+    ra: u64,
+    sp: u64,
+    bp: u64,
+    slot: usize,
+    alt: bool,
+) -> u32 {
+    // One more than a capture fills: room for the entry saying why the
+    // walk ended early.
+    let mut frames = [0u64; MAX_FRAMES + 1];
+    let mut slots = [(0u64, 0u64); unwind::SLOTS];
+    let walk = |own: &mut Own, frames: &mut [u64; MAX_FRAMES + 1], slots: &mut _| {
+        let out: &mut [u64; MAX_FRAMES] = (&mut frames[..MAX_FRAMES]).try_into().unwrap();
+        unwind::capture(hook, ra, sp, bp, &mut own.cache, &mut own.alt, out, slots)
+    };
+    let mut cap = match walk(own, &mut frames, &mut slots) {
+        Ok(c) => c,
+        Err(cut) => return cut_stack(t, cut),
+    };
+    if cap.uncovered && unwind::refresh_if_needed(true, now_ns()) {
+        match walk(own, &mut frames, &mut slots) {
+            Ok(c) => cap = c,
+            Err(cut) => return cut_stack(t, cut),
+        }
+    }
+    let mut n = cap.n;
+    if let Some(cut) = cap.cut {
+        frames[n] = AbsAddr::stack_cut(cut).0;
+        n += 1;
+    }
     let id = stack_id(t, &frames[..n]);
     // Cache it unless a frame was outside every module (a refresh may yet
-    // help) or its dependencies are unclear.
-    if let (false, Some(nslots)) = (cap.uncovered, cap.nslots) {
+    // help) or its dependencies are unclear; off the thread's stack, only
+    // a walk that ended cleanly (see `unchanged_in_order`).
+    if let (false, Some(nslots), false) = (cap.uncovered, cap.nslots, alt && cap.cut.is_some()) {
         let bp_free = !cap.bp_used;
-        if own.cached.is_empty() {
-            own.cached.resize(
+        let cached = if alt {
+            &mut own.alt_cached
+        } else {
+            &mut own.cached
+        };
+        if cached.is_empty() {
+            cached.resize(
                 CACHED,
                 Cached {
                     hook: 0,
@@ -1553,7 +1720,7 @@ fn capture_stack(
                 },
             );
         }
-        own.cached[slot] = Cached {
+        cached[slot] = Cached {
             hook,
             ra,
             sp,
@@ -1566,6 +1733,12 @@ fn capture_stack(
         };
     }
     id
+}
+
+/// The id of a stack that could not be taken: one entry saying why.
+#[cold]
+fn cut_stack(t: &Thread, cut: StackCut) -> u32 {
+    stack_id(t, &[AbsAddr::stack_cut(cut).0])
 }
 
 /// After a record: flush if this buffer is full or the last flush is old.
@@ -1595,7 +1768,8 @@ fn on_alloc_inline(p: *mut c_void, size: usize, hook: u64, sp: u64, bp: u64) {
     }
     let t = me(&g);
     let id = if std::ptr::eq(t, SPARE.load(Ordering::Relaxed)) {
-        0
+        // Shared: it has no capture state of its own to walk with.
+        cut_stack(t, StackCut::ThreadExit)
     } else {
         // SAFETY: `own` is this thread's alone.
         stack_of(t, unsafe { &mut *t.own.get() }, hook, sp, bp)

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
 use framehop::{ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder as _};
+use leakscope_event::x86_64::{self, Planted};
+use leakscope_event::StackCut;
 
 /// Most frames kept per stack, the hook's own address included. Of a
 /// deeper stack, the innermost `MAX_FRAMES - TAIL - 1` and the outermost
@@ -342,27 +344,84 @@ pub struct Capture {
     pub nslots: Option<usize>,
     /// [`SNAP_GEN`] of the snapshot used.
     pub gen: u32,
+    /// Why the walk ended before the outermost frame, if it did.
+    pub cut: Option<StackCut>,
 }
 
+/// This thread's own stack, found on first use: the main thread's is the
+/// `[stack]` mapping, another thread's the mapping that holds its thread
+/// pointer (glibc and musl put the thread control block at the top of the
+/// thread's stack, in the same mapping, also for a stack the program gave
+/// pthread_attr_setstack(3)). Not the mapping that holds the stack pointer
+/// at first use: that may be a coroutine's stack, freed while the thread
+/// lives on, and then reading inside stale bounds could fault.
 fn stack_bounds() -> (u64, u64) {
     let b = STACK.with(|s| s.get());
     if b.1 != 0 {
         return b;
     }
-    let here = 0u8;
-    let b = stack_mapping(std::ptr::addr_of!(here) as u64).unwrap_or((0, 0));
+    let b = thread_stack().unwrap_or((0, 0));
     STACK.with(|s| s.set(b));
     b
 }
 
-/// The stack mapping that holds `sp`, from /proc/self/maps read with raw
-/// syscalls into a buffer on the stack. Not pthread_getattr_np: glibc holds
-/// the thread's lock while it mallocs inside that call (fopen of
-/// /proc/self/maps, the affinity buffer), so calling it from a hook that the
-/// program entered from pthread_getattr_np deadlocked (Rust's runtime does
-/// exactly that at startup). For the main thread's `[stack]`, which grows,
-/// the low bound is the top minus RLIMIT_STACK, as glibc computes it.
-fn stack_mapping(sp: u64) -> Option<(u64, u64)> {
+/// Whether `sp` is on this thread's own stack (see [`stack_bounds`]).
+pub fn on_thread_stack(sp: u64) -> bool {
+    let (lo, hi) = stack_bounds();
+    lo <= sp && sp < hi
+}
+
+/// The thread pointer (`%fs` base), which points at itself (x86_64 TLS ABI).
+fn thread_pointer() -> u64 {
+    let tp: u64;
+    // SAFETY: reads the TCB's self pointer at %fs:0.
+    unsafe {
+        std::arch::asm!(
+            "mov {tp}, qword ptr fs:[0]",
+            tp = out(reg) tp,
+            options(pure, readonly, nostack, preserves_flags),
+        )
+    };
+    tp
+}
+
+/// See [`stack_bounds`].
+fn thread_stack() -> Option<(u64, u64)> {
+    // SAFETY: plain syscalls.
+    let main = unsafe { libc::syscall(libc::SYS_gettid) == libc::syscall(libc::SYS_getpid) };
+    let (start, end) = if main {
+        find_mapping(|_, _, tail| tail == b"[stack]")?
+    } else {
+        let tp = thread_pointer();
+        find_mapping(|start, end, _| start <= tp && tp < end)?
+    };
+    if !main {
+        return Some((start, end));
+    }
+    // The main thread's stack grows: its low bound is the top minus
+    // RLIMIT_STACK, as glibc computes it.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a raw syscall filling `lim`.
+    let rc = unsafe { libc::syscall(libc::SYS_getrlimit, libc::RLIMIT_STACK, &mut lim) };
+    let size = if rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY {
+        lim.rlim_cur
+    } else {
+        8 << 20
+    };
+    Some((end.saturating_sub(size).min(start), end))
+}
+
+/// The first mapping of /proc/self/maps for which `want(start, end, the
+/// line's last 7 bytes)` holds, read with raw syscalls into a buffer on
+/// the stack. Not pthread_getattr_np: glibc holds the thread's lock while
+/// it mallocs inside that call (fopen of /proc/self/maps, the affinity
+/// buffer), so calling it from a hook that the program entered from
+/// pthread_getattr_np deadlocked (Rust's runtime does exactly that at
+/// startup).
+fn find_mapping(want: impl Fn(u64, u64, &[u8; 7]) -> bool) -> Option<(u64, u64)> {
     // SAFETY: raw syscalls on a NUL-terminated path and our own buffer.
     let fd = unsafe {
         libc::syscall(
@@ -375,7 +434,8 @@ fn stack_mapping(sp: u64) -> Option<(u64, u64)> {
     if fd < 0 {
         return None;
     }
-    let mut buf = [0u8; 4096];
+    // Small: this may run on a small coroutine or signal stack.
+    let mut buf = [0u8; 512];
     // Per line: start, end, and the last bytes (to spot "[stack]").
     let (mut start, mut end, mut field) = (0u64, 0u64, 0u8);
     let mut tail = [0u8; 7];
@@ -389,8 +449,8 @@ fn stack_mapping(sp: u64) -> Option<(u64, u64)> {
         for &c in &buf[..n as usize] {
             match (field, c) {
                 (_, b'\n') => {
-                    if start <= sp && sp < end {
-                        found = Some((start, end, &tail == b"[stack]"));
+                    if want(start, end, &tail) {
+                        found = Some((start, end));
                         break 'read;
                     }
                     (start, end, field) = (0, 0, 0);
@@ -414,22 +474,116 @@ fn stack_mapping(sp: u64) -> Option<(u64, u64)> {
     }
     // SAFETY: closing the fd opened above.
     unsafe { libc::syscall(libc::SYS_close, fd) };
-    let (start, end, main) = found?;
-    if !main {
-        return Some((start, end));
+    found
+}
+
+/// Bytes of one page of [`AltMem`].
+const PAGE: usize = 4096;
+/// Pages [`AltMem`] keeps.
+const ALT_PAGES: usize = 4;
+
+/// Reads a stack that is not the thread's own: a coroutine's
+/// (makecontext(3), a green thread's), or a signal stack (sigaltstack(2)).
+/// Its extent is unknown and another thread may free or unmap it at any
+/// time (only the frames between the stack pointer and the context's
+/// start are sure to live while the hook runs), so it is read with
+/// process_vm_readv(2) on this very process, a page at a time: a read of
+/// memory that is gone fails instead of faulting. Only for captures off
+/// the thread's stack (cached only when clean, see the shim's
+/// `unchanged_in_order`).
+pub struct AltMem {
+    pid: i32,
+    /// Page address of each buffer; `u64::MAX`: empty.
+    base: [u64; ALT_PAGES],
+    /// The buffer to refill next (round robin).
+    next: usize,
+    /// `ALT_PAGES` pages, allocated on first use (not on the stack the
+    /// hook runs on, which may be a small coroutine stack).
+    data: Vec<u8>,
+}
+
+impl Default for AltMem {
+    fn default() -> AltMem {
+        AltMem {
+            pid: 0,
+            base: [u64::MAX; ALT_PAGES],
+            next: 0,
+            data: Vec::new(),
+        }
     }
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: a raw syscall filling `lim`.
-    let rc = unsafe { libc::syscall(libc::SYS_getrlimit, libc::RLIMIT_STACK, &mut lim) };
-    let size = if rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY {
-        lim.rlim_cur
-    } else {
-        8 << 20
-    };
-    Some((end.saturating_sub(size).min(start), end))
+}
+
+impl AltMem {
+    /// Forgets what an earlier capture read (the memory may have changed).
+    fn reset(&mut self) {
+        self.base = [u64::MAX; ALT_PAGES];
+        // SAFETY: plain syscall (not cached: a fork child has another pid).
+        self.pid = unsafe { libc::syscall(libc::SYS_getpid) } as i32;
+        if self.data.is_empty() {
+            self.data = vec![0; PAGE * ALT_PAGES];
+        }
+    }
+
+    /// The buffer holding the page at `base`, read if need be; the errno.
+    fn page(&mut self, base: u64) -> Result<usize, i32> {
+        if let Some(i) = self.base.iter().position(|&b| b == base) {
+            return Ok(i);
+        }
+        let i = self.next;
+        self.next = (i + 1) % ALT_PAGES;
+        self.base[i] = u64::MAX;
+        let local = libc::iovec {
+            iov_base: self.data[i * PAGE..].as_mut_ptr() as *mut c_void,
+            iov_len: PAGE,
+        };
+        let remote = libc::iovec {
+            iov_base: base as *mut c_void,
+            iov_len: PAGE,
+        };
+        // SAFETY: reads into our own buffer; the remote side is checked by
+        // the kernel, which fails with EFAULT where nothing is mapped. The
+        // variadic arguments are register-wide: a 32-bit 0 for `flags`
+        // leaves the register's upper half as it was (EINVAL).
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_process_vm_readv,
+                self.pid as libc::c_long,
+                &local as *const libc::iovec,
+                1 as libc::c_ulong,
+                &remote as *const libc::iovec,
+                1 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        if n != PAGE as i64 {
+            return Err(if n < 0 {
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+            } else {
+                libc::EFAULT
+            });
+        }
+        self.base[i] = base;
+        Ok(i)
+    }
+
+    /// The word at `a`.
+    fn read(&mut self, a: u64) -> Result<u64, i32> {
+        let off = (a & (PAGE as u64 - 1)) as usize;
+        if off <= PAGE - 8 {
+            let at = self.page(a - off as u64)? * PAGE + off;
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&self.data[at..at + 8]);
+            return Ok(u64::from_le_bytes(w));
+        }
+        let mut w = [0u8; 8];
+        for (k, byte) in w.iter_mut().enumerate() {
+            let at = a.checked_add(k as u64).ok_or(libc::EFAULT)?;
+            let base = at & !(PAGE as u64 - 1);
+            let i = self.page(base)?;
+            *byte = self.data[i * PAGE + (at - base) as usize];
+        }
+        Ok(u64::from_le_bytes(w))
+    }
 }
 
 /// Rebuilds the snapshot if dlopen/dlclose happened or the loader's
@@ -454,32 +608,77 @@ pub fn refresh_if_needed(force_check: bool, now: u64) -> bool {
     true
 }
 
+/// What the code around return address `r` says of its frame (see
+/// [`x86_64::planted`]); `Planted::No` where the code is not mapped in a
+/// known module.
+fn planted(snap: &Snapshot, r: u64) -> Planted {
+    let (Some(lo), Some(hi)) = (
+        r.checked_sub(x86_64::BEFORE as u64),
+        r.checked_add(x86_64::AT as u64 - 1),
+    ) else {
+        return Planted::No;
+    };
+    if !(snap.covers(lo) && snap.covers(r - 1) && snap.covers(r) && snap.covers(hi)) {
+        return Planted::No;
+    }
+    // SAFETY: inside executable PT_LOAD segments of loaded modules (module
+    // ranges lie pages apart, so no gap hides between the ends checked).
+    let (before, at) = unsafe {
+        (
+            (lo as *const [u8; x86_64::BEFORE]).read_unaligned(),
+            (r as *const [u8; x86_64::AT]).read_unaligned(),
+        )
+    };
+    x86_64::planted(&before, &at)
+}
+
 /// Captures the stack of a hook's caller: `out[0] = hook` (the interposed
 /// function's address, standing in for the instruction pointer), `out[1] =
 /// ra` (the return address the hook was called with, read at `sp`), then
 /// the return addresses found by unwinding from there. `sp` and `bp` are
-/// the stack and frame pointers at the hook's entry. Every stack word read
-/// that the result depends on is logged in `slots`: the walk is a pure
-/// function of (`ra`, `sp`, `bp` if `bp_used`, the snapshot, those words),
-/// which is what makes caching it sound. A word counts when it held a
-/// return address, or a saved bp that a later step followed (found by
-/// repeating each step with an unusable bp), or was read by the last step.
-/// `None` when no stack can be taken (signal stack, no snapshot).
+/// the stack and frame pointers at the hook's entry.
+///
+/// On the thread's own stack, every stack word read that the result
+/// depends on is logged in `slots`: the walk is a pure function of (`ra`,
+/// `sp`, `bp` if `bp_used`, the snapshot, those words), which is what makes
+/// caching it sound. A word counts when it held a return address, or a
+/// saved bp that a later step followed (found by repeating each step with
+/// an unusable bp), or was read by the last step.
+///
+/// Off the thread's stack (a coroutine, green thread or signal stack) the
+/// words are read through `alt`. A walk through a signal frame is not
+/// cachable (`nslots` is `None`). The walk
+/// ends at the start of a `makecontext(3)` context (a return address no
+/// call pushed, see [`x86_64::planted`]): that address is the last frame,
+/// and what lies beyond it on the stack is not the context's caller. A
+/// signal frame is crossed from the registers the kernel saved in it: the
+/// entry after the signal trampoline `__restore_rt` is the interrupted
+/// instruction's address, not a return address.
+///
+/// `Err` when no stack can be taken, and why.
+#[allow(clippy::too_many_arguments)]
 pub fn capture(
     hook: u64,
     ra: u64,
     sp: u64,
     bp: u64,
     cache: &mut Cache,
+    alt: &mut AltMem,
     out: &mut [u64; MAX_FRAMES],
     slots: &mut [(u64, u64); SLOTS],
-) -> Option<Capture> {
+) -> Result<Capture, StackCut> {
     let gen = SNAP_GEN.load(Ordering::Acquire);
-    let snap = snapshot()?;
+    let snap = snapshot().ok_or(StackCut::NotReady)?;
     let (lo, hi) = stack_bounds();
-    if sp < lo || sp >= hi {
-        // A signal stack, or bounds unknown: reading would be guesswork.
-        return None;
+    // The caller's frame as it will be after the hook returns: nothing
+    // below it is read (below a signal frame's saved sp, once crossed).
+    let mut floor = sp + 8;
+    // Reading the thread's own stack, in place.
+    let mut own = lo <= sp && sp < hi;
+    if !own {
+        alt.reset();
+        alt.read(floor)
+            .map_err(|e| StackCut::Unreadable(e as u16))?;
     }
     out[0] = hook;
     let mut c = Capture {
@@ -489,17 +688,15 @@ pub fn capture(
         bp_used: false,
         nslots: Some(0),
         gen,
+        cut: None,
     };
     let Some(mut addr) = FrameAddress::from_return_address(ra) else {
         c.clean = true;
-        return Some(c);
+        return Ok(c);
     };
     out[1] = ra;
     c.n = 2;
     c.uncovered = !snap.covers(ra.wrapping_sub(1));
-    // The caller's frame as it will be after the hook returns.
-    let csp = sp + 8;
-    let ok = |a: u64| a >= csp && a.checked_add(8).is_some_and(|e| e <= hi);
     // Every word read by the current step.
     let mut step = [(0u64, 0u64); 16];
     // The words the result depends on.
@@ -516,19 +713,38 @@ pub fn capture(
     // Frames past MAX_FRAMES: how many, and the latest TAIL of them.
     let mut deeper = 0usize;
     let mut tail = [0u64; TAIL];
+    let mut push = |c: &mut Capture, deeper: &mut usize, f: u64| {
+        if c.n < MAX_FRAMES {
+            out[c.n] = f;
+            c.n += 1;
+        } else {
+            // Deeper than MAX_FRAMES: the latest TAIL frames, in a ring.
+            tail[*deeper % TAIL] = f;
+            *deeper += 1;
+        }
+    };
     // Where the current bp came from: None, the initial bp.
     let mut bp_src: Option<(u64, u64)> = None;
-    let mut regs = UnwindRegsX86_64::new(ra, csp, bp);
-    loop {
+    let mut regs = UnwindRegsX86_64::new(ra, floor, bp);
+    // One word of the stack, or why not.
+    fn word(alt: &mut AltMem, own: bool, floor: u64, hi: u64, a: u64) -> Result<u64, ()> {
+        if a < floor {
+            Err(())
+        } else if !own {
+            alt.read(a).map_err(|_| ())
+        } else if a.checked_add(8).is_some_and(|e| e <= hi) {
+            // SAFETY: within this thread's live stack, above the hook's frame.
+            Ok(unsafe { (a as *const u64).read_unaligned() })
+        } else {
+            Err(())
+        }
+    }
+    while MAX_FRAMES + deeper < MAX_WALK {
         let pre = regs;
         let mut nstep = 0usize;
         let res = {
             let mut read = |a: u64| -> Result<u64, ()> {
-                if !ok(a) {
-                    return Err(());
-                }
-                // SAFETY: within this thread's live stack, above the hook's frame.
-                let v = unsafe { (a as *const u64).read_unaligned() };
+                let v = word(alt, own, floor, hi, a)?;
                 if nstep < step.len() {
                     step[nstep] = (a, v);
                 }
@@ -544,12 +760,21 @@ pub fn capture(
         }
         let step = &step[..nstep];
         let next = match res {
-            Ok(Some(r)) => FrameAddress::from_return_address(r).map(|a| (r, a)),
-            Ok(None) => {
+            Ok(Some(0)) | Ok(None) | Err(framehop::Error::ReturnAddressIsNull) => {
                 c.clean = true;
                 None
             }
-            Err(_) => None,
+            Ok(Some(r)) => FrameAddress::from_return_address(r).map(|a| (r, a)),
+            Err(e) => {
+                c.cut = Some(match e {
+                    framehop::Error::CouldNotReadStack(_) if own => StackCut::OutsideStack,
+                    framehop::Error::CouldNotReadStack(_) => StackCut::Unmapped,
+                    framehop::Error::FramepointerUnwindingMovedBackwards => StackCut::Backwards,
+                    framehop::Error::IntegerOverflow => StackCut::Overflow,
+                    _ => StackCut::Loop,
+                });
+                None
+            }
         };
         let Some((r, next)) = next else {
             // The last step: its result depends on everything it saw.
@@ -564,20 +789,16 @@ pub fn capture(
         };
         // Does this step depend on the incoming bp? Run it again with a bp
         // that cannot be followed: a step that uses it then fails or ends.
-        let mut alt = pre;
-        alt.set_bp(0);
-        let mut quiet = |a: u64| -> Result<u64, ()> {
-            if ok(a) {
-                // SAFETY: as above.
-                Ok(unsafe { (a as *const u64).read_unaligned() })
-            } else {
-                Err(())
-            }
+        // (A capture that will not be cached need not know.)
+        let same = !precise || {
+            let mut alt_regs = pre;
+            alt_regs.set_bp(0);
+            let mut quiet = |a: u64| word(alt, own, floor, hi, a);
+            matches!(
+                snap.unwinder.unwind_frame(addr, &mut alt_regs, cache, &mut quiet),
+                Ok(Some(r2)) if r2 == r && alt_regs.sp() == regs.sp()
+            )
         };
-        let same = matches!(
-            snap.unwinder.unwind_frame(addr, &mut alt, cache, &mut quiet),
-            Ok(Some(r2)) if r2 == r && alt.sp() == regs.sp()
-        );
         if !same {
             match bp_src {
                 Some(w) => keep(w, slots, &mut nslots, &mut precise),
@@ -604,24 +825,58 @@ pub fn capture(
         if !snap.covers(r.wrapping_sub(1)) {
             c.uncovered = true;
         }
-        if c.n < MAX_FRAMES {
-            out[c.n] = r;
-            c.n += 1;
-        } else {
-            // Deeper than MAX_FRAMES: the latest TAIL frames, in a ring.
-            tail[deeper % TAIL] = r;
-            deeper += 1;
-            if MAX_FRAMES + deeper == MAX_WALK {
+        push(&mut c, &mut deeper, r);
+        addr = next;
+        match planted(snap, r) {
+            Planted::No => {}
+            Planted::ContextStart => {
+                // The context's start: the function it ran returns there,
+                // and the stack beyond is not its caller's.
+                c.clean = true;
                 break;
             }
+            Planted::Sigreturn => {
+                // The handler returns to rt_sigreturn(2): the kernel's
+                // signal frame is at the CFA, with the interrupted code's
+                // registers in it, on this stack or (sigaltstack) another.
+                precise = false;
+                let uc = regs.sp();
+                let mut saved = |off: u64| {
+                    uc.checked_add(off)
+                        .ok_or(())
+                        .and_then(|a| word(alt, own, floor, hi, a))
+                };
+                let (Ok(ip), Ok(isp), Ok(ibp)) = (
+                    saved(x86_64::UC_RIP),
+                    saved(x86_64::UC_RSP),
+                    saved(x86_64::UC_RBP),
+                ) else {
+                    c.cut = Some(if own {
+                        StackCut::OutsideStack
+                    } else {
+                        StackCut::Unmapped
+                    });
+                    break;
+                };
+                if !(lo <= isp && isp < hi) && own {
+                    own = false;
+                    alt.reset();
+                }
+                floor = isp;
+                regs = UnwindRegsX86_64::new(ip, isp, ibp);
+                if !snap.covers(ip) {
+                    c.uncovered = true;
+                }
+                push(&mut c, &mut deeper, ip);
+                addr = FrameAddress::from_instruction_pointer(ip);
+            }
         }
-        addr = next;
     }
     if deeper > 0 {
         keep_outermost(out, &tail, deeper);
     }
     c.nslots = precise.then_some(nslots);
-    Some(c)
+    Ok(c)
 }
 
 /// Of a walk `MAX_FRAMES + deeper` frames deep (`out` full, the latest

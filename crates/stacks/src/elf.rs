@@ -30,6 +30,9 @@ pub(crate) struct ElfInfo {
     pub(crate) eh_frame: Option<(Range<u64>, Bytes)>,
     pub(crate) eh_frame_hdr: Option<(Range<u64>, Bytes)>,
     pub(crate) debug_frame: Option<Bytes>,
+    /// The file bytes of each executable `PT_LOAD`, by file offset: the
+    /// code around return addresses (see [`ElfInfo::code`]).
+    pub(crate) code: Vec<(u64, Bytes)>,
 }
 
 impl ElfInfo {
@@ -80,7 +83,21 @@ impl ElfInfo {
         } else {
             None
         };
+        let code = obj
+            .segments()
+            .filter(|s| {
+                matches!(
+                    s.flags(),
+                    object::SegmentFlags::Elf { p_flags, .. } if p_flags.contains(object::elf::PF_X)
+                )
+            })
+            .filter_map(|s| {
+                let (offset, _) = s.file_range();
+                Some((offset, Arc::from(s.data().ok()?)))
+            })
+            .collect();
         Ok(ElfInfo {
+            code,
             build_id,
             loads,
             text_svma: range(".text"),
@@ -118,6 +135,15 @@ impl ElfInfo {
                 .wrapping_add(l.offset),
             None => start.wrapping_sub(offset),
         }
+    }
+
+    /// `N` bytes of code at file offset `off`, if an executable segment
+    /// holds them all.
+    pub(crate) fn code<const N: usize>(&self, off: u64) -> Option<[u8; N]> {
+        self.code.iter().find_map(|(start, bytes)| {
+            let at = usize::try_from(off.checked_sub(*start)?).ok()?;
+            bytes.get(at..at.checked_add(N)?)?.try_into().ok()
+        })
     }
 
     /// Section ranges and data in framehop's form.

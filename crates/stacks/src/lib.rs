@@ -9,6 +9,13 @@
 //! Copied stacks (registers plus a copy of the stack, as eBPF captures them)
 //! are unwound with framehop from each module's `.eh_frame`, so code built
 //! without frame pointers unwinds correctly. Each module file is read once.
+//! A return address that no call pushed is told apart by the code before
+//! it (`leakscope_event::x86_64::planted`): the start of a `makecontext(3)`
+//! context (glibc's `__start_context`) ends the stack, since what lies
+//! beyond it is not its caller, and the signal trampoline (`__restore_rt`)
+//! is crossed from the registers the kernel saved in the signal frame.
+//! Neither is a return address, so both are symbolized at their own
+//! address, as is the interrupted instruction after a signal frame.
 //!
 //! ```
 //! use leakscope_event::{AbsAddr, Event, FileOffset, Mapping, Pid, RawStack, TimeNs};
@@ -57,7 +64,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
-use framehop::Unwinder as _;
+use framehop::{FrameAddress, Unwinder as _};
+use leakscope_event::x86_64::{self, Planted};
 #[cfg(doc)]
 use leakscope_event::Event;
 use leakscope_event::{AbsAddr, FileOffset, Pid, RawStack, TimeNs};
@@ -106,6 +114,9 @@ pub struct Unwound {
     pub truncated: Option<String>,
 }
 
+/// Parsed module files by path; `None`: the file could not be read.
+type Elves = HashMap<String, Option<Arc<ElfInfo>>>;
+
 /// The identity of one framehop module: a file mapped at some place.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct ModKey {
@@ -130,7 +141,7 @@ const MAX_CACHED_UNWINDERS: usize = 64;
 #[derive(Default)]
 pub struct Unwinder {
     /// `None`: the file could not be read; remembered so we try once.
-    elves: HashMap<String, Option<Arc<ElfInfo>>>,
+    elves: Elves,
     modules: HashMap<ModKey, framehop::Module<Bytes>>,
     unwinders: HashMap<Vec<ModKey>, (Framehop, CacheX86_64)>,
 }
@@ -160,22 +171,39 @@ impl Unwinder {
                 truncated: Some(reason.clone()),
             },
             RawStack::Unwound(addrs) => {
-                let mut truncated = None;
+                let mut notes: Vec<String> = Vec::new();
                 let mut frames = Vec::with_capacity(addrs.len());
+                // The entry after the signal trampoline is the interrupted
+                // instruction.
+                let mut after_signal = false;
                 for (i, a) in addrs.iter().enumerate() {
-                    match a.left_out() {
-                        Some(n) => {
-                            let deep = addrs.len() - 1 + n as usize;
-                            let at = frames.len();
-                            truncated = Some(format!(
-                                "{deep} frames deep: {n} frames left out between #{} and #{at}",
-                                at.saturating_sub(1)
-                            ));
-                        }
-                        None => frames.push(self.frame(maps, pid, time, a.0, i > 0)),
+                    if let Some(n) = a.left_out() {
+                        let deep = addrs.len() - 1 + n as usize;
+                        let at = frames.len();
+                        notes.push(format!(
+                            "{deep} frames deep: {n} frames left out between #{} and #{at}",
+                            at.saturating_sub(1)
+                        ));
+                    } else if let Some(cut) = a.cut() {
+                        notes.push(cut.to_string());
+                    } else {
+                        // A planted return address (a context's start, the
+                        // signal trampoline) is the code itself, not the
+                        // instruction after a call.
+                        let kind = if i > 0 && !after_signal {
+                            self.planted(maps, pid, time, a.0)
+                        } else {
+                            Planted::No
+                        };
+                        let ret = i > 0 && !after_signal && kind == Planted::No;
+                        after_signal = kind == Planted::Sigreturn;
+                        frames.push(self.frame(maps, pid, time, a.0, ret));
                     }
                 }
-                Unwound { frames, truncated }
+                Unwound {
+                    frames,
+                    truncated: (!notes.is_empty()).then(|| notes.join("; ")),
+                }
             }
             RawStack::Copied { ip, sp, bp, bytes } => {
                 let (addrs, truncated) = self.walk(maps, pid, time, *ip, *sp, *bp, bytes);
@@ -224,46 +252,91 @@ impl Unwinder {
             self.unwinders.insert(key.clone(), (fh, CacheX86_64::new()));
         }
         let (fh, cache) = self.unwinders.get_mut(&key).expect("inserted above");
+        let elves = &mut self.elves;
 
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
             let off = usize::try_from(addr.checked_sub(sp).ok_or(())?).map_err(|_| ())?;
             let word = bytes.get(off..off.checked_add(8).ok_or(())?).ok_or(())?;
             Ok(u64::from_le_bytes(word.try_into().map_err(|_| ())?))
         };
-        let mut it = fh.iter_frames(
-            ip,
-            UnwindRegsX86_64::new(ip, sp, bp),
-            cache,
-            &mut read_stack,
-        );
         let mut out = Vec::new();
         // Beyond MAX_FRAMES / 2, the latest MAX_FRAMES / 2 frames, as a ring.
         let mut tail = std::collections::VecDeque::with_capacity(MAX_FRAMES / 2);
         let mut walked = 0usize;
+        let mut regs = UnwindRegsX86_64::new(ip, sp, bp);
+        let mut addr = FrameAddress::from_instruction_pointer(ip);
+        // (address, is a return address) of each frame, innermost first.
+        let mut frame = (ip, false);
+        let too_short = || {
+            format!(
+                "truncated: the next frame lies beyond the {}-byte stack copy",
+                bytes.len()
+            )
+        };
         let mut stop = loop {
-            match it.next() {
-                Ok(Some(_)) if walked == MAX_WALK => {
-                    break Some(format!("stopped after {MAX_WALK} frames"));
+            if walked == MAX_WALK {
+                break Some(format!("stopped after {MAX_WALK} frames"));
+            }
+            walked += 1;
+            let kind = if frame.1 {
+                planted(elves, maps, pid, time, frame.0)
+            } else {
+                Planted::No
+            };
+            // A planted return address is the code itself, not the
+            // instruction after a call.
+            let f = (frame.0, frame.1 && kind == Planted::No);
+            if out.len() < MAX_FRAMES / 2 {
+                out.push(f);
+            } else {
+                if tail.len() == MAX_FRAMES / 2 {
+                    tail.pop_front();
                 }
-                Ok(Some(frame)) => {
-                    walked += 1;
-                    let f = (frame.address(), frame.is_return_address());
-                    if out.len() < MAX_FRAMES / 2 {
-                        out.push(f);
-                    } else {
-                        if tail.len() == MAX_FRAMES / 2 {
-                            tail.pop_front();
-                        }
-                        tail.push_back(f);
+                tail.push_back(f);
+            }
+            match kind {
+                Planted::No => {}
+                // A makecontext(3) context's start: what lies beyond it
+                // on the stack is not its caller.
+                Planted::ContextStart => break None,
+                Planted::Sigreturn => {
+                    // The handler returns to rt_sigreturn(2): the kernel's
+                    // signal frame is at the CFA, with the interrupted
+                    // code's registers in it. Its next frame is the
+                    // interrupted instruction, not a return address.
+                    let uc = regs.sp();
+                    let mut saved =
+                        |off: u64| uc.checked_add(off).ok_or(()).and_then(&mut read_stack);
+                    let (Ok(i_ip), Ok(i_sp), Ok(i_bp)) = (
+                        saved(x86_64::UC_RIP),
+                        saved(x86_64::UC_RSP),
+                        saved(x86_64::UC_RBP),
+                    ) else {
+                        break Some(too_short());
+                    };
+                    regs = UnwindRegsX86_64::new(i_ip, i_sp, i_bp);
+                    addr = FrameAddress::from_instruction_pointer(i_ip);
+                    frame = (i_ip, false);
+                    if read_stack(i_sp).is_err() {
+                        // On another stack (sigaltstack(2)): not copied.
+                        break Some(
+                            "truncated at a signal frame: the interrupted stack was not copied"
+                                .into(),
+                        );
                     }
+                    continue;
                 }
+            }
+            match fh.unwind_frame(addr, &mut regs, cache, &mut read_stack) {
+                Ok(Some(ra)) => match FrameAddress::from_return_address(ra) {
+                    Some(a) => {
+                        addr = a;
+                        frame = (ra, true);
+                    }
+                    None => break Some("unwinding stopped: Return address is null".into()),
+                },
                 Ok(None) => break None,
-                Err(framehop::Error::CouldNotReadStack(_)) => {
-                    break Some(format!(
-                        "truncated: the next frame lies beyond the {}-byte stack copy",
-                        bytes.len()
-                    ));
-                }
+                Err(framehop::Error::CouldNotReadStack(_)) => break Some(too_short()),
                 Err(e) => break Some(format!("unwinding stopped: {e}")),
             }
         };
@@ -309,12 +382,12 @@ impl Unwinder {
 
     /// The parsed file at `path`, read on first use.
     fn elf(&mut self, path: &str) -> Option<Arc<ElfInfo>> {
-        if let Some(e) = self.elves.get(path) {
-            return e.clone();
-        }
-        let e = ElfInfo::read(path).ok().map(Arc::new);
-        self.elves.insert(path.to_owned(), e.clone());
-        e
+        elf(&mut self.elves, path)
+    }
+
+    /// See [`planted`].
+    fn planted(&mut self, maps: &ModuleMaps, pid: Pid, time: TimeNs, ra: u64) -> Planted {
+        planted(&mut self.elves, maps, pid, time, ra)
     }
 
     fn frame(
@@ -348,6 +421,36 @@ impl Unwinder {
             is_return_address,
             module,
         }
+    }
+}
+
+/// The parsed file at `path` from `elves`, read on first use.
+fn elf(elves: &mut Elves, path: &str) -> Option<Arc<ElfInfo>> {
+    if let Some(e) = elves.get(path) {
+        return e.clone();
+    }
+    let e = ElfInfo::read(path).ok().map(Arc::new);
+    elves.insert(path.to_owned(), e.clone());
+    e
+}
+
+/// What the code around return address `ra` says of its frame (see
+/// [`x86_64::planted`]), read from the module file; `Planted::No` when the
+/// file or the code is not there.
+fn planted(elves: &mut Elves, maps: &ModuleMaps, pid: Pid, time: TimeNs, ra: u64) -> Planted {
+    let Some(m) = maps.lookup(pid, time, AbsAddr(ra.wrapping_sub(1))) else {
+        return Planted::No;
+    };
+    let Some(e) = elf(elves, &m.path) else {
+        return Planted::No;
+    };
+    let off = m.offset.0 + (ra - m.start.0);
+    let Some(before_off) = off.checked_sub(x86_64::BEFORE as u64) else {
+        return Planted::No;
+    };
+    match (e.code(before_off), e.code(off)) {
+        (Some(before), Some(at)) => x86_64::planted(&before, &at),
+        _ => Planted::No,
     }
 }
 

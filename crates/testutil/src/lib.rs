@@ -389,6 +389,16 @@ pub fn expected_leaks(name: &str) -> &'static [ExpectedLeak] {
         "close_range" => const { &[leak("open_many", "file", 2)] },
         "short_lived" => const { &[leak("quick_leak", "file", 3)] },
         "deep_stack" => const { &[leak("leak_deep", "file", 3)] },
+        "coroutine" => {
+            const {
+                &[
+                    leak("leak_on_heap", "file", 2),
+                    leak("leak_on_mmap", "file", 3),
+                    leak("leak_on_main", "file", 5),
+                    leak("leak_in_handler", "file", 2),
+                ]
+            }
+        }
         "short_names" => {
             const {
                 &[

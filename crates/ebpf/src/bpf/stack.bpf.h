@@ -4,21 +4,55 @@
 #ifndef LEAKSCOPE_STACK_BPF_H
 #define LEAKSCOPE_STACK_BPF_H
 
+struct vma_span {
+	__u64 start;
+	__u64 end;
+};
+
+static long vma_span_of(struct task_struct *task, struct vm_area_struct *vma, struct vma_span *s)
+{
+	s->start = vma->vm_start;
+	s->end = vma->vm_end;
+	return 0;
+}
+
+/* The bytes from sp to the end of the mapping that holds it, for a stack
+ * whose top the kernel does not know: one the program allocated (a
+ * makecontext(3) coroutine, a green thread, a sigaltstack(2) signal
+ * stack). At most STACK_DEEP_MAX; at most STACK_MAX inside the heap (the
+ * mapping of the program break), where a malloc'd stack's top can be
+ * anywhere below the mapping's end. bpf_find_vma (5.17) is a helper of
+ * tracing programs; it fails (-EBUSY) when the mm's lock is contended,
+ * and then STACK_MAX is tried as before it. Global: checked once. */
+GLOBAL __u64 vma_len(__u64 sp)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct vma_span s = { 0, 0 };
+	if (bpf_find_vma(task, sp, vma_span_of, &s, 0) || s.end <= sp)
+		return STACK_MAX;
+	struct mm_struct *mm = task->mm;
+	__u64 cap = s.start <= mm->brk && s.end > mm->start_brk ? STACK_MAX : STACK_DEEP_MAX;
+	__u64 n = s.end - sp;
+	return n < cap ? n : cap;
+}
+
 /* How much of the user stack above sp is worth copying: up to the top of
  * the stack the thread runs on, when that is known and near (at most
  * STACK_DEEP_MAX; a deeper stack is cut there, and the report says so).
- * The main thread's stack ends at mm->start_stack; a glibc or musl
+ * The main thread's stack ends at mm->start_stack; another glibc or musl
  * thread's stack ends just below its thread control block, where the fs
- * base points. */
+ * base points (not the main thread's: ld.so maps its TLS block anywhere,
+ * and a coroutine stack mapped below it is not below its top). Else the
+ * stack is one the program allocated: up to the end of its mapping. */
 static __always_inline __u64 stack_len(struct task_struct *task, __u64 sp)
 {
 	__u64 top = task->mm->start_stack;
 	if (top > sp && top - sp <= STACK_DEEP_MAX)
 		return top - sp;
 	top = task->thread.fsbase;
-	if (top > sp && top - sp <= STACK_DEEP_MAX)
+	if (task->pid != task->tgid && top > sp && top - sp <= STACK_DEEP_MAX)
 		return top - sp;
-	return STACK_MAX;
+	return vma_len(sp);
 }
 
 /* Registers and the user stack of the current thread: into `small` when
@@ -33,15 +67,30 @@ static __always_inline int read_stack(struct blob_m *small)
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	__u64 sp = regs->sp;
 	__u64 len = stack_len(task, sp);
-	/* A guess that crosses the end of the mapping faults: fall back to
-	 * shorter copies (verified on this kernel). */
+	/* A top that is not the top of the stack sp is on (a coroutine's
+	 * stack mapped just below a thread's) or a guess can cross the end of
+	 * the mapping, and the copy faults: then copy to the end of sp's
+	 * mapping, or shorter copies (verified on this kernel). */
 	if (len <= STACK_M) {
 		small->ip = regs->ip;
 		small->sp = sp;
 		small->bp = regs->bp;
 		small->refs = 1;
-		if (len && bpf_probe_read_user(small->data, len, (void *)sp) == 0)
+		if (len && bpf_probe_read_user(small->data, len, (void *)sp) == 0) {
 			small->len = len;
+			return STACK_IN_SMALL;
+		}
+		/* Shorter than len, so at most STACK_M: said again on the
+		 * register the helper gets, for 6.1's verifier, which learns
+		 * nothing from comparing two registers. */
+		__u64 n = vma_len(sp);
+		if (n >= len)
+			n = 0;
+		barrier_var(n);
+		if (n > STACK_M)
+			n = STACK_M;
+		if (n && bpf_probe_read_user(small->data, n, (void *)sp) == 0)
+			small->len = n;
 		else if (bpf_probe_read_user(small->data, 256, (void *)sp) == 0)
 			small->len = 256;
 		else
@@ -64,7 +113,16 @@ static __always_inline int read_stack(struct blob_m *small)
 	barrier_var(first);
 	if (first > STACK_MAX)
 		first = STACK_MAX;
-	if (bpf_probe_read_user(big->data, first, (void *)sp) == 0)
+	if (bpf_probe_read_user(big->data, first, (void *)sp) == 0) {
+		big->len = len;
+		return STACK_IN_BIG;
+	}
+	len = vma_len(sp);
+	first = len;
+	barrier_var(first);
+	if (first > STACK_MAX)
+		first = STACK_MAX;
+	if (first && bpf_probe_read_user(big->data, first, (void *)sp) == 0)
 		big->len = len;
 	else if (bpf_probe_read_user(big->data, 1024, (void *)sp) == 0)
 		big->len = 1024;
