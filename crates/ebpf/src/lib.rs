@@ -323,59 +323,6 @@ fn syscall_name(sc: u32) -> &'static str {
     SYSCALLS.get(sc as usize).copied().unwrap_or("unknown")
 }
 
-const S_IFMT: u32 = 0o170000;
-
-fn kind_of(sc: &str, mode: u32) -> FdKind {
-    let by_mode = || match mode & S_IFMT {
-        0o140000 => FdKind::Socket,
-        0o010000 => FdKind::Pipe,
-        0o040000 => FdKind::Dir,
-        0o100000 | 0o020000 | 0o060000 | 0o120000 => FdKind::File,
-        _ => FdKind::Other,
-    };
-    match sc {
-        "open" | "openat" | "openat2" | "creat" | "open_by_handle_at" => match by_mode() {
-            FdKind::Other => FdKind::File,
-            k => k,
-        },
-        "socket" | "socketpair" | "accept" | "accept4" => FdKind::Socket,
-        "pipe" | "pipe2" => FdKind::Pipe,
-        "eventfd" | "eventfd2" => FdKind::EventFd,
-        "epoll_create" | "epoll_create1" => FdKind::Epoll,
-        "timerfd_create" => FdKind::TimerFd,
-        "signalfd" | "signalfd4" => FdKind::SignalFd,
-        "inotify_init" | "inotify_init1" => FdKind::Inotify,
-        "memfd_create" | "memfd_secret" => FdKind::Memfd,
-        "pidfd_open" => FdKind::Pidfd,
-        "fanotify_init" => FdKind::Fanotify,
-        "userfaultfd" => FdKind::Userfaultfd,
-        "perf_event_open" => FdKind::PerfEvent,
-        "bpf" => FdKind::Bpf,
-        _ => by_mode(),
-    }
-}
-
-fn family_name(f: u64) -> String {
-    match f {
-        1 => "AF_UNIX".into(),
-        2 => "AF_INET".into(),
-        10 => "AF_INET6".into(),
-        16 => "AF_NETLINK".into(),
-        17 => "AF_PACKET".into(),
-        n => format!("family {n}"),
-    }
-}
-
-fn type_name(t: u64) -> String {
-    match t & 0xf {
-        1 => "stream".into(),
-        2 => "dgram".into(),
-        3 => "raw".into(),
-        5 => "seqpacket".into(),
-        n => format!("type {n}"),
-    }
-}
-
 fn endpoint(family: u16, addr: &[u8; 16], port: u16) -> String {
     match family {
         2 => format!(
@@ -395,18 +342,18 @@ fn decode(bytes: &[u8], base: u64, queue: &mut Vec<Event>) -> Option<Event> {
         EV_ACQUIRE => {
             let a = read::<records::Acquire>(bytes)?;
             let syscall = syscall_name(a.sc);
-            let kind = kind_of(syscall, a.mode);
+            let kind = FdKind::of(syscall, a.mode);
             let text = cstr(&a.detail);
             let detail = match syscall {
                 "socket" => Some(format!(
                     "{} {}",
-                    family_name(a.args[0]),
-                    type_name(a.args[1])
+                    leakscope_event::socket_family(a.args[0]),
+                    leakscope_event::socket_type(a.args[1])
                 )),
                 "socketpair" => Some(format!(
                     "{} {} pair",
-                    family_name(a.args[0]),
-                    type_name(a.args[1])
+                    leakscope_event::socket_family(a.args[0]),
+                    leakscope_event::socket_type(a.args[1])
                 )),
                 "accept" | "accept4" if a.addrs.family == 2 || a.addrs.family == 10 => {
                     Some(format!(

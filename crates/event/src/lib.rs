@@ -383,6 +383,64 @@ pub enum FdKind {
 }
 
 impl FdKind {
+    /// What an fd refers to: by the syscall that made it (`openat`,
+    /// `eventfd2`, ...), else by the mode of its inode (`st_mode`), the
+    /// same for every backend.
+    pub fn of(syscall: &str, mode: u32) -> FdKind {
+        let by_mode = || match mode & 0o170000 {
+            0o140000 => FdKind::Socket,
+            0o010000 => FdKind::Pipe,
+            0o040000 => FdKind::Dir,
+            0o100000 | 0o020000 | 0o060000 | 0o120000 => FdKind::File,
+            _ => FdKind::Other,
+        };
+        match syscall {
+            "open" | "openat" | "openat2" | "creat" | "open_by_handle_at" => match by_mode() {
+                FdKind::Other => FdKind::File,
+                k => k,
+            },
+            "socket" | "socketpair" | "accept" | "accept4" => FdKind::Socket,
+            "pipe" | "pipe2" => FdKind::Pipe,
+            "eventfd" | "eventfd2" => FdKind::EventFd,
+            "epoll_create" | "epoll_create1" => FdKind::Epoll,
+            "timerfd_create" => FdKind::TimerFd,
+            "signalfd" | "signalfd4" => FdKind::SignalFd,
+            "inotify_init" | "inotify_init1" => FdKind::Inotify,
+            "memfd_create" | "memfd_secret" => FdKind::Memfd,
+            "pidfd_open" => FdKind::Pidfd,
+            "fanotify_init" => FdKind::Fanotify,
+            "userfaultfd" => FdKind::Userfaultfd,
+            "perf_event_open" => FdKind::PerfEvent,
+            "bpf" => FdKind::Bpf,
+            _ => by_mode(),
+        }
+    }
+}
+
+/// A socket's address family (socket(2)'s first argument), for reports.
+pub fn socket_family(f: u64) -> String {
+    match f {
+        1 => "AF_UNIX".into(),
+        2 => "AF_INET".into(),
+        10 => "AF_INET6".into(),
+        16 => "AF_NETLINK".into(),
+        17 => "AF_PACKET".into(),
+        n => format!("family {n}"),
+    }
+}
+
+/// A socket's type (socket(2)'s second argument, flags ignored).
+pub fn socket_type(t: u64) -> String {
+    match t & 0xf {
+        1 => "stream".into(),
+        2 => "dgram".into(),
+        3 => "raw".into(),
+        5 => "seqpacket".into(),
+        n => format!("type {n}"),
+    }
+}
+
+impl FdKind {
     /// Every kind, in report order.
     pub const ALL: [FdKind; 16] = [
         FdKind::File,

@@ -626,11 +626,19 @@ impl State {
         let time = self.now();
         let p = pid as i32;
         let (mode, inode) = proc::fd_stat(p, fd).unwrap_or((0, 0));
-        let kind = kind_of(name, mode);
+        let kind = FdKind::of(name, mode);
         let a = args.unwrap_or_default();
         let detail = detail.or_else(|| match name {
-            "socket" => Some(format!("{} {}", family_name(a[0]), type_name(a[1]))),
-            "socketpair" => Some(format!("{} {} pair", family_name(a[0]), type_name(a[1]))),
+            "socket" => Some(format!(
+                "{} {}",
+                leakscope_event::socket_family(a[0]),
+                leakscope_event::socket_type(a[1])
+            )),
+            "socketpair" => Some(format!(
+                "{} {} pair",
+                leakscope_event::socket_family(a[0]),
+                leakscope_event::socket_type(a[1])
+            )),
             "accept" | "accept4" => self.sock_addrs(pid, fd).map(|(l, r)| format!("{l} <- {r}")),
             "memfd_create" => Some(format!(
                 "memfd:{}",
@@ -989,59 +997,4 @@ fn regs(tid: i32) -> Option<libc::user_regs_struct> {
     let mut r: libc::user_regs_struct = unsafe { std::mem::zeroed() };
     let ok = unsafe { libc::ptrace(libc::PTRACE_GETREGS, tid, 0, &mut r) };
     (ok == 0).then_some(r)
-}
-
-const S_IFMT: u32 = 0o170000;
-
-/// What an fd refers to: by the syscall that made it, else by its mode
-/// (the same rules as the eBPF backend).
-fn kind_of(sc: &str, mode: u32) -> FdKind {
-    let by_mode = || match mode & S_IFMT {
-        0o140000 => FdKind::Socket,
-        0o010000 => FdKind::Pipe,
-        0o040000 => FdKind::Dir,
-        0o100000 | 0o020000 | 0o060000 | 0o120000 => FdKind::File,
-        _ => FdKind::Other,
-    };
-    match sc {
-        "open" | "openat" | "openat2" | "creat" | "open_by_handle_at" => match by_mode() {
-            FdKind::Other => FdKind::File,
-            k => k,
-        },
-        "socket" | "socketpair" | "accept" | "accept4" => FdKind::Socket,
-        "pipe" | "pipe2" => FdKind::Pipe,
-        "eventfd" | "eventfd2" => FdKind::EventFd,
-        "epoll_create" | "epoll_create1" => FdKind::Epoll,
-        "timerfd_create" => FdKind::TimerFd,
-        "signalfd" | "signalfd4" => FdKind::SignalFd,
-        "inotify_init" | "inotify_init1" => FdKind::Inotify,
-        "memfd_create" | "memfd_secret" => FdKind::Memfd,
-        "pidfd_open" => FdKind::Pidfd,
-        "fanotify_init" => FdKind::Fanotify,
-        "userfaultfd" => FdKind::Userfaultfd,
-        "perf_event_open" => FdKind::PerfEvent,
-        "bpf" => FdKind::Bpf,
-        _ => by_mode(),
-    }
-}
-
-fn family_name(f: u64) -> String {
-    match f {
-        1 => "AF_UNIX".into(),
-        2 => "AF_INET".into(),
-        10 => "AF_INET6".into(),
-        16 => "AF_NETLINK".into(),
-        17 => "AF_PACKET".into(),
-        n => format!("family {n}"),
-    }
-}
-
-fn type_name(t: u64) -> String {
-    match t & 0xf {
-        1 => "stream".into(),
-        2 => "dgram".into(),
-        3 => "raw".into(),
-        5 => "seqpacket".into(),
-        n => format!("type {n}"),
-    }
 }
