@@ -191,9 +191,9 @@ struct Conn {
     pid: Option<u32>,
     /// Read to EOF and finished (HeapEnd sent).
     done: bool,
-    /// Read to EOF while its process lived on: an exec whose new image
-    /// has not connected yet, or a program that closed the connection.
-    /// Finished once that is known (see [`Preload::end_dead`]).
+    /// Read to EOF, not finished yet: an exec whose new image has not
+    /// connected yet, a program that closed the connection, or a process
+    /// that died. Finished once that is known (see [`Preload::end_dead`]).
     eof: bool,
     /// Allocations and frees of the batch being received, emitted in
     /// sequence order at its end.
@@ -486,23 +486,35 @@ impl Preload {
             // execve(2) closes the connection (close-on-exec) before the
             // new image connects: while the process lives on, wait for
             // that (or for its death) to say how its heap ended.
-            match self.conns[i].pid {
-                Some(pid) if alive(pid) => self.conns[i].eof = true,
-                _ => self.finish(i, false, sink),
-            }
+            // [`Preload::end_dead`] decides, after the connections the
+            // process made before it died (a new image's) are read.
+            self.conns[i].eof = true;
         }
         Ok(())
     }
 
     /// Finishes the connections read to EOF whose process has died since:
     /// their image's heap ended with the process.
-    fn end_dead(&mut self, sink: &mut dyn FnMut(Event)) {
+    fn end_dead(&mut self, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
+        let dead = |c: &Conn| c.eof && !c.done && !c.pid.is_some_and(alive);
+        if !self.conns.iter().any(dead) {
+            return Ok(());
+        }
+        // An image that execs and then exits at once leaves both its
+        // connections behind: the new one, still in the listener's queue,
+        // says (by its HELLO) that the old image's heap ended by execve.
+        let before = self.conns.len();
+        self.accept()?;
+        for i in before..self.conns.len() {
+            self.service(i, READ_BUDGET, None, sink)?;
+        }
         for i in 0..self.conns.len() {
             let c = &self.conns[i];
             if c.eof && !c.done && !c.pid.is_some_and(alive) {
                 self.finish(i, false, sink);
             }
         }
+        Ok(())
     }
 
     /// Ends connection `i`: its image's heap is gone, freed by execve if
@@ -798,7 +810,7 @@ impl Preload {
                 self.service(i, READ_BUDGET, None, sink)?;
             }
         }
-        self.end_dead(sink);
+        self.end_dead(sink)?;
         self.conns.retain(|c| !c.done);
         Ok(())
     }
