@@ -26,8 +26,9 @@ use std::fmt;
 /// layouts are documented in leakscope-preload.
 pub mod wire {
     /// Format version.
-    pub const VERSION: u16 = 4;
-    /// A process image starts (or a fork child reconnects).
+    pub const VERSION: u16 = 5;
+    /// A process image starts (or a fork child connects, or an image
+    /// whose connection the program closed connects again).
     pub const T_HELLO: u8 = 1;
     /// An allocation.
     pub const T_ALLOC: u8 = 2;
@@ -52,6 +53,74 @@ pub mod wire {
     /// A live block the C runtime keeps on purpose until exit (`what`: 0,
     /// 1, 2 for the buffer of stdin, stdout, stderr), sent at exit.
     pub const T_KEPT: u8 = 11;
+
+    /// HELLO kinds: a new image (a start or an exec).
+    pub const HELLO_IMAGE: u8 = 0;
+    /// HELLO kinds: a fork child.
+    pub const HELLO_FORK: u8 = 1;
+    /// HELLO kinds: the same image again, its stream continuing at the
+    /// HELLO's `resume` offset (the program closed the shim's fd).
+    pub const HELLO_RESUME: u8 = 2;
+
+    /// The journal: a memfd each process image's shim creates, maps shared
+    /// and passes to the collector (`SCM_RIGHTS`, with its HELLO). Every
+    /// record not yet delivered lives there, so the collector reads what a
+    /// process had not sent when it died, however it died (`_exit`, a
+    /// signal, SIGKILL), and what it buffered after closing its connection.
+    /// Layout: a header page of u64 words at the `J_*` offsets, the
+    /// outbox (the stream's unsent tail: stream offset `J_STREAM_OFF`,
+    /// [`J_OUT_LEN`] bytes committed), then one slot per recorder. A slot is
+    /// a page of u64 words at the `S_*` offsets, its encoded records
+    /// (a CHUNK body, `S_LEN` bytes committed), then its pending table:
+    /// [`TABLE_SLOTS`] keys (block addresses, 0: empty) and as many values
+    /// `seq:u64 time:u64 size:u64 stack:u32 pad:u32`.
+    pub const J_MAGIC: u64 = u64::from_le_bytes(*b"LSJRNL01");
+    /// Header: the magic.
+    pub const J_MAGIC_OFF: usize = 0;
+    /// Header: slots in use.
+    pub const J_SLOTS: usize = 8;
+    /// Header: committed bytes of the outbox.
+    pub const J_OUT_LEN: usize = 16;
+    /// Header: the stream offset of the outbox's first byte.
+    pub const J_STREAM_OFF: usize = 24;
+    /// Header: slot + 1 whose records are being moved into the outbox, 0:
+    /// none; once the outbox's committed end reaches `J_COPY_END` they are
+    /// in the stream and the slot's copy is stale.
+    pub const J_COPYING: usize = 32;
+    /// Header: see [`J_COPYING`].
+    pub const J_COPY_END: usize = 40;
+    /// Header: events lost and not reported in a LOST record yet.
+    pub const J_LOST: usize = 48;
+    /// Header: recorders whose records live outside the journal (more
+    /// threads at once than it has slots): what they had not sent dies
+    /// with the process.
+    pub const J_UNJOURNALED: usize = 56;
+    /// Header: nonzero once the shim stopped tracking (its collector
+    /// connection failed and could not be made again).
+    pub const J_STOPPED: usize = 64;
+    /// Header: the outbox's capacity in bytes.
+    pub const J_OUT_CAP: usize = 72;
+    /// Header: a slot's record capacity in bytes.
+    pub const J_BUF_CAP: usize = 80;
+    /// Header: the number of slots.
+    pub const J_SLOT_CAP: usize = 88;
+    /// Header size; the outbox follows.
+    pub const J_HEADER: usize = 4096;
+    /// Slot header: committed bytes of its records.
+    pub const S_LEN: usize = 0;
+    /// Slot header: the thread owning it.
+    pub const S_TID: usize = 8;
+    /// Slot header size; the records follow.
+    pub const S_HEADER: usize = 4096;
+    /// Pending-table entries per slot.
+    pub const TABLE_SLOTS: usize = 2048;
+    /// Bytes of one pending-table value.
+    pub const TABLE_VAL: usize = 32;
+
+    /// Bytes of one slot with `buf_cap` bytes of records.
+    pub const fn slot_size(buf_cap: usize) -> usize {
+        S_HEADER + buf_cap + TABLE_SLOTS * (8 + TABLE_VAL)
+    }
 
     /// The clock page: a file of [`CLOCK_LEN`] bytes beside the collector
     /// socket, named [`CLOCK_FILE`], that the collector keeps current and

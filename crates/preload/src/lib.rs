@@ -11,8 +11,12 @@
 //! directory. Each process image the shim is loaded into (the command, each
 //! fork child, each exec) connects once and streams records (format below);
 //! [`Preload::poll`] accepts connections and decodes them without blocking.
-//! When a connection ends the image's heap is gone, so [`Event::HeapEnd`]
-//! follows. Stacks were unwound in the traced process (from `.eh_frame`,
+//! When a connection ends and its process is gone (or exec'd) the image's
+//! heap is gone, so [`Event::HeapEnd`] follows. The HELLO carries the
+//! shim's journal (a memfd, `SCM_RIGHTS`): when a process died without
+//! sending everything (`_exit`, a signal, SIGKILL) the rest is read from
+//! there, and a connection the program closed is taken over by the one
+//! the shim makes again (HELLO kind 2). Stacks were unwound in the traced process (from `.eh_frame`,
 //! so frame pointers are not needed); stack ids are namespaced per
 //! connection: `StackId(connection << 32 | id)`.
 //!
@@ -39,13 +43,13 @@
 //! runs that loop, keeps a table of live blocks and prints the leaked ones
 //! grouped by stack (see `examples/heap_trace.rs`).
 //!
-//! # Wire format (version 4)
+//! # Wire format (version 5)
 //! A stream of records, little-endian, unpadded; a tag byte, then the body
 //! (the shim's crate docs have the full table):
 //!
 //! | tag | record | body |
 //! |-----|--------|------|
-//! | 1 | HELLO | `version:u16 kind:u8 pid:u32 ppid:u32 time:u64 len:u16 exe:[u8; len]`; kind 0: new image (start or exec), 1: fork child |
+//! | 1 | HELLO | `version:u16 kind:u8 pid:u32 ppid:u32 time:u64 len:u16 exe:[u8; len] resume:u64`; kind 0: new image (start or exec), 1: fork child, 2: the same image on a new connection (the program closed the old one), its stream going on at offset `resume` |
 //! | 5 | MAP | `time:u64 start:u64 end:u64 offset:u64 len:u16 path:[u8; len]` |
 //! | 6 | LOST | `count:u64` |
 //! | 7 | CHUNK | `tid:u32 len:u32 body`: one thread's ALLOC (2), FREE (3) and STACK (4) records, LEB128 and delta-encoded |
@@ -73,11 +77,12 @@
 #![deny(missing_docs)]
 
 mod clock;
+mod journal;
 mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -90,6 +95,7 @@ use leakscope_event::{
 };
 
 use crate::wire::{decode, decode_chunk, Decoded, Item, Record};
+use leakscope_event::wire::{HELLO_FORK, HELLO_RESUME};
 
 /// File name of the shim library.
 pub const SHIM_NAME: &str = "libleakscope_shim.so";
@@ -200,6 +206,40 @@ struct Conn {
     pending: Vec<Pending>,
     /// The HELLO's time: this image's events are no earlier.
     floor: u64,
+    /// Bytes read from the socket, and the stream offset of its first
+    /// byte (a resumed connection's HELLO is not part of the stream, so
+    /// this may be "negative" by its size: wrapping arithmetic).
+    received: u64,
+    base: u64,
+    /// The shim's journal (see `journal.rs`), from its HELLO.
+    journal: Option<journal::Journal>,
+    /// Set by a resuming HELLO: the bytes of a record the connection it
+    /// took over cut short, to go before this connection's.
+    carry: Option<Vec<u8>>,
+}
+
+impl Conn {
+    fn new(stream: UnixStream, ns: u64) -> Conn {
+        Conn {
+            stream,
+            buf: Vec::new(),
+            ns,
+            pid: None,
+            done: false,
+            eof: false,
+            pending: Vec::new(),
+            floor: 0,
+            received: 0,
+            base: 0,
+            journal: None,
+            carry: None,
+        }
+    }
+
+    /// The stream offset of the next byte to arrive.
+    fn stream_at(&self) -> u64 {
+        self.base.wrapping_add(self.received)
+    }
 }
 
 /// An ALLOC (`size: Some`) or FREE waiting for the end of its batch.
@@ -412,16 +452,7 @@ impl Preload {
                     stream
                         .set_nonblocking(true)
                         .map_err(|source| Error::Io { source })?;
-                    self.conns.push(Conn {
-                        stream,
-                        buf: Vec::new(),
-                        ns: self.next_ns,
-                        pid: None,
-                        done: false,
-                        eof: false,
-                        pending: Vec::new(),
-                        floor: 0,
-                    });
+                    self.conns.push(Conn::new(stream, self.next_ns));
                     self.next_ns += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -449,14 +480,26 @@ impl Preload {
         let mut chunk = std::mem::take(&mut self.chunk);
         chunk.resize(256 * 1024, 0);
         while got < budget {
-            match self.conns[i].stream.read(&mut chunk) {
-                Ok(0) => {
+            let fd = self.conns[i].stream.as_raw_fd();
+            match journal::recv(fd, &mut chunk) {
+                Ok((0, _)) => {
                     eof = true;
                     break;
                 }
-                Ok(n) => {
+                Ok((n, passed)) => {
                     got += n;
-                    self.conns[i].buf.extend_from_slice(&chunk[..n]);
+                    let c = &mut self.conns[i];
+                    c.received += n as u64;
+                    c.buf.extend_from_slice(&chunk[..n]);
+                    if let Some(fd) = passed {
+                        match journal::Journal::map(fd) {
+                            Ok(j) => c.journal = Some(j),
+                            Err(e) => self.notes.push(format!(
+                                "a process's journal could not be read ({e}): what it had \
+                                 not sent when it ended is missing"
+                            )),
+                        }
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -525,9 +568,14 @@ impl Preload {
             return;
         }
         c.done = true;
+        if !by_exec {
+            // The process is gone: what it had not sent is in its journal.
+            self.read_journal(i, sink);
+        }
         // A batch cut short (the process died mid-send): what arrived.
         self.emit_pending(i, sink);
         let c = &mut self.conns[i];
+        c.journal = None;
         let leftover = !c.buf.is_empty();
         let pid = c.pid;
         let time = self.now();
@@ -544,8 +592,76 @@ impl Preload {
         }
     }
 
+    /// Reads what connection `i`'s process had not sent when it ended
+    /// from its journal: the outbox's tail the collector has not received,
+    /// then each recorder's records and pending allocations. Queued like a
+    /// batch (the caller emits it).
+    fn read_journal(&mut self, i: usize, sink: &mut dyn FnMut(Event)) {
+        let Some(j) = self.conns[i].journal.take() else {
+            return;
+        };
+        let pid = self.conns[i].pid.unwrap_or(0);
+        match j.unsent(self.conns[i].stream_at()) {
+            Ok(tail) if !tail.is_empty() => {
+                self.conns[i].buf.extend_from_slice(tail);
+                if let Err(e) = self.decode_buffered(i, sink) {
+                    self.notes.push(format!("pid {pid}: its journal's outbox: {e}"));
+                }
+            }
+            Ok(_) => {}
+            Err(gap) => self.notes.push(format!(
+                "pid {pid}: {gap} bytes of its records never arrived (the journal starts after them)"
+            )),
+        }
+        for slot in j.slots() {
+            let before = self.conns[i].pending.len();
+            if let Err(e) = self.chunk(i, slot.tid, slot.records) {
+                self.notes.push(format!("pid {pid}: its journal: {e}"));
+                continue;
+            }
+            let c = &mut self.conns[i];
+            for e in slot.pending {
+                // A table entry caught while it was being encoded is in
+                // the records too.
+                let dup = c.pending[before..]
+                    .iter()
+                    .any(|p| p.size.is_some() && p.addr == e.addr && p.seq == e.seq);
+                if !dup {
+                    c.pending.push(Pending {
+                        seq: e.seq,
+                        time: e.time,
+                        tid: slot.tid,
+                        addr: e.addr,
+                        size: Some(e.size),
+                        stack: e.stack,
+                    });
+                }
+            }
+        }
+        let lost = j.lost();
+        if lost > 0 {
+            sink(Event::Lost {
+                time: self.now(),
+                count: lost,
+            });
+        }
+        if j.unjournaled() > 0 {
+            self.notes.push(format!(
+                "pid {pid}: {} of its threads ran at once beyond the journal's slots: what \
+                 they had not sent when it ended is missing",
+                j.unjournaled()
+            ));
+        }
+        if j.stopped() {
+            self.notes.push(format!(
+                "pid {pid}: heap tracking stopped before it ended (its connection to \
+                 leakscope failed; see its stderr): later blocks are not seen"
+            ));
+        }
+    }
+
     fn decode_buffered(&mut self, i: usize, sink: &mut dyn FnMut(Event)) -> Result<(), Error> {
-        let buf = std::mem::take(&mut self.conns[i].buf);
+        let mut buf = std::mem::take(&mut self.conns[i].buf);
         let mut off = 0;
         let result = loop {
             match decode(&buf[off..]) {
@@ -565,8 +681,20 @@ impl Preload {
                 }
                 Decoded::Record(rec, used) => {
                     off += used;
+                    let hello = matches!(rec, Record::Hello { .. });
                     if let Err(e) = self.apply(i, rec, sink) {
                         break Err(e);
+                    }
+                    if let Some(carry) = self.conns[i].carry.take().filter(|_| hello) {
+                        // A resumed stream: its HELLO (`off` bytes) is no
+                        // part of it, and the bytes of a record the old
+                        // connection cut short go first.
+                        let c = &mut self.conns[i];
+                        c.base = c.base.wrapping_sub(off as u64);
+                        let mut b = carry;
+                        b.extend_from_slice(&buf[off..]);
+                        buf = b;
+                        off = 0;
                     }
                 }
             }
@@ -665,11 +793,12 @@ impl Preload {
         let Some(pid) = self.conns[i].pid else {
             let Record::Hello {
                 version,
-                fork_child,
+                kind,
                 pid,
                 ppid,
                 time,
                 exe,
+                resume,
             } = rec
             else {
                 return Err(Error::Protocol {
@@ -683,10 +812,13 @@ impl Preload {
                     what: format!("shim speaks version {version}, expected {}", wire::VERSION),
                 });
             }
+            if kind == HELLO_RESUME {
+                return self.resume(i, pid, resume, sink);
+            }
             self.conns[i].pid = Some(pid);
             self.conns[i].floor = time;
             let time = self.rel(time);
-            if fork_child {
+            if kind == HELLO_FORK {
                 sink(Event::Fork {
                     time,
                     parent: Pid(ppid),
@@ -761,6 +893,50 @@ impl Preload {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Connection `i` goes on with the stream of process `pid`'s current
+    /// image at stream offset `resume` (the program closed the old
+    /// connection): it takes the old one's state over.
+    fn resume(
+        &mut self,
+        i: usize,
+        pid: u32,
+        resume: u64,
+        sink: &mut dyn FnMut(Event),
+    ) -> Result<(), Error> {
+        let Some(j) = (0..self.conns.len())
+            .find(|&j| j != i && !self.conns[j].done && self.conns[j].pid == Some(pid))
+        else {
+            return Err(Error::Protocol {
+                pid,
+                what: "a resumed connection without one to resume".into(),
+            });
+        };
+        if !self.conns[j].eof {
+            self.service(j, usize::MAX, Some(EXEC_DRAIN), sink)?;
+        }
+        let at = self.conns[j].stream_at();
+        if at != resume {
+            return Err(Error::Protocol {
+                pid,
+                what: format!("resumed at stream offset {resume}, {at} received"),
+            });
+        }
+        let old = &mut self.conns[j];
+        old.done = true;
+        let carry = std::mem::take(&mut old.buf);
+        let pending = std::mem::take(&mut old.pending);
+        let (ns, floor, journal) = (old.ns, old.floor, old.journal.take());
+        let c = &mut self.conns[i];
+        c.pid = Some(pid);
+        c.ns = ns;
+        c.floor = floor;
+        c.pending = pending;
+        c.journal = journal;
+        c.base = resume;
+        c.carry = Some(carry);
         Ok(())
     }
 

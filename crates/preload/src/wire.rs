@@ -12,11 +12,14 @@ use leakscope_event::wire::{
 pub enum Record {
     Hello {
         version: u16,
-        fork_child: bool,
+        /// `wire::HELLO_IMAGE`, `HELLO_FORK` or `HELLO_RESUME`.
+        kind: u8,
         pid: u32,
         ppid: u32,
         time: u64,
         exe: String,
+        /// For `HELLO_RESUME`: the stream offset this connection goes on at.
+        resume: u64,
     },
     Map {
         time: u64,
@@ -181,13 +184,19 @@ pub fn decode(b: &[u8]) -> Decoded {
     };
     let rec = match tag {
         T_HELLO => (|| {
+            let version = c.u16()?;
+            let kind = c.u8()?;
+            let (pid, ppid, time, exe) = (c.u32()?, c.u32()?, c.u64()?, c.str()?);
+            // Older shims end here; the version check refuses them.
+            let resume = if version >= 5 { c.u64()? } else { 0 };
             Some(Record::Hello {
-                version: c.u16()?,
-                fork_child: c.u8()? == 1,
-                pid: c.u32()?,
-                ppid: c.u32()?,
-                time: c.u64()?,
-                exe: c.str()?,
+                version,
+                kind,
+                pid,
+                ppid,
+                time,
+                exe,
+                resume,
             })
         })(),
         T_CHUNK => (|| {

@@ -86,16 +86,29 @@
 //!   stay in the environment, so exec'd children are traced too. A
 //!   `pthread_atfork` child handler connects afresh, so parent and child
 //!   never share a stream.
+//! - Every record lives in the journal until the collector has it (see
+//!   `journal.rs`): a memfd shared with the collector (passed with the
+//!   HELLO by `SCM_RIGHTS`, then closed here) holding the outbox, each
+//!   recorder's encoded records and its pending table, each with a length
+//!   or key committed after the bytes it covers. When a process ends
+//!   without a last flush (`_exit`, `abort`, a fatal signal, SIGKILL) the
+//!   collector reads what it had not sent from there.
+//! - Before each send the shim checks that its fd is still its connection
+//!   (`fstat`: device and inode). A program that closed it (`close_range`,
+//!   a close loop, `closefrom`) or put an fd of its own at its number
+//!   (`dup2`) gets no byte of ours: the shim connects again and says where
+//!   the stream goes on (HELLO kind 2).
 //! - If the collector goes away (`send` fails; `MSG_NOSIGNAL`, so no
-//!   SIGPIPE) the shim prints one line to stderr and stops tracking.
+//!   SIGPIPE) the shim prints one line to stderr, marks the journal, and
+//!   stops tracking.
 //!
-//! # Wire format (version 4)
+//! # Wire format (version 5)
 //! A stream of records, all fixed-size integers little-endian, no padding.
 //! Each record is a tag byte followed by its body:
 //!
 //! | tag | record | body |
 //! |-----|--------|------|
-//! | 1 | HELLO | `version:u16 kind:u8 pid:u32 ppid:u32 time:u64 len:u16 exe:[u8; len]`; kind 0: a new image (start or exec), 1: a fork child |
+//! | 1 | HELLO | `version:u16 kind:u8 pid:u32 ppid:u32 time:u64 len:u16 exe:[u8; len] resume:u64`; kind 0: a new image (start or exec), 1: a fork child, 2: the same image on a new connection, its stream going on at stream offset `resume` (not itself part of the stream) |
 //! | 5 | MAP | `time:u64 start:u64 end:u64 offset:u64 len:u16 path:[u8; len]`: an executable PT_LOAD, page-aligned |
 //! | 6 | LOST | `count:u64`: events not recorded since the last LOST |
 //! | 7 | CHUNK | `tid:u32 len:u32 body:[u8; len]`: one thread's records, below |
@@ -129,9 +142,9 @@
 //! It does not:
 //! - track fds, mmap or sbrk (glibc-internal fd calls bypass PLT hooks);
 //! - catch allocators that do not go through malloc (jemalloc linked in,
-//!   raw `mmap`), nor processes that `_exit` or die by a signal with records
-//!   still buffered (at most 10 ms of them: 32 KiB and 1024 pending
-//!   allocations per thread);
+//!   raw `mmap`);
+//! - keep in the journal the records of threads beyond its 1024 slots
+//!   (threads alive at once; the report says so if any were);
 //! - follow children made by a raw `clone(2)` without `fork` (they would
 //!   share the parent's connection), or flush before `fexecve` (records
 //!   buffered then are lost; `execve`, `execv`, `execvp`, `execvpe` and the
@@ -142,9 +155,12 @@
 // their man pages (malloc(3), execve(2), ...).
 #![allow(clippy::missing_safety_doc)]
 
+mod journal;
 mod pending;
 mod real;
 mod unwind;
+
+use journal::Buf;
 
 use pending::{Alloc, Cancel, Pending};
 
@@ -213,8 +229,9 @@ static ALLOC: LibcAlloc = LibcAlloc;
 // Wire format.
 
 use leakscope_event::wire::{
-    CLOCK_FILE, CLOCK_LEN, CLOCK_MAGIC, CLOCK_NOW, T_ALLOC, T_CHUNK, T_END, T_FREE, T_HELLO,
-    T_KEPT, T_LOST, T_MAP, T_NOTE, T_PAIRS, T_STACK, VERSION,
+    CLOCK_FILE, CLOCK_LEN, CLOCK_MAGIC, CLOCK_NOW, HELLO_FORK, HELLO_IMAGE, HELLO_RESUME,
+    J_COPYING, J_COPY_END, J_LOST, J_STOPPED, J_STREAM_OFF, J_UNJOURNALED, T_ALLOC, T_CHUNK, T_END,
+    T_FREE, T_HELLO, T_KEPT, T_LOST, T_MAP, T_NOTE, T_PAIRS, T_STACK, VERSION,
 };
 
 /// A thread's buffer this big asks for a flush of every buffer.
@@ -223,6 +240,10 @@ const FLUSH_BYTES: usize = 32 * 1024;
 const HARD_BYTES: usize = 512 * 1024;
 const FLUSH_NS: u64 = 10_000_000;
 const HIGH_FD: c_int = 1000;
+// A recorder's buffer never fills: past HARD_BYTES its owner waits for a
+// flush after each record, and one record or table spill is far smaller
+// than the rest.
+const _: () = assert!(HARD_BYTES * 2 <= journal::BUF_CAP);
 
 // ---------------------------------------------------------------------------
 // Per-thread state: plain const TLS (no destructor, so no lazy registration
@@ -294,12 +315,12 @@ impl Guard {
     #[inline]
     fn enter() -> Option<Guard> {
         let Some(t) = tls() else {
-            LOST.fetch_add(1, Ordering::Relaxed);
+            lost(1);
             return None;
         };
         if t.in_hook.replace(true) {
             if !t.internal.get() {
-                LOST.fetch_add(1, Ordering::Relaxed);
+                lost(1);
             }
             None
         } else {
@@ -452,7 +473,32 @@ const ON: u8 = 2;
 const OFF: u8 = 3;
 
 static STATE: AtomicU8 = AtomicU8::new(UNINIT);
+/// Events lost before the journal exists (then its `J_LOST` word).
 static LOST: AtomicU64 = AtomicU64::new(0);
+
+/// Counts an event not recorded.
+#[cold]
+fn lost(n: u64) {
+    match journal::word(J_LOST) {
+        Some(w) => w.fetch_add(n, Ordering::Relaxed),
+        None => LOST.fetch_add(n, Ordering::Relaxed),
+    };
+}
+
+/// Events lost and not reported yet.
+fn lost_now() -> u64 {
+    LOST.load(Ordering::Relaxed) + journal::word(J_LOST).map_or(0, |w| w.load(Ordering::Relaxed))
+}
+
+/// Takes `n` off the unreported losses (they are in a committed LOST).
+fn lost_reported(mut n: u64) {
+    let pre = LOST.load(Ordering::Relaxed).min(n);
+    LOST.fetch_sub(pre, Ordering::Relaxed);
+    n -= pre;
+    if let Some(w) = journal::word(J_LOST) {
+        w.fetch_sub(n, Ordering::Relaxed);
+    }
+}
 /// Orders the ALLOCs and FREEs of the process, read under the recording
 /// thread's buffer lock. A FREE takes a number (`fetch_add`) before libc
 /// gets the block back; an ALLOC only reads the counter, after libc
@@ -585,23 +631,23 @@ impl SpinLock {
     }
 }
 
-fn put_u16(b: &mut Vec<u8>, v: u16) {
+fn put_u16(b: &mut Buf, v: u16) {
     b.extend_from_slice(&v.to_le_bytes());
 }
-fn put_u32(b: &mut Vec<u8>, v: u32) {
+fn put_u32(b: &mut Buf, v: u32) {
     b.extend_from_slice(&v.to_le_bytes());
 }
-fn put_u64(b: &mut Vec<u8>, v: u64) {
+fn put_u64(b: &mut Buf, v: u64) {
     b.extend_from_slice(&v.to_le_bytes());
 }
-fn put_str(b: &mut Vec<u8>, s: &str) {
+fn put_str(b: &mut Buf, s: &str) {
     let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
     put_u16(b, s.len() as u16);
     b.extend_from_slice(s);
 }
-/// LEB128. The caller reserved room (at most 10 bytes).
+/// LEB128 (at most 10 bytes; a buffer always has room, see `HARD_BYTES`).
 #[inline]
-fn put_var(b: &mut Vec<u8>, mut v: u64) {
+fn put_var(b: &mut Buf, mut v: u64) {
     while v >= 0x80 {
         b.push(v as u8 | 0x80);
         v >>= 7;
@@ -620,7 +666,7 @@ fn zigzag(v: u64) -> u64 {
 /// same buffer (the first one of a buffer relative to zero), and its
 /// allocations not sent yet.
 struct Enc {
-    buf: Vec<u8>,
+    buf: Buf,
     seq: u64,
     time: u64,
     addr: u64,
@@ -632,9 +678,21 @@ struct Enc {
 }
 
 impl Enc {
-    fn new() -> Enc {
+    /// A recorder's encoder over its journal slot, or on the heap.
+    fn new(slot: Option<&journal::Slot>) -> Enc {
+        match slot {
+            Some(s) => Enc {
+                buf: Buf::at(s.buf, journal::BUF_CAP, s.len),
+                pending: Pending::at(s.table),
+                ..Enc::on_heap()
+            },
+            None => Enc::on_heap(),
+        }
+    }
+
+    fn on_heap() -> Enc {
         Enc {
-            buf: Vec::with_capacity(FLUSH_BYTES + 4096),
+            buf: Buf::on_heap(journal::BUF_CAP),
             seq: 0,
             time: 0,
             addr: 0,
@@ -650,7 +708,6 @@ impl Enc {
             self.time = 0;
             self.addr = 0;
         }
-        self.buf.reserve(48);
     }
     #[inline]
     fn head(&mut self, tag: u8, seq: u64, time: u64, addr: u64) {
@@ -670,6 +727,12 @@ impl Enc {
         self.head(T_ALLOC, a.seq, a.time, a.addr);
         put_var(&mut self.buf, a.size);
         put_var(&mut self.buf, a.stack as u64);
+        self.buf.commit();
+    }
+    #[inline]
+    fn free(&mut self, seq: u64, time: u64, addr: u64) {
+        self.head(T_FREE, seq, time, addr);
+        self.buf.commit();
     }
     /// Encodes every pending allocation (a flush, or exit).
     #[cold]
@@ -681,13 +744,13 @@ impl Enc {
     }
     fn stack(&mut self, id: u32, frames: &[u64]) {
         self.start();
-        self.buf.reserve(16 + frames.len() * 8);
         self.buf.push(T_STACK);
         put_var(&mut self.buf, id as u64);
         put_var(&mut self.buf, frames.len() as u64);
         for &a in frames {
             put_u64(&mut self.buf, a);
         }
+        self.buf.commit();
     }
 }
 
@@ -749,6 +812,10 @@ struct Thread {
     /// Held by a live thread.
     owned: AtomicBool,
     tid: AtomicU32,
+    /// Its journal slot's index, u32::MAX: none (its buffers are on the
+    /// heap); and the slot's thread id word.
+    slot: u32,
+    slot_tid: *const AtomicU64,
     /// The registry list (set before the recorder is published).
     next: *mut Thread,
     /// Between begin() and end(), or under hold_all().
@@ -803,6 +870,13 @@ fn heavy_fence() {
 }
 
 impl Thread {
+    /// Names the thread owning the recorder (in its journal slot too).
+    fn set_tid(&self, tid: u32) {
+        self.tid.store(tid, Ordering::Relaxed);
+        // SAFETY: a live word (the slot's, or a dummy).
+        unsafe { (*self.slot_tid).store(tid as u64, Ordering::Relaxed) };
+    }
+
     /// Starts appending (owner side).
     #[inline]
     fn begin(&self) {
@@ -870,7 +944,16 @@ fn release_all() {
     }
 }
 
+/// A new recorder (flush lock held, or at init), with a journal slot if
+/// one is left.
 fn new_thread(shared: bool) -> *mut Thread {
+    let slot = journal::take_slot();
+    if slot.is_none() {
+        if let Some(w) = journal::word(J_UNJOURNALED) {
+            w.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    static NO_TID: AtomicU64 = AtomicU64::new(0);
     Box::into_raw(Box::new(Thread {
         lock: SpinLock::new(),
         shared,
@@ -878,8 +961,10 @@ fn new_thread(shared: bool) -> *mut Thread {
         hold: AtomicBool::new(false),
         owned: AtomicBool::new(true),
         tid: AtomicU32::new(0),
+        slot: slot.as_ref().map_or(u32::MAX, |s| s.index),
+        slot_tid: slot.as_ref().map_or(&NO_TID as *const AtomicU64, |s| s.tid),
         next: THREADS.load(Ordering::Relaxed),
-        enc: UnsafeCell::new(Enc::new()),
+        enc: UnsafeCell::new(Enc::new(slot.as_ref())),
         own: UnsafeCell::new(Own {
             cache: unwind::Cache::new(),
             alt: unwind::AltMem::default(),
@@ -943,7 +1028,7 @@ fn adopt(g: &Guard) -> &'static Thread {
     G.lock.unlock();
     // SAFETY: we own it now; `own` is ours alone.
     unsafe {
-        (*t).tid.store(libc::gettid() as u32, Ordering::Relaxed);
+        (*t).set_tid(libc::gettid() as u32);
         // Another thread's stack: its cached captures mean nothing here.
         (*(*t).own.get()).cached.clear();
         (*(*t).own.get()).alt_cached.clear();
@@ -962,11 +1047,30 @@ fn adopt(g: &Guard) -> &'static Thread {
 
 struct State {
     fd: c_int,
+    /// The connection's (device, inode): an fd of that number that is not
+    /// it was closed or replaced by the program.
+    ino: (u64, u64),
     sock: libc::sockaddr_un,
-    /// HELLO, MAP and LOST records, then the batch being sent.
-    buf: Vec<u8>,
+    /// The outbox: the stream's tail not sent yet (HELLO, MAP, LOST,
+    /// batches), in the journal.
+    buf: Buf,
+    /// The stream offset of `buf`'s first byte.
+    stream_off: u64,
+    /// The journal's memfd, passed with the next send; -1: passed.
+    pass_fd: c_int,
     /// Mappings already announced: (start, end, offset, path).
     maps: Vec<(u64, u64, u64, String)>,
+}
+
+/// The outbox: in the journal, or on the heap without one.
+fn outbox() -> Buf {
+    match (
+        journal::outbox(),
+        journal::word(leakscope_event::wire::J_OUT_LEN),
+    ) {
+        (Some(p), Some(len)) => Buf::at(p, journal::OUT_CAP, len),
+        _ => Buf::on_heap(journal::OUT_CAP),
+    }
 }
 
 struct Global {
@@ -994,23 +1098,29 @@ fn locked<R>(f: impl FnOnce(&mut State) -> R) -> Option<R> {
     r
 }
 
+/// A HELLO record of `kind` (the stream continues at `resume`).
+fn hello_into(b: &mut Buf, kind: u8, resume: u64) {
+    let exe = std::fs::read_link("/proc/self/exe")
+        .ok()
+        .and_then(|p| p.into_os_string().into_string().ok())
+        .unwrap_or_default();
+    b.push(T_HELLO);
+    put_u16(b, VERSION);
+    b.push(kind);
+    // SAFETY: getpid/getppid cannot fail.
+    put_u32(b, unsafe { libc::getpid() } as u32);
+    put_u32(b, unsafe { libc::getppid() } as u32);
+    // The precise clock: the collector clamps this image's event times
+    // to at least this, so they all fall after its exec or fork.
+    put_u64(b, clock(libc::CLOCK_MONOTONIC));
+    put_str(b, &exe);
+    put_u64(b, resume);
+    b.commit();
+}
+
 impl State {
     fn hello(&mut self, kind: u8) {
-        let exe = std::fs::read_link("/proc/self/exe")
-            .ok()
-            .and_then(|p| p.into_os_string().into_string().ok())
-            .unwrap_or_default();
-        let b = &mut self.buf;
-        b.push(T_HELLO);
-        put_u16(b, VERSION);
-        b.push(kind);
-        // SAFETY: getpid/getppid cannot fail.
-        put_u32(b, unsafe { libc::getpid() } as u32);
-        put_u32(b, unsafe { libc::getppid() } as u32);
-        // The precise clock: the collector clamps this image's event times
-        // to at least this, so they all fall after its exec or fork.
-        put_u64(b, clock(libc::CLOCK_MONOTONIC));
-        put_str(b, &exe);
+        hello_into(&mut self.buf, kind, 0);
     }
 
     /// Names the standard streams' buffers, which glibc allocates on their
@@ -1041,17 +1151,28 @@ impl State {
                     *((f as *const u8).add(BUF_BASE) as *const u64),
                 )
             };
-            if flags & IO_USER_BUF == 0 && base != 0 {
+            if flags & IO_USER_BUF == 0 && base != 0 && self.buf.room(16) {
                 self.buf.push(T_KEPT);
                 self.buf.push(what as u8);
                 put_u64(&mut self.buf, base);
+                self.buf.commit();
             }
         }
     }
 
+    fn no_journal_note(&mut self) {
+        self.note(
+            "its records were not kept in a journal (memfd_create failed): what it \
+             had not sent when it ended may be missing",
+        );
+    }
+
     fn note(&mut self, text: &str) {
-        self.buf.push(T_NOTE);
-        put_str(&mut self.buf, text);
+        if self.buf.room(3 + text.len()) {
+            self.buf.push(T_NOTE);
+            put_str(&mut self.buf, text);
+            self.buf.commit();
+        }
     }
 
     /// Notes it when the process's `malloc` is not the shim's: something
@@ -1102,6 +1223,10 @@ impl State {
     }
 
     fn map(&mut self, time: u64, m: &(u64, u64, u64, String)) {
+        if !self.buf.room(64 + m.3.len()) {
+            // An outbox full of MAPs (thousands of modules): send it.
+            self.send();
+        }
         let b = &mut self.buf;
         b.push(T_MAP);
         put_u64(b, time);
@@ -1109,6 +1234,7 @@ impl State {
         put_u64(b, m.1);
         put_u64(b, m.2);
         put_str(b, &m.3);
+        b.commit();
     }
 
     /// Announces the mappings of `mods` not announced yet.
@@ -1138,10 +1264,12 @@ impl State {
     /// is a complete prefix of [`SEQ`], which the collector sorts.
     fn flush(&mut self) {
         flushed_at(now_ns());
-        let lost = LOST.swap(0, Ordering::Relaxed);
-        if lost > 0 {
+        let lost = lost_now();
+        if lost > 0 && self.buf.room(9) {
             self.buf.push(T_LOST);
             put_u64(&mut self.buf, lost);
+            self.buf.commit();
+            lost_reported(lost);
         }
         hold_all();
         let mut any = false;
@@ -1155,13 +1283,12 @@ impl State {
                 continue;
             }
             any = true;
-            self.buf.push(T_CHUNK);
-            put_u32(&mut self.buf, t.tid.load(Ordering::Relaxed));
-            put_u32(&mut self.buf, enc.buf.len() as u32);
-            self.buf.extend_from_slice(&enc.buf);
-            enc.buf.clear();
+            self.move_chunk(t, enc);
         }
         release_all();
+        if !self.buf.room(10) {
+            self.send();
+        }
         if any {
             self.buf.push(T_END);
         }
@@ -1169,43 +1296,169 @@ impl State {
             self.buf.push(T_PAIRS);
             put_u64(&mut self.buf, pairs);
         }
+        self.buf.commit();
         self.send();
     }
 
+    /// Moves recorder `t`'s records into the outbox as a CHUNK (every
+    /// recorder held). Until the chunk is committed the slot's copy is the
+    /// one the collector would read; from then on the header says the
+    /// slot's copy is stale, until the slot is empty.
+    fn move_chunk(&mut self, t: &Thread, enc: &mut Enc) {
+        if !self.buf.room(9 + enc.buf.len()) {
+            self.send();
+        }
+        self.buf.push(T_CHUNK);
+        put_u32(&mut self.buf, t.tid.load(Ordering::Relaxed));
+        put_u32(&mut self.buf, enc.buf.len() as u32);
+        self.buf.extend_from_slice(enc.buf.as_slice());
+        let copying = journal::word(J_COPYING).filter(|_| t.slot != u32::MAX);
+        if let (Some(c), Some(end)) = (copying, journal::word(J_COPY_END)) {
+            end.store(self.stream_off + self.buf.len() as u64, Ordering::Relaxed);
+            c.store(t.slot as u64 + 1, Ordering::Relaxed);
+        }
+        self.buf.commit();
+        enc.buf.clear();
+        if let Some(c) = copying {
+            std::sync::atomic::compiler_fence(Ordering::Release);
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends the outbox. A connection the program closed (or replaced
+    /// with an fd of its own) is made again and the stream goes on there;
+    /// one the collector closed stops tracking.
     fn send(&mut self) {
+        if self.fd < 0 {
+            return;
+        }
+        if !self.connection_is_ours() && !self.reconnect(self.stream_off) {
+            return;
+        }
         let mut off = 0;
         while off < self.buf.len() {
-            // SAFETY: sending from our own buffer; MSG_NOSIGNAL: no SIGPIPE.
-            let n = unsafe {
-                libc::send(
-                    self.fd,
-                    self.buf[off..].as_ptr() as *const c_void,
-                    self.buf.len() - off,
-                    libc::MSG_NOSIGNAL,
-                )
-            };
+            let rest = &self.buf.as_slice()[off..];
+            let n = send_bytes(self.fd, rest, self.pass_fd);
             if n < 0 {
                 let err = std::io::Error::last_os_error();
-                if err.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EBADF | libc::ENOTSOCK | libc::ENOTCONN) => {
+                        // The collector has the bytes before `off`.
+                        if !self.reconnect(self.stream_off + off as u64) {
+                            return;
+                        }
+                        continue;
+                    }
+                    _ => {
+                        self.stop(&err);
+                        return;
+                    }
                 }
-                self.stop(&err);
-                return;
+            }
+            if self.pass_fd >= 0 {
+                // SAFETY: our fd, in the collector's hands now.
+                unsafe { libc::close(self.pass_fd) };
+                self.pass_fd = -1;
             }
             off += n as usize;
         }
+        // The bytes go first, then the offset moves past them: a process
+        // dying in between leaves an empty outbox, never one read twice.
+        let sent = self.buf.len() as u64;
         self.buf.clear();
+        self.stream_off += sent;
+        self.publish_stream_off();
+    }
+
+    fn publish_stream_off(&self) {
+        if let Some(w) = journal::word(J_STREAM_OFF) {
+            std::sync::atomic::compiler_fence(Ordering::Release);
+            w.store(self.stream_off, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `fd` is still the connection this shim made.
+    fn connection_is_ours(&self) -> bool {
+        // SAFETY: all-zero is a valid stat; fstat fills it or fails.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid out pointer.
+        (unsafe { libc::fstat(self.fd, &mut st) }) == 0
+            && (st.st_dev as u64, st.st_ino as u64) == self.ino
+    }
+
+    /// Connects again after the program closed the connection (or put an
+    /// fd of its own at its number, which is left alone): the collector
+    /// continues this image's stream at stream offset `resume`.
+    fn reconnect(&mut self, resume: u64) -> bool {
+        let Some((fd, ino)) = connect(&self.sock) else {
+            self.stop(&std::io::Error::other(
+                "the program closed the connection and it could not be made again",
+            ));
+            return false;
+        };
+        self.fd = fd;
+        self.ino = ino;
+        let mut b = Buf::on_heap(8 * 1024);
+        hello_into(&mut b, HELLO_RESUME, resume);
+        let mut off = 0;
+        while off < b.len() {
+            let n = send_bytes(fd, &b.as_slice()[off..], -1);
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                self.stop(&err);
+                return false;
+            }
+            off += n as usize;
+        }
+        true
     }
 
     fn stop(&mut self, err: &std::io::Error) {
         STATE.store(OFF, Ordering::Relaxed);
-        self.buf = Vec::new();
+        if let Some(w) = journal::word(J_STOPPED) {
+            w.store(now_ns().max(1), Ordering::Relaxed);
+        }
         let msg = format!("leakscope-shim: collector gone ({err}); heap tracking stopped\n");
         // SAFETY: writing our own bytes to stderr; failure is ignored.
         unsafe { libc::write(2, msg.as_ptr() as *const c_void, msg.len()) };
-        // SAFETY: our fd.
-        unsafe { libc::close(self.fd) };
+        if self.connection_is_ours() {
+            // SAFETY: our fd.
+            unsafe { libc::close(self.fd) };
+        }
         self.fd = -1;
+    }
+}
+
+/// Sends `b` on `fd` (MSG_NOSIGNAL: no SIGPIPE), with `pass` (if not -1)
+/// as SCM_RIGHTS. Returns send(2)'s result.
+fn send_bytes(fd: c_int, b: &[u8], pass: c_int) -> isize {
+    if pass < 0 {
+        // SAFETY: sending from a live slice.
+        return unsafe { libc::send(fd, b.as_ptr() as *const c_void, b.len(), libc::MSG_NOSIGNAL) };
+    }
+    let mut iov = libc::iovec {
+        iov_base: b.as_ptr() as *mut c_void,
+        iov_len: b.len(),
+    };
+    // Room for one cmsghdr with one int, 8-aligned.
+    let mut space = [0u64; 4];
+    // SAFETY: msghdr/cmsghdr built over live buffers, as cmsg(3) shows.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = space.as_mut_ptr() as *mut c_void;
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<c_int>() as u32) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<c_int>() as u32) as usize;
+        *(libc::CMSG_DATA(c) as *mut c_int) = pass;
+        libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL)
     }
 }
 
@@ -1226,8 +1479,9 @@ fn flush_all(wait: bool) {
     G.lock.unlock();
 }
 
-/// Connects to the collector; returns an fd >= HIGH_FD, CLOEXEC.
-fn connect(sock: &libc::sockaddr_un) -> Option<c_int> {
+/// Connects to the collector; returns an fd >= HIGH_FD, CLOEXEC, and its
+/// (device, inode).
+fn connect(sock: &libc::sockaddr_un) -> Option<(c_int, (u64, u64))> {
     // SAFETY: plain syscalls on our own fds.
     unsafe {
         let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
@@ -1241,7 +1495,15 @@ fn connect(sock: &libc::sockaddr_un) -> Option<c_int> {
         }
         let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, HIGH_FD);
         libc::close(fd);
-        (high >= 0).then_some(high)
+        if high < 0 {
+            return None;
+        }
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(high, &mut st) != 0 {
+            libc::close(high);
+            return None;
+        }
+        Some((high, (st.st_dev as u64, st.st_ino as u64)))
     }
 }
 
@@ -1289,7 +1551,7 @@ fn init() {
         let Some(sock) = sockaddr_from_env() else {
             return false; // not under leakscope: stay out of the way
         };
-        let Some(fd) = connect(&sock) else {
+        let Some((fd, ino)) = connect(&sock) else {
             let msg = b"leakscope-shim: cannot connect to the collector; heap tracking off\n";
             // SAFETY: writing our own bytes to stderr.
             unsafe { libc::write(2, msg.as_ptr() as *const c_void, msg.len()) };
@@ -1303,16 +1565,24 @@ fn init() {
         register_membarrier();
         find_vdso_clock();
         map_clock_page(&sock);
+        // Without a journal, records live on the heap (not durable).
+        let pass_fd = journal::create().unwrap_or(-1);
         let spare = new_thread(true);
         THREADS.store(spare, Ordering::Release);
         SPARE.store(spare, Ordering::Release);
         let mut st = State {
             fd,
+            ino,
             sock,
-            buf: Vec::with_capacity(4 * FLUSH_BYTES),
+            buf: outbox(),
+            stream_off: 0,
+            pass_fd,
             maps: Vec::new(),
         };
-        st.hello(0);
+        st.hello(HELLO_IMAGE);
+        if pass_fd < 0 {
+            st.no_journal_note();
+        }
         st.check_interposed();
         flushed_at(now_ns());
         // SAFETY: STATE is INITING, so hooks pass through and nobody else
@@ -1346,13 +1616,16 @@ unsafe extern "C" fn fork_child() {
     // records are the parent's to send.
     let me = tls().map_or(std::ptr::null_mut(), |t| t.me.get());
     let spare = SPARE.load(Ordering::Relaxed);
+    // The journal is shared with the parent: a fresh one at the same place
+    // (its slots zeroed; the buffers over them are emptied below).
+    let pass_fd = journal::renew().unwrap_or(-1);
     for t in threads() {
         (*t.enc.get()).buf.clear();
         (*t.enc.get()).pending.clear();
         (*t.enc.get()).cancelled = 0;
         let p = t as *const Thread as *mut Thread;
         if p == me {
-            t.tid.store(libc::gettid() as u32, Ordering::Relaxed);
+            t.set_tid(libc::gettid() as u32);
         } else if p != spare {
             t.owned.store(false, Ordering::Relaxed);
         }
@@ -1373,14 +1646,30 @@ unsafe extern "C" fn fork_child() {
     ID_GEN.fetch_add(1, Ordering::Relaxed);
     if let Some(st) = (*G.state.get()).as_mut() {
         if STATE.load(Ordering::Relaxed) == ON {
-            st.buf.clear();
+            st.buf = outbox();
+            st.stream_off = 0;
+            st.pass_fd = pass_fd;
             let old = st.fd;
+            let ours = st.connection_is_ours();
             match connect(&st.sock) {
-                Some(fd) => {
-                    // Replace the inherited connection at the same number.
-                    libc::dup3(fd, old, libc::O_CLOEXEC);
-                    libc::close(fd);
-                    st.hello(1);
+                Some((fd, ino)) => {
+                    // Replace the inherited connection at the same number
+                    // (if the program has not taken that number over).
+                    if ours && libc::dup3(fd, old, libc::O_CLOEXEC) == old {
+                        libc::close(fd);
+                    } else {
+                        st.fd = fd;
+                    }
+                    let mut sb: libc::stat = std::mem::zeroed();
+                    st.ino = if libc::fstat(st.fd, &mut sb) == 0 {
+                        (sb.st_dev as u64, sb.st_ino as u64)
+                    } else {
+                        ino
+                    };
+                    st.hello(HELLO_FORK);
+                    if pass_fd < 0 {
+                        st.no_journal_note();
+                    }
                     let maps = std::mem::take(&mut st.maps);
                     let t = now_ns();
                     for m in &maps {
@@ -1390,7 +1679,12 @@ unsafe extern "C" fn fork_child() {
                     st.send();
                 }
                 None => {
-                    libc::close(old);
+                    if ours {
+                        libc::close(old);
+                    }
+                    if pass_fd >= 0 {
+                        libc::close(pass_fd);
+                    }
                     st.fd = -1;
                     STATE.store(OFF, Ordering::Relaxed);
                 }
@@ -1446,7 +1740,7 @@ fn active_slow(state: u8) -> bool {
             // Another thread is initializing (the initializing thread itself
             // holds the guard: its libc calls allocate for us, not the program).
             if !tls().is_none_or(|t| t.in_hook.get()) {
-                LOST.fetch_add(1, Ordering::Relaxed);
+                lost(1);
             }
             false
         }
@@ -1892,7 +2186,7 @@ impl Enc {
             self.alloc(&a);
         }
         let n = freed.raise(seq, addr);
-        self.head(T_FREE, n, time, addr);
+        self.free(n, time, addr);
         time
     }
 }
@@ -2359,7 +2653,8 @@ mod tests {
     /// taken and decoded.
     fn flush(enc: &mut Enc) -> Vec<Rec> {
         enc.spill();
-        let b = std::mem::take(&mut enc.buf);
+        let b = enc.buf.as_slice().to_vec();
+        enc.buf.clear();
         let (mut i, mut seq, mut addr) = (0, 0u64, 0u64);
         let mut out = Vec::new();
         while i < b.len() {
@@ -2436,7 +2731,7 @@ mod tests {
     #[test]
     fn alloc_and_free_on_one_thread_cancel() {
         let w = World::new();
-        let mut a = Enc::new();
+        let mut a = Enc::on_heap();
         w.alloc(&mut a, 0x1000, 16);
         w.alloc(&mut a, 0x2000, 32);
         assert!(!w.free(&mut a, 0x1000));
@@ -2458,7 +2753,7 @@ mod tests {
     #[test]
     fn free_of_a_sent_block_is_sent_after_its_allocation() {
         let w = World::new();
-        let mut a = Enc::new();
+        let mut a = Enc::on_heap();
         w.alloc(&mut a, 0x1000, 16);
         let first = flush(&mut a);
         assert!(w.free(&mut a, 0x1000));
@@ -2481,7 +2776,7 @@ mod tests {
     #[test]
     fn cross_thread_free_and_reuse_never_cancel_a_stale_entry() {
         let w = World::new();
-        let (mut a, mut b) = (Enc::new(), Enc::new());
+        let (mut a, mut b) = (Enc::on_heap(), Enc::on_heap());
         w.alloc(&mut a, 0x1000, 16);
         assert!(w.free(&mut b, 0x1000), "B never allocated p: sent");
         w.alloc(&mut b, 0x1000, 48);
@@ -2498,7 +2793,7 @@ mod tests {
     #[test]
     fn address_back_on_the_allocating_thread() {
         let w = World::new();
-        let (mut a, mut b) = (Enc::new(), Enc::new());
+        let (mut a, mut b) = (Enc::on_heap(), Enc::on_heap());
         w.alloc(&mut a, 0x1000, 16);
         assert!(w.free(&mut b, 0x1000));
         w.alloc(&mut a, 0x1000, 32);
@@ -2512,7 +2807,7 @@ mod tests {
     #[test]
     fn realloc_moving_a_block() {
         let w = World::new();
-        let mut a = Enc::new();
+        let mut a = Enc::on_heap();
         // Pending block moved: only the new one is ever sent.
         w.alloc(&mut a, 0x1000, 16);
         assert!(!w.free(&mut a, 0x1000));
@@ -2539,7 +2834,7 @@ mod tests {
     #[test]
     fn a_full_table_is_encoded_by_its_owner() {
         let w = World::new();
-        let mut a = Enc::new();
+        let mut a = Enc::on_heap();
         let n = pending::FULL as u64 + 10;
         for i in 1..=n {
             w.alloc(&mut a, i * 16, 8);

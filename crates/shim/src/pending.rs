@@ -8,6 +8,12 @@
 //! every flush. Owned by its recorder and only touched under its
 //! begin()/end() or with every recorder held, like the encoded buffer.
 //!
+//! The table may live in the journal (see `journal.rs`), which the
+//! collector reads if the process dies: an entry's value is written before
+//! its key, and a key is cleared before its value is overwritten, so a
+//! process killed at any instruction leaves every entry whole, at worst
+//! twice (the reader drops duplicates by address and number).
+//!
 //! Whether a found entry may be cancelled is decided by the caller (see
 //! `FREED` in lib.rs): another thread may have freed the block meanwhile,
 //! and the address may have been handed out again.
@@ -37,29 +43,39 @@ pub const FULL: usize = CAP / 2;
 
 const MASK: usize = CAP - 1;
 
-/// The rest of an entry, apart from its key.
+/// The rest of an entry, apart from its key (layout: `wire::TABLE_VAL`).
 #[derive(Clone, Copy, Default)]
+#[repr(C)]
 struct Val {
     seq: u64,
     time: u64,
     size: u64,
     stack: u32,
+    pad: u32,
 }
 
 /// The slots: keys and values apart, so that a probe reads only keys,
 /// eight to a cache line. Fixed-size arrays: indices masked by `MASK` need
 /// no bounds checks.
-struct Table {
+#[repr(C)]
+pub struct Table {
     /// Block addresses, 0: empty.
     keys: [u64; CAP],
     vals: [Val; CAP],
 }
 
+const _: () = assert!(std::mem::size_of::<Val>() == leakscope_event::wire::TABLE_VAL);
+const _: () = assert!(CAP == leakscope_event::wire::TABLE_SLOTS);
+const _: () = assert!(
+    std::mem::size_of::<Table>()
+        == leakscope_event::wire::TABLE_SLOTS * (8 + leakscope_event::wire::TABLE_VAL)
+);
+
 /// See the module docs.
 pub struct Pending {
-    /// Allocated on first insert (most recorders of short-lived threads
-    /// never need it).
-    table: Option<Box<Table>>,
+    /// In the journal, or on the heap from the first insert (most
+    /// recorders of short-lived threads never need it); null: not yet.
+    table: *mut Table,
     len: usize,
 }
 
@@ -82,20 +98,27 @@ fn home(addr: u64) -> usize {
 }
 
 /// A zeroed table from the global allocator (calloc: pages of a large
-/// block are mapped zeroed on first touch, not written now).
+/// block are mapped zeroed on first touch, not written now), never freed
+/// (recorders are not).
 #[cold]
-fn zeroed_table() -> Box<Table> {
+fn zeroed_table() -> *mut Table {
     let layout = std::alloc::Layout::new::<Table>();
     // SAFETY: all-zero bytes are a valid `Table` (empty keys, zero
-    // values); the pointer comes from the global allocator with this
-    // layout, as `Box` expects.
+    // values).
     unsafe {
         let p = std::alloc::alloc_zeroed(layout) as *mut Table;
         if p.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        Box::from_raw(p)
+        p
     }
+}
+
+/// Orders the stores before it before the ones after it (see the module
+/// docs; the CPU keeps stores in order on x86_64).
+#[inline(always)]
+fn ordered() {
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::Release);
 }
 
 impl Table {
@@ -129,8 +152,12 @@ impl Table {
 
     /// Empties slot `i`. Backward shift: later members of the probe run
     /// move into the hole unless that would put them before their home.
+    /// The hole's key is cleared before its value is overwritten; a moved
+    /// entry is in two slots until its old one becomes the next hole.
     #[inline]
     fn remove_at(&mut self, mut i: usize) {
+        self.keys[i] = 0;
+        ordered();
         let mut j = i;
         loop {
             j = (j + 1) & MASK;
@@ -146,8 +173,12 @@ impl Table {
                 i < h || h <= j
             };
             if !stays {
-                self.keys[i] = k;
                 self.vals[i] = self.vals[j];
+                ordered();
+                self.keys[i] = k;
+                ordered();
+                self.keys[j] = 0;
+                ordered();
                 i = j;
             }
         }
@@ -159,9 +190,28 @@ impl Pending {
     /// An empty table that has not allocated yet.
     pub const fn new() -> Pending {
         Pending {
-            table: None,
+            table: std::ptr::null_mut(),
             len: 0,
         }
+    }
+
+    /// An empty table over zeroed memory at `table` (`TABLE_BYTES` bytes,
+    /// 8-aligned, for the life of the process).
+    pub fn at(table: *mut u8) -> Pending {
+        Pending {
+            table: table as *mut Table,
+            len: 0,
+        }
+    }
+
+    /// The table, made on first use. (A raw pointer: its borrow is not
+    /// tied to `self`, whose `len` changes meanwhile.)
+    #[inline]
+    fn table(&mut self) -> *mut Table {
+        if self.table.is_null() {
+            self.table = zeroed_table();
+        }
+        self.table
     }
 
     /// Entries held.
@@ -177,25 +227,33 @@ impl Pending {
     #[inline]
     pub fn insert(&mut self, a: Alloc) -> Option<Alloc> {
         debug_assert!(a.addr != 0 && self.len < CAP - 1);
-        let t = self.table.get_or_insert_with(zeroed_table);
+        // SAFETY: a live table only this recorder's owner (or a holder of
+        // every recorder) touches.
+        let t = unsafe { &mut *self.table() };
         let val = Val {
             seq: a.seq,
             time: a.time,
             size: a.size,
             stack: a.stack,
+            pad: 0,
         };
         let mut i = home(a.addr);
         loop {
             let k = t.keys[i];
             if k == 0 {
-                t.keys[i] = a.addr;
                 t.vals[i] = val;
+                ordered();
+                t.keys[i] = a.addr;
                 self.len += 1;
                 return None;
             }
             if k == a.addr {
                 let old = t.entry(i);
+                t.keys[i] = 0;
+                ordered();
                 t.vals[i] = val;
+                ordered();
+                t.keys[i] = a.addr;
                 return Some(old);
             }
             i = (i + 1) & MASK;
@@ -207,7 +265,11 @@ impl Pending {
     /// sending.
     #[inline]
     pub fn cancel(&mut self, addr: u64, may: impl FnOnce(u64) -> bool) -> Cancel {
-        let Some(t) = self.table.as_mut().filter(|_| self.len != 0 && addr != 0) else {
+        if self.len == 0 || addr == 0 {
+            return Cancel::Absent;
+        }
+        // SAFETY: as in `insert`.
+        let Some(t) = (unsafe { self.table.as_mut() }) else {
             return Cancel::Absent;
         };
         let Some(i) = t.find(addr) else {
@@ -234,22 +296,31 @@ impl Pending {
 
     /// Hands every entry to `f` and empties the table.
     pub fn drain(&mut self, mut f: impl FnMut(&Alloc)) {
-        let Some(t) = self.table.as_mut() else { return };
+        let mut len = self.len;
+        // SAFETY: as in `insert`.
+        let Some(t) = (unsafe { self.table.as_mut() }) else {
+            return;
+        };
         let mut i = 0;
-        while self.len > 0 {
+        while len > 0 {
             if t.keys[i] != 0 {
                 f(&t.entry(i));
+                ordered();
                 t.keys[i] = 0;
-                self.len -= 1;
+                len -= 1;
             }
             i += 1;
         }
+        self.len = 0;
     }
 
     /// Forgets every entry (a fork child: they are the parent's to send).
     pub fn clear(&mut self) {
-        if let Some(t) = self.table.as_mut().filter(|_| self.len != 0) {
-            t.keys.fill(0);
+        if self.len != 0 {
+            // SAFETY: as in `insert`.
+            if let Some(t) = unsafe { self.table.as_mut() } {
+                t.keys.fill(0);
+            }
             self.len = 0;
         }
     }

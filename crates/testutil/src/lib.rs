@@ -562,6 +562,31 @@ pub fn ensure_shim(bin: &Path) {
     });
 }
 
+/// `fixtures/heap/NAME.c` compiled with `-g -O2 -pthread` into
+/// `target/fixtures`, under a name of this test process's own (tests of
+/// other processes running at the same time build their own copy).
+pub fn heap_fixture(name: &str) -> PathBuf {
+    let out = workspace_root().join("target/fixtures");
+    std::fs::create_dir_all(&out).expect("target/fixtures");
+    let bin = out.join(format!("heap-{name}-p{}", std::process::id()));
+    static BUILT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.contains(&bin) {
+        let tmp = bin.with_extension("tmp");
+        let src = workspace_root().join(format!("fixtures/heap/{name}.c"));
+        let st = Command::new("cc")
+            .args(["-g", "-O2", "-pthread", "-o"])
+            .arg(&tmp)
+            .arg(&src)
+            .status()
+            .expect("run cc");
+        assert!(st.success(), "compiling {}", src.display());
+        std::fs::rename(&tmp, &bin).expect("rename the fixture");
+        built.push(bin.clone());
+    }
+    bin
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
