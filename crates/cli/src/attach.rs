@@ -44,6 +44,10 @@ pub struct AttachArgs {
     /// What to track (comma-separated): fd, heap, tcp.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "fd")]
     track: Vec<crate::Track>,
+    /// Tracing backend for fds: eBPF (root), or ptrace (the process's
+    /// owner; every syscall of the process stops it while attached).
+    #[arg(long, value_enum, default_value_t = crate::BackendChoice::Auto)]
+    backend: crate::BackendChoice,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -266,9 +270,23 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
         heap: args.track.contains(&crate::Track::Heap),
         tcp: args.track.contains(&crate::Track::Tcp),
     };
+    let choice = match args.backend {
+        crate::BackendChoice::Auto => backends::Choice::Auto,
+        crate::BackendChoice::Ebpf => backends::Choice::Ebpf,
+        crate::BackendChoice::Ptrace => backends::Choice::Ptrace,
+        crate::BackendChoice::Preload => {
+            return Err(fatal(
+                exit::ERROR,
+                "the preload backend cannot attach (LD_PRELOAD takes effect at launch \
+                 only): attach traces fds with --backend ebpf or ptrace, the heap with \
+                 eBPF uprobes (--backend auto --track heap)"
+                    .into(),
+            ))
+        }
+    };
     let backend = backends::open(
         tracking,
-        backends::Choice::Auto,
+        choice,
         backends::Mode::Attach {
             sample_every: args.sample_every.max(1),
         },
@@ -283,9 +301,19 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
         live: HashSet::from([pid]),
         batch: Vec::new(),
     };
-    s.backend
-        .attach(pid)
-        .map_err(|e| fatal(exit::ERROR, format!("cannot attach to {}: {e}", pid.0)))?;
+    s.backend.attach(pid).map_err(|e| {
+        // With ptrace, `e` says why the kernel refused and what to change;
+        // after --backend auto fell back to it, eBPF's reason comes too.
+        let also = s
+            .backend
+            .ebpf_refused()
+            .map(|why| format!(" (and eBPF could not be used: {why})"))
+            .unwrap_or_default();
+        fatal(
+            exit::ERROR,
+            format!("cannot attach to {}: {e}{also}", pid.0),
+        )
+    })?;
     for ev in current_maps(pid) {
         s.maps.apply(&ev);
     }
@@ -308,8 +336,15 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
     .filter(|(on, _)| *on)
     .map(|(_, w)| *w)
     .collect();
+    // A running process cannot be given a seccomp filter: under ptrace
+    // every one of its syscalls stops it, twice (the notes say so too).
+    let cost = if s.backend.name().starts_with("ptrace") {
+        ": every syscall of the process stops it while attached"
+    } else {
+        ""
+    };
     eprintln!(
-        "Tracing {} of pid {} ({}). Ctrl-C to end.",
+        "Tracing {} of pid {} ({}{cost}). Ctrl-C to end.",
         what.join(", "),
         pid.0,
         s.backend.name()

@@ -74,8 +74,10 @@ pub struct Combined {
     launched: Option<std::path::PathBuf>,
     /// The fd backend is ptrace: it alone may wait for the command.
     reaped: Option<leakscope_ptrace::Reaped>,
-    /// Why fds are traced with ptrace rather than eBPF (`--backend auto`).
+    /// Why fds are traced with ptrace rather than eBPF (`--backend auto`):
+    /// the note, and eBPF's error alone.
     fallback: Option<String>,
+    ebpf_refused: Option<String>,
 }
 
 /// Opens the backends `tracking` needs under `choice`, or says in one line
@@ -127,6 +129,7 @@ pub fn open(
     }
     let mut reaped = None;
     let mut fallback = None;
+    let mut ebpf_refused = None;
     let fd: Option<Box<dyn Backend>> = if !tracking.needs_fd_backend() {
         None
     } else if choice == Choice::Ptrace {
@@ -138,16 +141,28 @@ pub fn open(
             Ok(t) => Some(Box::new(t)),
             // --backend auto: without eBPF, fds are traced with ptrace,
             // and the report's first lines say why (issue 13).
-            Err(e)
-                if choice == Choice::Auto && !tracking.tcp && leakscope_ptrace::check().is_ok() =>
-            {
-                let t = open_ptrace(mode)?;
-                reaped = Some(t.reaped());
-                fallback = Some(format!(
-                    "fds traced with ptrace: eBPF could not be used: {e}"
-                ));
-                Some(Box::new(t))
-            }
+            Err(e) if choice == Choice::Auto && !tracking.tcp => match leakscope_ptrace::check() {
+                Ok(()) => {
+                    let t = open_ptrace(mode)?;
+                    reaped = Some(t.reaped());
+                    fallback = Some(format!(
+                        "fds traced with ptrace: eBPF could not be used: {e}"
+                    ));
+                    ebpf_refused = Some(e.to_string());
+                    Some(Box::new(t))
+                }
+                Err(p) => {
+                    let why = nothing_traces_fds(&e, &p);
+                    if defaults && tracking.heap {
+                        // Not asked for by name: the heap alone is traced,
+                        // and the report says why fds were not.
+                        dropped_fd = Some(why);
+                        None
+                    } else {
+                        return Err(fatal(exit::ERROR, why));
+                    }
+                }
+            },
             Err(e) if defaults && tracking.heap && !tracking.tcp => {
                 // Not asked for by name: the heap alone is traced, and
                 // the report says this (`--track heap` asks for no more).
@@ -218,6 +233,7 @@ pub fn open(
         launched: None,
         reaped,
         fallback,
+        ebpf_refused,
     })
 }
 
@@ -225,8 +241,29 @@ pub fn open(
 /// to change).
 fn open_ptrace(mode: Mode) -> anyhow::Result<leakscope_ptrace::Tracer> {
     let _ = mode;
-    leakscope_ptrace::Tracer::new(leakscope_ptrace::Config::default())
-        .map_err(|e| fatal(exit::ERROR, format!("{e}; nothing can trace fds here")))
+    leakscope_ptrace::Tracer::new(leakscope_ptrace::Config::default()).map_err(|e| {
+        fatal(
+            exit::ERROR,
+            format!("{e}; --backend ebpf traces fds as root without ptrace"),
+        )
+    })
+}
+
+/// The one sentence `run` and `attach` end with when neither fd backend
+/// can be used here: both reasons, and what to change (issue 13).
+fn nothing_traces_fds(ebpf: &leakscope_ebpf::Error, ptrace: &leakscope_ptrace::Error) -> String {
+    let leakscope_ptrace::Error::NotPermitted { reason } = ptrace else {
+        return format!(
+            "nothing can trace fds here: eBPF could not be used ({ebpf}), nor ptrace ({ptrace})"
+        );
+    };
+    let root = matches!(
+        ebpf,
+        leakscope_ebpf::Error::Load(leakscope_bpf::LoadError::Permission { .. })
+    )
+    .then_some(", or run leakscope as root (eBPF)")
+    .unwrap_or("");
+    format!("nothing can trace fds here: eBPF could not be used ({ebpf}), and {reason}{root}")
 }
 
 /// Whether the ELF file at `path` is statically linked: it has no
@@ -305,6 +342,12 @@ fn secure_mode(path: &Path) -> Option<&'static str> {
 }
 
 impl Combined {
+    /// Why eBPF could not be used, when `--backend auto` fell back to
+    /// ptrace for fds.
+    pub fn ebpf_refused(&self) -> Option<&str> {
+        self.ebpf_refused.as_deref()
+    }
+
     /// The command's exit status once it has exited: the ptrace backend
     /// reaps it itself (a waitpid of ours would take its ptrace stops).
     pub fn try_wait(&mut self, child: &mut Child) -> io::Result<Option<std::process::ExitStatus>> {
@@ -440,9 +483,11 @@ fn instead(mode: Mode, other: Option<&str>) -> String {
         (Mode::Attach { .. }, Some(other)) => {
             format!("{other} uses other eBPF programs (`leakscope doctor` shows which work here)")
         }
-        (Mode::Attach { .. }, None) => "without eBPF only the heap of a command leakscope \
-                                        launches can be traced: leakscope run --backend \
-                                        preload --track heap -- COMMAND"
+        (Mode::Attach { .. }, None) => "without eBPF, fds of a running process can still \
+                                        be traced with ptrace (--backend ptrace --track fd), \
+                                        the heap of a command leakscope launches with the \
+                                        preload shim (leakscope run --backend preload \
+                                        --track heap -- COMMAND)"
             .into(),
     }
 }

@@ -24,8 +24,10 @@ pub const AFTER_HELP: &str = "\
 Every eBPF backend's programs are loaded and attached for real (then
 detached; nothing is traced): for each program, the instructions the
 verifier processed (bpf_prog_info.verified_insns, Linux 5.16) and the
-kernel's verification time. The preload shim is tried on a launched program.
-The JSON field names are stable.
+kernel's verification time. The preload shim is tried on a launched program,
+and the ptrace backend on a launched /bin/true (its seccomp filter and
+PTRACE_GET_SYSCALL_INFO), with which processes `attach` may trace with it
+(Yama's ptrace_scope, CAP_SYS_PTRACE). The JSON field names are stable.
 
 Exit status: 0 when at least one backend works, 1 when none does, 125 when
 leakscope failed (bad usage, stdout not writable).
@@ -63,6 +65,8 @@ struct Check {
     detail: Option<String>,
     /// The eBPF load, for eBPF backends.
     load: Option<LoadReport>,
+    /// Facts of its own, in JSON under the backend's name (`ptrace`).
+    facts: Option<Value>,
 }
 
 fn ebpf(
@@ -78,6 +82,7 @@ fn ebpf(
         reason: load.error.take().map(|e| e.to_string()),
         detail: None,
         load: Some(load),
+        facts: None,
     }
 }
 
@@ -91,6 +96,7 @@ fn preload() -> Check {
         reason: None,
         detail: None,
         load: None,
+        facts: None,
     };
     let outcome = (|| -> Result<PathBuf, String> {
         let shim = leakscope_preload::shim_path().map_err(|e| e.to_string())?;
@@ -140,6 +146,51 @@ fn preload() -> Check {
     check
 }
 
+/// Traces a launched `/bin/true` with the ptrace backend (seccomp filter,
+/// PTRACE_GET_SYSCALL_INFO), and says which running processes `attach`
+/// may trace with it here (Yama's ptrace_scope, CAP_SYS_PTRACE).
+fn ptrace() -> Check {
+    let f = leakscope_ptrace::facts();
+    let yes_no = |b: bool| if b { "yes" } else { "NO" };
+    let info = match f.syscall_info {
+        Some(true) => "works",
+        Some(false) => "FAILS (Linux 5.3 or later needed)",
+        None => "not tried",
+    };
+    let scope = f
+        .ptrace_scope
+        .map_or_else(|| "no Yama".to_string(), |v| format!("ptrace_scope={v}"));
+    let attach = match &f.launch {
+        Ok(()) => f.attach_scope(),
+        Err(_) => "none",
+    };
+    let detail = format!(
+        "{}; seccomp filters: {}; PTRACE_GET_SYSCALL_INFO: {info}; {scope}; attach \
+         (every syscall stops the process, no filter can be added to it): {attach}",
+        match f.launch {
+            Ok(()) => "a launched /bin/true was traced, only its fd syscalls stopping it",
+            Err(_) => "launch failed",
+        },
+        yes_no(f.seccomp_filter),
+    );
+    Check {
+        name: "ptrace",
+        title: "ptrace fds",
+        used_by: "run, attach: fds without root",
+        reason: f.launch.clone().err(),
+        detail: Some(detail),
+        load: None,
+        facts: Some(json!({
+            "ptrace_scope": f.ptrace_scope,
+            "seccomp_filter": f.seccomp_filter,
+            "syscall_info": f.syscall_info,
+            "cap_sys_ptrace": f.cap_sys_ptrace,
+            "no_new_privs": f.no_new_privs,
+            "attach": attach,
+        })),
+    }
+}
+
 pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let host = Host::current();
     let checks = vec![
@@ -162,6 +213,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
             leakscope_uheap::check_load(Default::default()),
         ),
         preload(),
+        ptrace(),
     ];
     // The fd and heap loaders mount tracefs when it is missing.
     let tracefs_now = Host::current().tracefs;
@@ -362,6 +414,9 @@ fn render_json(host: &Host, tracefs_now: Option<&PathBuf>, checks: &[Check]) -> 
                 "load_cpu_ms": null,
                 "programs": [],
             });
+            if let Some(facts) = &c.facts {
+                b[c.name] = facts.clone();
+            }
             if let Some(load) = &c.load {
                 b["load_ms"] = json!(ms(load.wall));
                 b["load_cpu_ms"] = json!(ms(load.cpu));

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
 
-use leakscope_testutil::{expected_leaks, fixture, require_root};
+use leakscope_testutil::{expected_leaks, fixture, require_root, test_user, TEST_USER};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leakscope");
@@ -248,36 +248,6 @@ fn root_differential_ebpf_and_ptrace() {
     );
 }
 
-/// The account the unprivileged tests run as: created here when missing
-/// (`useradd --system`), so they need no setup beyond root to start them.
-const TEST_USER: &str = "leakscope-test";
-
-fn ensure_test_user() -> (u32, u32) {
-    let id = |flag: &str| -> Option<u32> {
-        let out = Command::new("id").args([flag, TEST_USER]).output().ok()?;
-        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-    };
-    if id("-u").is_none() {
-        let out = Command::new("useradd")
-            .args([
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-            ])
-            .arg(TEST_USER)
-            .output()
-            .expect("useradd (passwd)");
-        // Another test may have created it meanwhile.
-        assert!(
-            out.status.success() || id("-u").is_some(),
-            "useradd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    (id("-u").unwrap(), id("-g").unwrap())
-}
-
 /// A directory everyone may use, holding copies of leakscope, the shim
 /// and the fd fixtures.
 fn unprivileged_dir() -> std::path::PathBuf {
@@ -322,7 +292,7 @@ fn root_as_an_ordinary_user_fds_are_traced_with_ptrace() {
     if !require_root("root_as_an_ordinary_user_fds_are_traced_with_ptrace") {
         return;
     }
-    let (uid, gid) = ensure_test_user();
+    let (uid, gid) = test_user();
     let dir = unprivileged_dir();
     let out_path = dir.join("report.json");
     let json = |backend: &str, track: &str, name: &str| -> Value {
@@ -387,6 +357,98 @@ fn root_as_an_ordinary_user_fds_are_traced_with_ptrace() {
         [&Value::from("all"), &Value::from("all")],
         "{:#}",
         r["coverage"]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Where neither fd backend can be used (no root for eBPF, and ptrace
+/// denied by a seccomp policy, as in a container without CAP_SYS_PTRACE:
+/// `fixtures/ptrace/no_ptrace.c`), `run --track fd` and `attach` fail
+/// with 125 in one sentence giving both reasons and what to change; a
+/// plain `run` traces the heap and its report says why fds were not.
+#[test]
+fn root_nothing_can_trace_fds_says_what_to_change() {
+    if !require_root("root_nothing_can_trace_fds_says_what_to_change") {
+        return;
+    }
+    let (uid, gid) = test_user();
+    let dir = unprivileged_dir();
+    let wrapper = dir.join("no_ptrace");
+    let st = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&wrapper)
+        .arg(leakscope_testutil::workspace_root().join("fixtures/ptrace/no_ptrace.c"))
+        .status()
+        .expect("cc");
+    assert!(st.success());
+    let run = |args: &[&str]| -> Output {
+        let mut all = vec!["./leakscope"];
+        all.extend_from_slice(args);
+        Command::new("setpriv")
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .arg(&wrapper)
+            .args(&all)
+            .current_dir(&dir)
+            .env("TMPDIR", &dir)
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    let one_sentence = |out: &Output, what: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{what}: {err}");
+        assert_eq!(err.lines().count(), 1, "{what}: {err}");
+        for part in [
+            "leakscope: error: ",
+            "nothing can trace fds here: eBPF could not be used (",
+            "CAP_BPF",
+            "is refused (EPERM) by a seccomp policy",
+            "allow the ptrace syscall",
+            "or run leakscope as root",
+        ] {
+            assert!(err.contains(part), "{what}: no {part:?} in {err}");
+        }
+    };
+    one_sentence(&run(&["run", "--track", "fd", "--", "./fd_leak"]), "run");
+
+    let mut own = Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .args(["sleep", "30"])
+        .spawn()
+        .unwrap();
+    let out = run(&["attach", "-p", &own.id().to_string()]);
+    let _ = own.kill();
+    let _ = own.wait();
+    one_sentence(&out, "attach");
+
+    // Not asked for by name: the heap is traced, the report says why
+    // fds were not.
+    let out_path = dir.join("report.json");
+    let out = run(&[
+        "run",
+        "--format",
+        "json",
+        "-o",
+        out_path.to_str().unwrap(),
+        "--",
+        "./fd_leak",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+    let fd = &r["coverage"][0];
+    assert_eq!((&fd["kind"], &fd["traced"]), (&"fd".into(), &"none".into()));
+    let why = fd["reason"].as_str().unwrap();
+    assert!(
+        why.starts_with("nothing can trace fds here") && why.contains("seccomp policy"),
+        "{why}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

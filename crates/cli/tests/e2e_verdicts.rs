@@ -164,40 +164,93 @@ fn as_nobody(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("setpriv (util-linux)")
 }
 
+/// [`as_nobody`], under `fixtures/ptrace/no_ptrace.c`: a seccomp policy
+/// that denies ptrace(2), as container runtimes' default profiles do.
+fn as_nobody_without_ptrace(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let wrapper = dir.join("no_ptrace");
+    if !wrapper.exists() {
+        let st = Command::new("cc")
+            .args(["-O2", "-o"])
+            .arg(&wrapper)
+            .arg(workspace_root().join("fixtures/ptrace/no_ptrace.c"))
+            .status()
+            .expect("cc");
+        assert!(st.success());
+    }
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&wrapper)
+        .arg(dir.join("leakscope"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("setpriv (util-linux)")
+}
+
+/// The backends `doctor --format json` says work, by name.
+fn working(out: &Output) -> Vec<String> {
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("no JSON ({e}): {:?} {}", out.status, stderr(out));
+    });
+    r["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["works"] == true)
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// `doctor` answers with 1 when no backend works (its verdict), keeping
-/// 125 for its own failure; 0 when one does.
+/// 125 for its own failure; 0 when one does. As nobody eBPF is refused;
+/// with the shim pointed at nothing, ptrace alone works (unless Yama
+/// forbids it to nobody), and under a seccomp policy that denies ptrace
+/// nothing does.
 #[test]
 fn root_doctor_without_a_working_backend_exits_1() {
     if !require_root("root_doctor_without_a_working_backend_exits_1") {
         return;
     }
     let dir = temp_dir("doctor");
-    let out = as_nobody(
-        &dir,
-        &["doctor", "--format", "json"],
-        &[(
-            leakscope_preload::SHIM_ENV,
-            "/nonexistent/libleakscope_shim.so",
-        )],
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("no JSON ({e}): {:?} {}", out.status, stderr(&out));
-    });
-    let works: Vec<&Value> = r["backends"]
+    let no_shim = [(
+        leakscope_preload::SHIM_ENV,
+        "/nonexistent/libleakscope_shim.so",
+    )];
+    let args = ["doctor", "--format", "json"];
+    let out = as_nobody(&dir, &args, &no_shim);
+    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    if scope.is_some_and(|s| s >= 2) {
+        // Yama leaves ptrace to CAP_SYS_PTRACE (2) or to no one (3).
+        assert!(working(&out).is_empty(), "{}", stderr(&out));
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    } else {
+        assert_eq!(working(&out), ["ptrace"], "{}", stderr(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+
+    let out = as_nobody_without_ptrace(&dir, &args, &no_shim);
+    assert!(working(&out).is_empty(), "{}", stderr(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ptrace = r["backends"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|b| b["works"] == true)
-        .collect();
-    assert!(works.is_empty(), "{works:#?}");
+        .find(|b| b["name"] == "ptrace")
+        .expect("a ptrace row");
+    let why = ptrace["reason"].as_str().unwrap_or_default();
+    assert!(why.contains("seccomp policy"), "{why}");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let out = as_nobody(&dir, &["doctor", "--format", "json"], &[]);
+
+    let out = as_nobody_without_ptrace(&dir, &args, &[]);
     assert_eq!(
-        out.status.code(),
-        Some(0),
+        working(&out),
+        ["preload"],
         "the shim works: {}",
         stderr(&out)
     );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

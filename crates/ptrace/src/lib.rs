@@ -34,6 +34,7 @@
 //! kernel (they run untraced), unwind, symbolize, or decide what leaked.
 #![deny(missing_docs)]
 
+mod access;
 mod filter;
 mod proc;
 mod trace;
@@ -86,6 +87,8 @@ pub(crate) struct Shared {
     detach: AtomicBool,
     detached: AtomicBool,
     tracer_tid: AtomicI32,
+    /// PTRACE_GET_SYSCALL_INFO: 1 once it answered, -1 once it failed.
+    syscall_info: AtomicI32,
 }
 
 /// The ptrace tracer: a thread that makes every ptrace call, and the
@@ -122,17 +125,13 @@ pub(crate) fn monotonic_ns() -> u64 {
 }
 
 /// Whether this process may use ptrace on its own children, and why not
-/// (Yama's `ptrace_scope`, seccomp filters of a container).
+/// with what to change (Yama's `ptrace_scope` 2 or 3, a container's
+/// seccomp policy): a forked child asks to be traced, for real.
 pub fn check() -> Result<(), Error> {
-    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok());
-    if scope == Some(3) {
-        return Err(Error::NotPermitted {
-            reason: "Yama's kernel.yama.ptrace_scope is 3 (no ptrace at all, until reboot)".into(),
-        });
+    match access::launch_refusal() {
+        None => Ok(()),
+        Some(reason) => Err(Error::NotPermitted { reason }),
     }
-    Ok(())
 }
 
 /// What `leakscope doctor` reports about ptrace here.
@@ -145,15 +144,35 @@ pub struct Facts {
     /// Whether the kernel has seccomp filters (`Seccomp:` in
     /// /proc/self/status and CONFIG_SECCOMP_FILTER).
     pub seccomp_filter: bool,
+    /// Whether PTRACE_GET_SYSCALL_INFO (Linux 5.3) decoded the stops of
+    /// the traced `/bin/true`; None when nothing was traced.
+    pub syscall_info: Option<bool>,
+    /// Whether leakscope holds CAP_SYS_PTRACE (attach to any process).
+    pub cap_sys_ptrace: bool,
     /// A launched child could be traced, seccomp-filtered, or why not.
     pub launch: Result<(), String>,
 }
 
+impl Facts {
+    /// Which running processes `leakscope attach` may trace with ptrace
+    /// here, when a launched child can be traced.
+    pub fn attach_scope(&self) -> &'static str {
+        match (self.ptrace_scope, self.cap_sys_ptrace) {
+            (Some(3), _) => "none (kernel.yama.ptrace_scope=3)",
+            (_, true) => "any process (CAP_SYS_PTRACE)",
+            (Some(2), false) => "none without CAP_SYS_PTRACE (kernel.yama.ptrace_scope=2)",
+            (Some(1), false) => {
+                "only leakscope's own descendants (kernel.yama.ptrace_scope=1; \
+                 `sysctl kernel.yama.ptrace_scope=0` as root lets an owner attach)"
+            }
+            _ => "its owner's processes (no set-user-ID ones)",
+        }
+    }
+}
+
 /// Looks at what ptrace needs here, and traces `/bin/true` for real.
 pub fn facts() -> Facts {
-    let ptrace_scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
+    let ptrace_scope = access::ptrace_scope();
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
         status
@@ -162,9 +181,13 @@ pub fn facts() -> Facts {
             .map(|v| v.trim().to_string())
     };
     let no_new_privs = field("NoNewPrivs:").as_deref() == Some("1");
+    let cap_sys_ptrace = field("CapEff:")
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
+        .is_some_and(|c| c & (1 << 19) != 0);
     // SAFETY: PR_GET_SECCOMP takes no memory arguments.
     let seccomp_filter = field("Seccomp_filters:").is_some()
         || unsafe { libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0) } >= 0;
+    let mut syscall_info = None;
     let launch = (|| -> Result<(), String> {
         check().map_err(|e| e.to_string())?;
         let mut t = Tracer::new(Config::default()).map_err(|e| e.to_string())?;
@@ -177,6 +200,13 @@ pub fn facts() -> Facts {
         for _ in 0..200 {
             let _ = leakscope_event::Backend::poll(&mut t, Duration::from_millis(10), &mut |_| {});
             if reaped.status(pid).is_some() {
+                let info = t.shared.syscall_info.load(Ordering::SeqCst);
+                syscall_info = (info != 0).then_some(info > 0);
+                if info < 0 {
+                    return Err("PTRACE_GET_SYSCALL_INFO (Linux 5.3) failed: the stops of \
+                                a traced /bin/true could not be decoded"
+                        .into());
+                }
                 return Ok(());
             }
         }
@@ -186,6 +216,8 @@ pub fn facts() -> Facts {
         ptrace_scope,
         no_new_privs,
         seccomp_filter,
+        syscall_info,
+        cap_sys_ptrace,
         launch,
     }
 }
@@ -204,6 +236,7 @@ impl Tracer {
             detach: AtomicBool::new(false),
             detached: AtomicBool::new(false),
             tracer_tid: AtomicI32::new(0),
+            syscall_info: AtomicI32::new(0),
         });
         let (requests, req_rx) = mpsc::channel();
         let (ev_tx, events) = mpsc::channel();

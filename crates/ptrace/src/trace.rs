@@ -216,30 +216,51 @@ impl State {
         Ok((cmd, child))
     }
 
+    /// Seizes every thread of `pid` (PTRACE_SEIZE, then PTRACE_INTERRUPT
+    /// so that each restarts with PTRACE_SYSCALL). Threads it creates
+    /// meanwhile: a seized thread's new threads are followed by
+    /// PTRACE_O_TRACECLONE, and /proc/PID/task is read again until it
+    /// lists none not seized (one created by a thread not yet seized).
     fn attach(&mut self, pid: Pid) -> io::Result<()> {
         self.every_syscall = true;
         self.seized = true;
         let p = pid.0 as i32;
-        let tids: Vec<i32> = std::fs::read_dir(format!("/proc/{p}/task"))?
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
         self.new_process(pid.0, None, false);
-        for t in tids {
-            // SAFETY: PTRACE_SEIZE takes no memory arguments.
-            let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, t, 0, OPTIONS as libc::c_long) };
-            if r != 0 {
-                let e = io::Error::last_os_error();
-                if t == p {
-                    return Err(e);
-                }
-                continue; // a thread that just exited
+        let mut tried = HashSet::new();
+        loop {
+            let tids: Vec<i32> = match std::fs::read_dir(format!("/proc/{p}/task")) {
+                Ok(dir) => dir
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .filter(|t| !tried.contains(t))
+                    .collect(),
+                Err(e) if tried.is_empty() => return Err(crate::access::attach_error(pid.0, &e)),
+                Err(_) => Vec::new(), // it exited meanwhile
+            };
+            if tids.is_empty() {
+                break;
             }
-            // Stop it so that it restarts with PTRACE_SYSCALL.
-            // SAFETY: as above.
-            unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, t, 0, 0) };
-            self.tasks.insert(t, task(pid.0));
-            self.threads.entry(pid.0).or_default().insert(t);
-            self.expect_stop.insert(t);
+            // The thread-group leader first: its refusal is the process's.
+            let mut tids = tids;
+            tids.sort_by_key(|t| (*t != p, *t));
+            for t in tids {
+                tried.insert(t);
+                // SAFETY: PTRACE_SEIZE takes no memory arguments.
+                let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, t, 0, OPTIONS as libc::c_long) };
+                if r != 0 {
+                    let e = io::Error::last_os_error();
+                    if t == p {
+                        return Err(crate::access::attach_error(pid.0, &e));
+                    }
+                    // A thread that just exited, or one a seized thread
+                    // created (already ours: its clone event adds it).
+                    continue;
+                }
+                // SAFETY: as above.
+                unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, t, 0, 0) };
+                self.tasks.insert(t, task(pid.0));
+                self.threads.entry(pid.0).or_default().insert(t);
+                self.expect_stop.insert(t);
+            }
         }
         let time = self.now();
         for mapping in proc::exec_mappings(p) {
@@ -248,24 +269,48 @@ impl State {
         Ok(())
     }
 
-    /// Detaches from every tracee (attach mode's end): each is stopped
-    /// with PTRACE_INTERRUPT, then let go with what it was about to get.
+    /// Detaches from every tracee (attach mode's end), leaving each
+    /// running as it was (or stopped, if job control stopped it): each is
+    /// stopped with PTRACE_INTERRUPT, then let go with the signal it was
+    /// about to get. Tasks a fork or clone created meanwhile are waited
+    /// for and let go too, so that none is left in a ptrace stop.
     fn detach_all(&mut self) {
+        let detach = |t: i32, sig: i32| {
+            // SAFETY: a stopped tracee.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, t, 0, sig as libc::c_long) };
+        };
+        // Held in their first stop: already stopped.
+        for t in std::mem::take(&mut self.early) {
+            detach(t, 0);
+        }
         let tids: Vec<i32> = self.tasks.keys().copied().collect();
         for &t in &tids {
             // SAFETY: our tracee.
             unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, t, 0, 0) };
         }
         let mut left: HashSet<i32> = tids.into_iter().collect();
-        while !left.is_empty() {
+        // Every tracee stops or exits within microseconds of the
+        // interrupt; the limit only guards against a kernel surprise.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !left.is_empty() && std::time::Instant::now() < deadline {
             let mut status = 0;
             // SAFETY: plain wait.
-            let t = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::__WNOTHREAD) };
+            let t = unsafe {
+                libc::waitpid(
+                    -1,
+                    &mut status,
+                    libc::__WALL | libc::__WNOTHREAD | libc::WNOHANG,
+                )
+            };
+            if t == 0 {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                continue;
+            }
             if t < 0 {
                 if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
                     continue;
                 }
-                break;
+                break; // ECHILD: no tracee left
             }
             if !libc::WIFSTOPPED(status) {
                 left.remove(&t);
@@ -274,18 +319,39 @@ impl State {
             }
             let event = (status >> 16) & 0xff;
             let sig = libc::WSTOPSIG(status);
-            // A signal on its way in is handed over with the detach.
+            if [
+                libc::PTRACE_EVENT_FORK,
+                libc::PTRACE_EVENT_VFORK,
+                libc::PTRACE_EVENT_CLONE,
+            ]
+            .contains(&event)
+            {
+                // The new task was seized with its parent: it stops too.
+                let mut msg: libc::c_ulong = 0;
+                // SAFETY: `msg` receives the new task's id.
+                unsafe { libc::ptrace(libc::PTRACE_GETEVENTMSG, t, 0, &mut msg) };
+                if msg != 0 {
+                    left.insert(msg as i32);
+                }
+            }
+            // A signal on its way in (a signal-delivery-stop) is handed
+            // over with the detach; a seized tracee's group-stop is a
+            // PTRACE_EVENT_STOP, after which it stays stopped untraced.
             let pass = if event == 0 && sig != (libc::SIGTRAP | 0x80) {
                 sig
             } else {
                 0
             };
-            // SAFETY: a stopped tracee.
-            unsafe { libc::ptrace(libc::PTRACE_DETACH, t, 0, pass as libc::c_long) };
+            detach(t, pass);
             left.remove(&t);
         }
         self.tasks.clear();
         self.threads.clear();
+        self.expect_stop.clear();
+        for (_, fd) in self.pidfds.drain() {
+            // SAFETY: our own pidfd.
+            unsafe { libc::close(fd) };
+        }
         self.shared.detached.store(true, Ordering::SeqCst);
     }
 
@@ -317,7 +383,14 @@ impl State {
         if self.expect_stop.remove(&tid)
             && (sig == libc::SIGSTOP || event == libc::PTRACE_EVENT_STOP)
         {
-            self.resume(tid, 0);
+            if event == libc::PTRACE_EVENT_STOP && is_stop_signal(sig) {
+                // Seized while job control had it stopped: it stays
+                // stopped until SIGCONT, as untraced.
+                // SAFETY: a seized tracee in group-stop.
+                unsafe { libc::ptrace(libc::PTRACE_LISTEN, tid, 0, 0) };
+            } else {
+                self.resume(tid, 0);
+            }
             return;
         }
         match event {
@@ -336,7 +409,7 @@ impl State {
             libc::PTRACE_EVENT_STOP => {
                 // A group-stop of a seized tracee: it stays stopped, as
                 // job control wants, until SIGCONT (PTRACE_LISTEN).
-                if [libc::SIGSTOP, libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU].contains(&sig) {
+                if is_stop_signal(sig) {
                     // SAFETY: a seized tracee in group-stop.
                     unsafe { libc::ptrace(libc::PTRACE_LISTEN, tid, 0, 0) };
                 } else {
@@ -375,6 +448,11 @@ impl State {
                 words.as_mut_ptr(),
             )
         };
+        let ok = if n > 0 { 1 } else { -1 };
+        let _ =
+            self.shared
+                .syscall_info
+                .compare_exchange(0, ok, Ordering::SeqCst, Ordering::SeqCst);
         (n > 0).then(|| ((words[0] & 0xff) as u8, words))
     }
 
@@ -982,6 +1060,10 @@ impl State {
         };
         proc::sock_addrs(pidfd, fd)
     }
+}
+
+fn is_stop_signal(sig: i32) -> bool {
+    [libc::SIGSTOP, libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU].contains(&sig)
 }
 
 fn task(pid: u32) -> Task {

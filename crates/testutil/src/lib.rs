@@ -587,6 +587,37 @@ pub fn heap_fixture(name: &str) -> PathBuf {
     bin
 }
 
+/// The account tests of unprivileged use run as: created when missing
+/// (`useradd --system`, so root is needed), so that they need no setup.
+pub const TEST_USER: &str = "leakscope-test";
+
+/// The uid and gid of [`TEST_USER`], created first when missing.
+pub fn test_user() -> (u32, u32) {
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, TEST_USER]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    if id("-u").is_none() {
+        let out = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .arg(TEST_USER)
+            .output()
+            .expect("useradd (passwd)");
+        // Another test may have created it meanwhile.
+        assert!(
+            out.status.success() || id("-u").is_some(),
+            "useradd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (id("-u").unwrap(), id("-g").unwrap())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
