@@ -72,12 +72,19 @@ EXAMPLES:
 
 const ATTACH_HELP: &str = "\
 Resources open before tracing began are listed apart, without a stack, and
-are never counted as leaks. Exit status: 0, or 3 with --fail-on-leak when
-leaks were found (4 when none were but a kind was not traced), or 125 when
-leakscope failed (bad usage, no such process, no permission for eBPF).
+are never counted as leaks. fds are traced with eBPF (root), or with ptrace
+(the process's owner suffices; --backend auto falls back to it): every
+thread is seized, and since no seccomp filter can be added to a running
+process, each of its syscalls stops it while attached (tens of
+microseconds each, as under strace -p). Ctrl-C or --duration detaches, and
+the process runs on untraced. Exit status: 0, or 3 with --fail-on-leak
+when leaks were found (4 when none were but a kind was not traced), or 125
+when leakscope failed (bad usage, no such process, ptrace refused and no
+permission for eBPF: the error says what to change).
 
 EXAMPLES:
   leakscope attach -p 4242                  # until the process exits or Ctrl-C
+  leakscope attach -p 4242 --backend ptrace --duration 60   # no root needed
   leakscope attach -p 4242 --interval 60    # a report every minute, with growth
   leakscope attach -p 4242 --track tcp      # sockets left in CLOSE_WAIT
   leakscope attach -p 4242 --min-age 30 --format json -o leaks.json";

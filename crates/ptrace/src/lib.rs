@@ -367,8 +367,9 @@ impl leakscope_event::Backend for Tracer {
         if self.attached {
             notes.push(
                 "ptrace attached: no seccomp filter can be added to a running process, so \
-                 every syscall of the process stopped it twice (its syscalls ran several \
-                 times slower while traced)"
+                 every syscall of the process stopped it twice while traced, each then \
+                 taking tens of microseconds instead of a fraction of one (as under \
+                 strace -p)"
                     .into(),
             );
         } else if !self.shared.seccomp {
