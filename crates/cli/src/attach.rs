@@ -65,7 +65,7 @@ pub struct AttachArgs {
 }
 
 /// Executable file mappings of a running process, as if mapped at time 0.
-fn current_maps(pid: Pid) -> Vec<Event> {
+pub(crate) fn current_maps(pid: Pid) -> Vec<Event> {
     let text = std::fs::read_to_string(format!("/proc/{}/maps", pid.0)).unwrap_or_default();
     let mut out = Vec::new();
     for line in text.lines() {
@@ -136,7 +136,7 @@ fn tcp_table(pid: Pid) -> HashMap<u64, String> {
 }
 
 /// What `pid` holds now, minus the fds the ledger learned about by tracing.
-fn preexisting(pid: Pid, traced: &HashSet<i32>) -> Vec<Preexisting> {
+pub(crate) fn preexisting(pid: Pid, traced: &HashSet<i32>) -> Vec<Preexisting> {
     let tcp = tcp_table(pid);
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", pid.0)) else {
@@ -173,7 +173,7 @@ fn preexisting(pid: Pid, traced: &HashSet<i32>) -> Vec<Preexisting> {
     out
 }
 
-fn alive(pid: Pid) -> bool {
+pub(crate) fn alive(pid: Pid) -> bool {
     // A zombie has no fd table or memory left to trace.
     std::fs::read_to_string(format!("/proc/{}/stat", pid.0))
         .map(|s| {

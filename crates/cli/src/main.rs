@@ -8,6 +8,7 @@ mod attach;
 mod backends;
 mod doctor;
 mod pipeline;
+mod record;
 mod signals;
 mod snoop;
 
@@ -43,6 +44,9 @@ pub mod exit {
     pub const NOT_EXECUTABLE: u8 = 126;
     /// The command was not found.
     pub const NOT_FOUND: u8 = 127;
+    /// `report`: the file is not a recording, or a corrupt one, one cut
+    /// before its first complete chunk, or one of a newer format.
+    pub const BAD_RECORDING: u8 = 5;
 }
 
 const AFTER_HELP: &str = "\
@@ -69,6 +73,27 @@ EXAMPLES:
   leakscope run --track tcp -- ./server        # sockets left in CLOSE_WAIT
   leakscope run --backend preload --track heap -- ./myprog   # no root needed
   leakscope run --track heap --suppressions lsan.supp -- ./myprog";
+
+const RECORD_HELP: &str = "\
+The recording keeps, in full, only what is outstanding: resources acquired
+and released again between two commits (--commit-every) are counted, not
+written. It is written in checksummed chunks, so the file of a recorder
+that was killed reads up to its last complete chunk. Exit status: the
+command's, as with run (0 with -p); 125 when leakscope failed.
+
+EXAMPLES:
+  leakscope record -o qa.lsr -- ./test-suite
+  leakscope record -o qa.lsr -p 4242 --duration 7h
+  leakscope report qa.lsr";
+
+const REPORT_HELP: &str = "\
+Exit status: 0; 5 when the file is not a recording, is corrupt, ends
+before its first complete chunk, or was written by a newer leakscope (one
+line says which); 125 when it cannot be read or the report not written.
+
+EXAMPLES:
+  leakscope report qa.lsr
+  leakscope report qa.lsr --format json -o qa.json";
 
 const ATTACH_HELP: &str = "\
 Resources open before tracing began are listed apart, without a stack, and
@@ -113,6 +138,13 @@ enum Command {
     /// Print fd syscalls (open, close, unlink, socket, ...) live as they happen.
     #[command(after_help = snoop::AFTER_HELP)]
     Snoop(snoop::SnoopArgs),
+    /// Run a command (or attach to a process with -p) and record what it
+    /// leaves outstanding into a file, for `report` later or elsewhere.
+    #[command(after_help = RECORD_HELP)]
+    Record(record::RecordArgs),
+    /// Report a recording made by `record` (or `run --record`).
+    #[command(after_help = REPORT_HELP)]
+    Report(record::ReportArgs),
     /// Check which backends work on this machine, and why not (loads each
     /// eBPF program: the verifier's cost per program).
     #[command(after_help = doctor::AFTER_HELP)]
@@ -175,6 +207,10 @@ pub struct RunArgs {
     backend: BackendChoice,
     #[command(flatten)]
     suppress: SuppressArgs,
+    /// Also save the recording the report is made of to FILE (mode
+    /// 0600), for `leakscope report FILE` later.
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
     /// The command to run, after `--`.
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -234,6 +270,8 @@ fn main() -> ExitCode {
         Command::Run(args) => report_error(run(args)),
         Command::Attach(args) => report_error(attach::run(args)),
         Command::Snoop(args) => report_error(snoop::run(args)),
+        Command::Record(args) => report_error(record::run(args)),
+        Command::Report(args) => report_error(record::report(args)),
         Command::Doctor(args) => report_error(doctor::run(args)),
     }
 }
@@ -272,7 +310,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         suppressions: args.suppress.load()?,
     };
-    let outcome = pipeline::run(&config)?;
+    let outcome = pipeline::run(&config, args.record.as_deref())?;
     let leaks_found = !outcome.report.leaks.is_empty();
     let text = match args.format {
         Format::Text => leakscope_report::render_text(&outcome.report, args.top),
@@ -363,7 +401,7 @@ pub(crate) fn check_output(path: Option<&std::path::Path>) -> anyhow::Result<()>
     })
 }
 
-fn write_report(path: Option<&std::path::Path>, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_report(path: Option<&std::path::Path>, text: &str) -> anyhow::Result<()> {
     use anyhow::Context;
     let result = match path {
         None => std::io::stderr().write_all(text.as_bytes()),

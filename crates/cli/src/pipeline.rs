@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use leakscope_event::{Backend, Event, FileOffset, Pid, RawStack, StackId, TcpState};
 use leakscope_ledger::{group, Leak, Resource};
-use leakscope_report::{Counts, Example, Group, Report, StackFrame, Suppressed, Target};
+use leakscope_record::Stack;
+use leakscope_report::{Example, Group, Report, StackFrame, Suppressed};
 use leakscope_stacks::{ModuleMaps, RawFrame, Unwinder};
 use leakscope_symbolize::Symbolizer;
 
@@ -88,7 +89,32 @@ fn resolve(prog: &str) -> anyhow::Result<PathBuf> {
 /// this covers records other CPUs were still writing.
 pub(crate) const DRAIN: Duration = Duration::from_millis(10);
 
-pub fn run(config: &Config) -> anyhow::Result<Outcome> {
+/// How often a recording commits what changed: the most a killed
+/// recorder loses, and the resolution of growth over time.
+pub const COMMIT_EVERY: Duration = Duration::from_secs(10);
+
+/// `run`: [`trace`] into memory, then the report of that recording, the
+/// one `leakscope report` makes of a recording file. With `record_to`, the
+/// recording is also saved there.
+pub fn run(config: &Config, record_to: Option<&Path>) -> anyhow::Result<Outcome> {
+    let (bytes, status) = trace(config, Vec::new(), COMMIT_EVERY)?;
+    if let Some(path) = record_to {
+        use std::io::Write;
+        crate::record::create(path).and_then(|mut f| f.write_all(&bytes).map_err(Into::into))?;
+    }
+    let recording = leakscope_record::read(&bytes)
+        .map_err(|e| anyhow::anyhow!("reading back the recording: {e}"))?;
+    let report = crate::record::report_of(&recording, &config.suppressions);
+    Ok(Outcome { report, status })
+}
+
+/// Launches the command under its backends and records the trace into
+/// `out` until the process tree is gone, committing every `every`.
+pub fn trace<W: std::io::Write>(
+    config: &Config,
+    out: W,
+    every: Duration,
+) -> anyhow::Result<(W, Status)> {
     let prog = resolve(&config.command[0])?;
     let mut backend = crate::backends::open(
         config.tracking,
@@ -100,6 +126,9 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
     signals::install();
 
     let start = Instant::now();
+    let started_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let mut cmd = Command::new(&prog);
     cmd.arg0(&config.command[0]).args(&config.command[1..]);
     let mut child = backend.spawn(&mut cmd).map_err(|e| {
@@ -109,12 +138,22 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
         )
     })?;
     let root = Pid(child.id());
-
-    let mut ledger = leakscope_ledger::Ledger::default();
-    let mut maps = ModuleMaps::new();
+    let meta = leakscope_record::Meta {
+        command: config.command.clone(),
+        pid: Some(root.0),
+        attach: false,
+        fd: config.tracking.fd,
+        heap: config.tracking.heap,
+        tcp: config.tracking.tcp,
+        started_unix_s,
+    };
+    let writer = leakscope_record::Writer::new(out, &meta)
+        .map_err(|e| anyhow::anyhow!("writing the recording: {e}"))?;
+    let mut rec = leakscope_record::Recorder::new(writer);
     let mut live: HashSet<Pid> = HashSet::from([root]);
     let mut status = None;
     let mut gone_since: Option<Instant> = None;
+    let mut last_commit = Instant::now();
     let mut batch = Vec::new();
     loop {
         // Once the command has exited, only a short drain remains.
@@ -123,7 +162,16 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
             .poll(timeout, &mut |ev| batch.push(ev))
             .map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
         for ev in batch.drain(..) {
-            apply(&ev, &mut backend, &mut ledger, &mut maps, &mut live);
+            apply(&ev, &mut backend, &mut rec.ledger, &mut rec.maps, &mut live);
+        }
+        if last_commit.elapsed() >= every && status.is_none() {
+            last_commit = Instant::now();
+            let settled = backend.settled();
+            rec.commit(&mut backend, start.elapsed().as_secs_f64(), settled)
+                .map_err(|e| anyhow::anyhow!("writing the recording: {e}"))?;
+            // What the backend holds back reaches the ledger by the next
+            // commit.
+            backend.settle();
         }
         if let Some(sig) = signals::take() {
             if signals::forwarded(sig) && status.is_none() {
@@ -154,7 +202,7 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
                             break;
                         }
                         for ev in batch.drain(..) {
-                            apply(&ev, &mut backend, &mut ledger, &mut maps, &mut live);
+                            apply(&ev, &mut backend, &mut rec.ledger, &mut rec.maps, &mut live);
                         }
                     }
                     break;
@@ -170,51 +218,25 @@ pub fn run(config: &Config) -> anyhow::Result<Outcome> {
         (None, Some(s)) => Status::Signal(s),
         _ => Status::Code(0),
     };
-
-    // Pairs settled in the kernel are an acquisition and a release each.
-    let events = ledger.events() + 2 * backend.settled();
-    let lost = ledger.lost();
-    let freed_by_exec = ledger.freed_by_exec();
-    let leaks = ledger.finish();
-    let (groups, kept) = build_groups(
-        leaks,
-        &mut backend,
-        &maps,
-        config.tracking,
-        config.suppressions.has_defaults(),
-    );
-    let (groups, mut suppressed) = config.suppressions.apply(groups);
-    suppressed.extend(kept);
-    let mut notes = backend.notes();
-    notes.extend(lost_note(lost));
-    notes.extend(exec_note(freed_by_exec));
-    let report = Report {
-        target: Target {
-            command: config.command.clone(),
-            pid: Some(root.0),
-            exit_code: Some(match status {
-                Status::Code(c) => c,
-                Status::Signal(s) => 128 + s,
-            }),
-            signal: match status {
-                Status::Code(_) => None,
-                Status::Signal(s) => Some(signals::name(s)),
-            },
+    let end = leakscope_record::End {
+        exit_code: Some(match status {
+            Status::Code(c) => c,
+            Status::Signal(s) => 128 + s,
+        }),
+        signal: match status {
+            Status::Code(_) => None,
+            Status::Signal(s) => Some(signals::name(s)),
         },
         backend: backend.name().to_string(),
-        duration_s: duration.as_secs_f64(),
-        events: Counts {
-            total: events,
-            lost,
-            settled: 2 * backend.settled(),
-        },
-        notes,
-        coverage: backend.coverage(),
-        leaks: groups,
-        suppressed,
+        notes: backend.notes(),
+        coverage: crate::record::coverage_to_record(&backend.coverage()),
         preexisting: Vec::new(),
+        freed_by_exec: (0, 0),
     };
-    Ok(Outcome { report, status })
+    let out = rec
+        .finish(&mut backend, duration.as_secs_f64(), end)
+        .map_err(|e| anyhow::anyhow!("writing the recording: {e}"))?;
+    Ok((out, status))
 }
 
 /// What the reader must know when events were lost.
@@ -287,7 +309,9 @@ struct GroupKey {
 
 /// The leak groups of `leaks`, and (with `runtime_kept`, the default
 /// suppressions) what was left out because the C runtime keeps it on
-/// purpose ([`Backend::kept_by_runtime`]), counted as suppressed.
+/// purpose ([`Backend::kept_by_runtime`]), counted as suppressed. Stacks
+/// are unwound now, from the backend and the maps (periodic `attach`
+/// reports, made while the trace goes on).
 pub(crate) fn build_groups(
     leaks: Vec<Leak>,
     backend: &mut dyn Backend,
@@ -295,18 +319,69 @@ pub(crate) fn build_groups(
     tracking: crate::backends::Tracking,
     runtime_kept: bool,
 ) -> (Vec<Group>, Vec<Suppressed>) {
+    let leaks: Vec<(Leak, Option<String>)> = leaks
+        .into_iter()
+        .map(|l| {
+            let kept = match &l.resource {
+                Resource::Heap(b) => backend.kept_by_runtime(l.holder, b.addr),
+                Resource::Fd(_) => None,
+            };
+            (l, kept.map(str::to_string))
+        })
+        .collect();
+    let mut unwinder = Unwinder::new();
+    let mut unwound: HashMap<StackId, Stack> = HashMap::new();
+    for (leak, _) in &leaks {
+        let id = leak.resource.stack();
+        if unwound.contains_key(&id) {
+            continue;
+        }
+        let u = match backend.raw_stack(id) {
+            RawStack::Missing(why) => Stack {
+                frames: Vec::new(),
+                note: Some(why),
+            },
+            raw => {
+                let u = unwinder.unwind(
+                    maps,
+                    leak.resource.acquired_by(),
+                    leak.resource.time(),
+                    &raw,
+                );
+                Stack {
+                    frames: u.frames,
+                    note: u.truncated,
+                }
+            }
+        };
+        unwound.insert(id, u);
+    }
+    group_leaks(leaks, &|id| &unwound[&id], tracking, runtime_kept)
+}
+
+/// The leak groups of `leaks` (each with what the C runtime keeps it as,
+/// if it does), their stacks found by `stack`: grouped by kind and
+/// unwound stack, symbolized, merged by source line. With `runtime_kept`
+/// (the default suppressions), what the runtime keeps is counted as
+/// suppressed instead.
+pub(crate) fn group_leaks<'s>(
+    leaks: Vec<(Leak, Option<String>)>,
+    stack: &dyn Fn(StackId) -> &'s Stack,
+    tracking: crate::backends::Tracking,
+    runtime_kept: bool,
+) -> (Vec<Group>, Vec<Suppressed>) {
     let mut kept: Vec<Suppressed> = Vec::new();
     let leaks: Vec<Leak> = leaks
         .into_iter()
-        .filter(|l| {
+        .filter_map(|(l, what)| {
             let Resource::Heap(b) = &l.resource else {
-                return true;
+                return Some(l);
             };
             if !runtime_kept {
-                return true;
+                return Some(l);
             }
-            let Some(what) = backend.kept_by_runtime(l.holder, b.addr) else {
-                return true;
+            let Some(what) = what else {
+                return Some(l);
             };
             let pattern = format!("<{what}, kept by glibc>");
             let i = match kept.iter().position(|k| k.pattern == pattern) {
@@ -324,38 +399,16 @@ pub(crate) fn build_groups(
             };
             kept[i].count += 1;
             kept[i].bytes += b.size;
-            false
+            None
         })
         .collect();
-    let mut unwinder = Unwinder::new();
-    let mut unwound: HashMap<StackId, (Vec<RawFrame>, Option<String>)> = HashMap::new();
-    for leak in &leaks {
-        let id = leak.resource.stack();
-        if unwound.contains_key(&id) {
-            continue;
-        }
-        let raw = backend.raw_stack(id);
-        let u = match &raw {
-            RawStack::Missing(why) => (Vec::new(), Some(why.clone())),
-            _ => {
-                let u = unwinder.unwind(
-                    maps,
-                    leak.resource.acquired_by(),
-                    leak.resource.time(),
-                    &raw,
-                );
-                (u.frames, u.truncated)
-            }
-        };
-        unwound.insert(id, u);
-    }
     // The preload shim's connection to leakscope lives in the traced
     // process; it is ours, not the program's.
     let leaks: Vec<Leak> = leaks
         .into_iter()
         .filter(|l| {
             !matches!(l.resource, Resource::Fd(_))
-                || !unwound[&l.resource.stack()].0.iter().any(|f| {
+                || !stack(l.resource.stack()).frames.iter().any(|f| {
                     f.module
                         .as_ref()
                         .is_some_and(|m| m.path.ends_with(leakscope_preload::SHIM_NAME))
@@ -373,7 +426,7 @@ pub(crate) fn build_groups(
         })
         .collect();
     let groups = group(leaks, |l| {
-        let (frames, _) = &unwound[&l.resource.stack()];
+        let frames = &stack(l.resource.stack()).frames;
         let (kind, resource) = match &l.resource {
             Resource::Fd(_) if tracking.tcp && close_wait(l) => ("tcp", "tcp".to_string()),
             Resource::Fd(a) => ("fd", a.kind.name().to_string()),
@@ -390,7 +443,7 @@ pub(crate) fn build_groups(
         .into_iter()
         .map(|g| {
             let first = &g.leaks[0];
-            let (frames, note) = &unwound[&first.resource.stack()];
+            let Stack { frames, note } = stack(first.resource.stack());
             let stack: Vec<StackFrame> = symbolizer
                 .symbolize(frames)
                 .iter()

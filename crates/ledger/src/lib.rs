@@ -448,10 +448,16 @@ impl Ledger {
         v
     }
 
-    /// Leaks so far plus everything still outstanding, without consuming
-    /// the ledger (for reports while tracing goes on).
-    pub fn snapshot(&self) -> Vec<Leak> {
-        let mut out = self.leaks.clone();
+    /// Leaks found at exits so far (and at execs' ends of a heap), in the
+    /// order they were found: the list only grows, so a reader that keeps
+    /// how many it has seen can take the new ones.
+    pub fn exited(&self) -> &[Leak] {
+        &self.leaks
+    }
+
+    /// What live processes hold now (`at` is [`Ledger::now`]), unsorted.
+    pub fn outstanding(&self) -> Vec<Leak> {
+        let mut out = Vec::new();
         // A table shared by several live processes is listed once, under
         // its lowest pid.
         let mut holders: BTreeMap<TableId, Pid> = BTreeMap::new();
@@ -473,6 +479,14 @@ impl Ledger {
                 at: self.now,
             }));
         }
+        out
+    }
+
+    /// Leaks so far plus everything still outstanding, without consuming
+    /// the ledger (for reports while tracing goes on).
+    pub fn snapshot(&self) -> Vec<Leak> {
+        let mut out = self.leaks.clone();
+        out.extend(self.outstanding());
         out.sort_by_key(|l| (l.resource.time(), l.holder, l.fd));
         out
     }

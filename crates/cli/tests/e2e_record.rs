@@ -1,0 +1,252 @@
+//! `record` and `report`: a report made from a recording is the one `run`
+//! makes (byte for byte, `run` being a recording in memory followed by its
+//! report).
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use leakscope_testutil::{fixture, require_root, workspace_root};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_leakscope");
+
+fn heap_fixture(name: &str) -> PathBuf {
+    leakscope_testutil::ensure_shim(Path::new(BIN));
+    let out = workspace_root().join("target/fixtures");
+    std::fs::create_dir_all(&out).unwrap();
+    let bin = out.join(format!("record-{name}-{}", std::process::id()));
+    let st = Command::new("cc")
+        .args(["-g", "-O2", "-fomit-frame-pointer", "-pthread", "-o"])
+        .arg(&bin)
+        .arg(workspace_root().join(format!("fixtures/heap/{name}.c")))
+        .status()
+        .expect("run cc");
+    assert!(st.success());
+    bin
+}
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("leakscope-rec-{}-{name}", std::process::id()))
+}
+
+fn leakscope(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run leakscope")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn report_json(rec: &Path) -> Value {
+    let out = tmp("report.json");
+    let o = leakscope(&["report", s(rec), "--format", "json", "-o", s(&out)]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let _ = std::fs::remove_file(out);
+    v
+}
+
+fn functions(g: &Value) -> Vec<&str> {
+    g["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["function"].as_str())
+        .collect()
+}
+
+/// Leak count per function of `names` found on each group's stack.
+fn counts(r: &Value, names: &[&str]) -> Vec<(String, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for g in r["leaks"].as_array().unwrap() {
+        let f = functions(g);
+        let who = names
+            .iter()
+            .find(|n| f.contains(n))
+            .unwrap_or_else(|| panic!("unexplained group: {g}"));
+        *out.entry(who.to_string()).or_insert(0) += g["count"].as_u64().unwrap();
+    }
+    out.into_iter().collect()
+}
+
+/// `run --record` keeps the recording its report was made of: `report`
+/// of it prints the very same bytes, as JSON and as text.
+#[test]
+fn run_and_the_report_of_its_recording_are_identical() {
+    let bin = heap_fixture("nested");
+    for format in ["json", "text"] {
+        let (live, rec, replay) = (tmp("live"), tmp("run.lsr"), tmp("replay"));
+        let o = leakscope(&[
+            "run",
+            "--backend",
+            "preload",
+            "--track",
+            "heap",
+            "--format",
+            format,
+            "-o",
+            s(&live),
+            "--record",
+            s(&rec),
+            "--",
+            s(&bin),
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{o:?}");
+        let o = leakscope(&["report", s(&rec), "--format", format, "-o", s(&replay)]);
+        assert_eq!(o.status.code(), Some(0), "{o:?}");
+        let (a, b) = (
+            std::fs::read_to_string(&live).unwrap(),
+            std::fs::read_to_string(&replay).unwrap(),
+        );
+        assert!(a.contains("parse_line"), "{a}");
+        assert_eq!(a, b, "{format}: the live report and the recording's differ");
+        for p in [live, rec, replay] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    let _ = std::fs::remove_file(bin);
+}
+
+/// `record -o` then `report`: the leaks `run` finds (13 x 64 bytes from
+/// parse_line under wrapper1; wrapper2's blocks were freed), in a file
+/// only its owner can read, also when it replaced a readable one.
+#[test]
+fn record_then_report() {
+    let bin = heap_fixture("nested");
+    let rec = tmp("nested.lsr");
+    std::fs::write(&rec, "old").unwrap();
+    std::fs::set_permissions(&rec, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = leakscope(&[
+        "record",
+        "-o",
+        s(&rec),
+        "--backend",
+        "preload",
+        "--track",
+        "heap",
+        "--",
+        s(&bin),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let mode = std::fs::metadata(&rec).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let r = report_json(&rec);
+    let leaks = r["leaks"].as_array().unwrap();
+    assert_eq!(leaks.len(), 1, "{leaks:#?}");
+    assert_eq!(
+        (leaks[0]["count"].as_u64(), leaks[0]["bytes"].as_u64()),
+        (Some(13), Some(832))
+    );
+    let f = functions(&leaks[0]);
+    assert!(
+        f.contains(&"parse_line") && f.contains(&"wrapper1"),
+        "{f:?}"
+    );
+    assert!(!f.contains(&"wrapper2"));
+    assert_eq!(r["target"]["exit_code"], 0);
+    assert_eq!(r["backend"], "preload");
+    assert_eq!(r["coverage"][1]["kind"], "heap");
+    assert_eq!(r["coverage"][1]["traced"], "all");
+    let _ = std::fs::remove_file(rec);
+    let _ = std::fs::remove_file(bin);
+}
+
+/// fds through eBPF: `record` then `report` finds fd_leak's table.
+#[test]
+fn root_record_fds_then_report() {
+    if !require_root("root_record_fds_then_report") {
+        return;
+    }
+    let rec = tmp("fd.lsr");
+    let o = leakscope(&[
+        "record",
+        "-o",
+        s(&rec),
+        "--track",
+        "fd",
+        "--",
+        s(&fixture("fd_leak")),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let r = report_json(&rec);
+    assert_eq!(r["backend"], "ebpf");
+    let mut want: Vec<(String, u64)> = leakscope_testutil::expected_leaks("fd_leak")
+        .iter()
+        .map(|l| (l.function.to_string(), l.count as u64))
+        .collect();
+    want.sort();
+    assert_eq!(counts(&r, &["load_config", "scan_dir", "make_pipe"]), want);
+    let _ = std::fs::remove_file(rec);
+}
+
+/// `record -p`: a running process's leaks made after attaching (also by
+/// a child forked then), with the fds open before listed apart.
+#[test]
+fn root_record_an_attached_process() {
+    use std::io::Write;
+    if !require_root("root_record_an_attached_process") {
+        return;
+    }
+    let out = workspace_root().join("target/fixtures");
+    std::fs::create_dir_all(&out).unwrap();
+    let bin = out.join(format!("record-attach-{}", std::process::id()));
+    let st = Command::new("cc")
+        .args(["-g", "-O2", "-o"])
+        .arg(&bin)
+        .arg(workspace_root().join("fixtures/attach/attach_target.c"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut target = Command::new(&bin)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to = target.stdin.take().unwrap();
+    let mut from = BufReader::new(target.stdout.take().unwrap());
+    let mut line = String::new();
+    from.read_line(&mut line).unwrap();
+    let pid = line.trim().to_string();
+    line.clear();
+    from.read_line(&mut line).unwrap();
+    assert!(line.starts_with("ready"), "{line}");
+    let rec = tmp("attach.lsr");
+    let mut ls = Command::new(BIN)
+        .args(["record", "-o", s(&rec), "-p", &pid])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(ls.stderr.take().unwrap());
+    let mut ready = String::new();
+    err.read_line(&mut ready).unwrap();
+    assert!(ready.starts_with("Recording pid"), "{ready}");
+    for cmd in ["fork 5", "leak 7", "churn 101"] {
+        writeln!(to, "{cmd}").unwrap();
+        let mut ack = String::new();
+        from.read_line(&mut ack).unwrap();
+        assert_eq!(ack.trim(), "ok", "{cmd}");
+    }
+    writeln!(to, "quit").unwrap();
+    assert!(target.wait().unwrap().success());
+    assert_eq!(ls.wait().unwrap().code(), Some(0));
+    let r = report_json(&rec);
+    assert_eq!(r["target"]["exit_code"], 0);
+    assert_eq!(
+        counts(&r, &["child_drip", "drip"]),
+        [("child_drip".to_string(), 5), ("drip".to_string(), 7)]
+    );
+    let before = r["preexisting"].as_array().expect("preexisting");
+    assert!(before.iter().filter(|p| p["detail"] == "/dev/null").count() >= 3);
+    let _ = std::fs::remove_file(rec);
+    let _ = std::fs::remove_file(bin);
+}
