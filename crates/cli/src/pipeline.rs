@@ -1,5 +1,7 @@
-//! `run`: launch under a backend, apply events to the ledger until the
-//! process tree is gone, then unwind, group, symbolize and build a report.
+//! `run`: launch under a backend and record the trace (the ledger and, at
+//! each commit, what it holds: leakscope-record) until the process tree is
+//! gone; then the report of that recording, as `report` makes it of a
+//! file: group by unwound stack, symbolize, merge by source line.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;

@@ -1,11 +1,13 @@
 //! `record` and `report`: a report made from a recording is the one `run`
 //! makes (byte for byte, `run` being a recording in memory followed by its
-//! report).
+//! report); a killed recorder's file reads up to its last complete chunk;
+//! bad files are refused in one line with exit status 5.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use leakscope_testutil::{fixture, require_root, workspace_root};
 use serde_json::Value;
@@ -159,6 +161,197 @@ fn record_then_report() {
     assert_eq!(r["coverage"][1]["traced"], "all");
     let _ = std::fs::remove_file(rec);
     let _ = std::fs::remove_file(bin);
+}
+
+/// A recorder killed with SIGKILL leaves a file that reports what it had
+/// committed (11 blocks from leak_early), saying that it ends early.
+#[test]
+fn a_killed_recorder_leaves_a_readable_recording() {
+    let bin = heap_fixture("drip");
+    let rec = tmp("killed.lsr");
+    let mut ls = Command::new(BIN)
+        .args([
+            "record",
+            "-o",
+            s(&rec),
+            "--commit-every",
+            "0.1",
+            "--backend",
+            "preload",
+        ])
+        .args(["--track", "heap", "--", s(&bin), "0", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(ls.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let drip: i32 = line.trim().parse().expect("the fixture's pid");
+    // Until a commit holds the 11 early leaks, of one stack (a bound,
+    // not a measure).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let most = std::fs::read(&rec)
+            .ok()
+            .and_then(|b| leakscope_record::read(&b).ok())
+            .map(|r| {
+                let mut per = std::collections::HashMap::new();
+                for l in &r.leaks {
+                    *per.entry(l.leak.resource.stack()).or_insert(0) += 1;
+                }
+                per.into_values().max().unwrap_or(0)
+            });
+        if most == Some(11) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no commit with 11 leaks");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ls.kill().unwrap();
+    ls.wait().unwrap();
+    // SAFETY: kill(2) on the fixture the killed recorder left running.
+    unsafe { libc::kill(drip, libc::SIGKILL) };
+    let r = report_json(&rec);
+    // (besides a balanced block allocated, not yet freed, then, and
+    // stdout's buffer, which only the process's exit says is the C
+    // runtime's)
+    let early: u64 = r["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| functions(g).contains(&"leak_early"))
+        .map(|g| g["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(early, 11, "{r:#}");
+    assert_eq!(r["target"]["exit_code"], Value::Null);
+    let notes = r["notes"].to_string();
+    assert!(
+        notes.contains("the recorder stopped before the trace ended"),
+        "{notes}"
+    );
+    let text = leakscope(&["report", s(&rec)]);
+    assert_eq!(text.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&text.stderr).contains("leak_early"));
+    let _ = std::fs::remove_file(rec);
+    let _ = std::fs::remove_file(bin);
+}
+
+/// Growth: the recording holds each group's count over time; balanced
+/// allocations (thousands) are never written.
+#[test]
+fn growth_per_group_is_recorded() {
+    let bin = heap_fixture("drip");
+    let rec = tmp("growth.lsr");
+    let o = leakscope(&[
+        "record",
+        "-o",
+        s(&rec),
+        "--commit-every",
+        "0.1",
+        "--backend",
+        "preload",
+        "--track",
+        "heap",
+        "--",
+        s(&bin),
+        "700",
+        "100",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let r = leakscope_record::read_file(&rec).unwrap();
+    assert!(r.end.is_some());
+    // Only the leaks are written (and stdout's buffer, which the C
+    // runtime keeps: suppressed in reports).
+    let written: Vec<_> = r.leaks.iter().filter(|l| l.kept.is_none()).collect();
+    assert_eq!(written.len(), 11 + 7);
+    assert_eq!(r.leaks.len(), 11 + 7 + 1);
+    // Each group's last count, and its series never shrinks (leaks only).
+    let mut series: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+    for p in &r.growth {
+        for g in &p.changed {
+            series.entry(g.stack).or_default().push(g.count);
+        }
+    }
+    // 11 and 7 leaked, 1 for stdout's buffer; a balanced block caught
+    // between its malloc and its free at a commit comes back to 0.
+    let mut last: Vec<u64> = series.values().map(|v| *v.last().unwrap()).collect();
+    last.sort();
+    last.retain(|n| *n > 0);
+    assert_eq!(last, [1, 7, 11], "{series:?}");
+    assert!(series
+        .values()
+        .filter(|v| v.last() >= Some(&7))
+        .all(|v| v.windows(2).all(|w| w[0] <= w[1])));
+    let j = report_json(&rec);
+    assert_eq!(
+        counts(&j, &["leak_early", "leak_slowly"]),
+        [
+            ("leak_early".to_string(), 11),
+            ("leak_slowly".to_string(), 7)
+        ]
+    );
+    let _ = std::fs::remove_file(rec);
+    let _ = std::fs::remove_file(bin);
+}
+
+/// Refused in one line with exit status 5: not a recording, cut before
+/// its first chunk, a newer format, a damaged chunk. A file cut inside
+/// its last chunk reads up to the chunk before.
+#[test]
+fn bad_recordings_are_refused_in_one_line() {
+    let bin = heap_fixture("nested");
+    let good = tmp("good.lsr");
+    let o = leakscope(&[
+        "run",
+        "--backend",
+        "preload",
+        "--track",
+        "heap",
+        "--record",
+        s(&good),
+        "-o",
+        "/dev/null",
+        "--",
+        s(&bin),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let bytes = std::fs::read(&good).unwrap();
+    let bad = tmp("bad.lsr");
+    let refused = |content: &[u8], says: &str| {
+        std::fs::write(&bad, content).unwrap();
+        let o = leakscope(&["report", s(&bad)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(5), "{says}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(says), "{err}");
+    };
+    refused(
+        b"leakscope: `./x` exited with 0\n",
+        "not a leakscope recording",
+    );
+    refused(&bytes[..12], "truncated recording");
+    refused(&bytes[..16], "truncated recording");
+    let mut newer = bytes.clone();
+    newer[8] = 99;
+    refused(&newer, "recording format 99 is newer");
+    let mut flipped = bytes.clone();
+    let n = flipped.len();
+    flipped[n - 20] ^= 0x40;
+    refused(
+        &flipped,
+        "corrupt recording: a chunk's checksum does not match",
+    );
+    // Cut inside the last chunk (the end record): what came before.
+    std::fs::write(&bad, &bytes[..bytes.len() - 3]).unwrap();
+    let o = leakscope(&["report", s(&bad), "--format", "json"]);
+    assert_eq!(o.status.code(), Some(0));
+    let missing = leakscope(&["report", "/nonexistent/x.lsr"]);
+    assert_eq!(missing.status.code(), Some(125));
+    for p in [good, bad, bin] {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 /// fds through eBPF: `record` then `report` finds fd_leak's table.
