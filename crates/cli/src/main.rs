@@ -401,11 +401,15 @@ pub(crate) fn check_output(path: Option<&std::path::Path>) -> anyhow::Result<()>
     })
 }
 
-pub(crate) fn write_report(path: Option<&std::path::Path>, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_report(
+    path: Option<&std::path::Path>,
+    text: impl AsRef<[u8]>,
+) -> anyhow::Result<()> {
     use anyhow::Context;
+    let text = text.as_ref();
     let result = match path {
-        None => std::io::stderr().write_all(text.as_bytes()),
-        Some(p) if p.as_os_str() == "-" => std::io::stdout().write_all(text.as_bytes()),
+        None => std::io::stderr().write_all(text),
+        Some(p) if p.as_os_str() == "-" => std::io::stdout().write_all(text),
         Some(p) => std::fs::write(p, text),
     };
     match result {

@@ -15,7 +15,7 @@ use leakscope_report::{Counts, Coverage, Preexisting, Report, Target, Traced};
 
 use crate::backends::{self, Tracking};
 use crate::pipeline::{apply, exec_note, fatal, lost_note, DRAIN};
-use crate::{exit, signals, BackendChoice, Format, Track};
+use crate::{exit, signals, BackendChoice, Track};
 
 /// `leakscope record` arguments.
 #[derive(clap::Args, Debug)]
@@ -58,9 +58,10 @@ pub struct ReportArgs {
     #[arg(value_name = "RECORDING")]
     recording: PathBuf,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    format: Format,
-    /// Write the report to FILE (`-` for stdout) instead of stderr.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+    format: ReportFormat,
+    /// Write the report to FILE (`-` for stdout) instead of stderr; pprof
+    /// and svg need it.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
     /// Show at most N leak groups in text output.
@@ -68,6 +69,21 @@ pub struct ReportArgs {
     top: usize,
     #[command(flatten)]
     suppress: crate::SuppressArgs,
+}
+
+/// `report --format`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    /// Human-readable, as `run` prints it.
+    Text,
+    /// JSON, contract v1, as `run --format json` writes it.
+    Json,
+    /// Gzipped pprof profile (profile.proto): one sample per group,
+    /// valued by its outstanding count and bytes, for `go tool pprof`,
+    /// Pyroscope, Parca.
+    Pprof,
+    /// Flame graph (SVG) of outstanding resources by count.
+    Svg,
 }
 
 /// `90`, `90s`, `30m`, `7h`, `2d`.
@@ -415,6 +431,12 @@ fn trace_attach(args: &RecordArgs, pid: Pid, out: File, every: Duration) -> anyh
 /// `leakscope report`.
 pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     crate::check_output(args.output.as_deref())?;
+    if matches!(args.format, ReportFormat::Pprof | ReportFormat::Svg) && args.output.is_none() {
+        return Err(fatal(
+            exit::ERROR,
+            "--format pprof and svg write a file: give -o FILE (or -o - for stdout)".into(),
+        ));
+    }
     let suppressions = args.suppress.load()?;
     let rec = leakscope_record::read_file(&args.recording).map_err(|e| {
         let code = match e {
@@ -424,10 +446,12 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
         fatal(code, format!("{}: {e}", args.recording.display()))
     })?;
     let report = report_of(&rec, &suppressions);
-    let text = match args.format {
-        Format::Text => leakscope_report::render_text(&report, args.top),
-        Format::Json => leakscope_report::render_json(&report),
+    let bytes = match args.format {
+        ReportFormat::Text => leakscope_report::render_text(&report, args.top).into_bytes(),
+        ReportFormat::Json => leakscope_report::render_json(&report).into_bytes(),
+        ReportFormat::Pprof => leakscope_report::render_pprof(&report, rec.meta.started_unix_s),
+        ReportFormat::Svg => leakscope_report::render_svg(&report).into_bytes(),
     };
-    crate::write_report(args.output.as_deref(), &text)?;
+    crate::write_report(args.output.as_deref(), bytes)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -14,11 +14,13 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leakscope");
 
-fn heap_fixture(name: &str) -> PathBuf {
+/// `fixtures/heap/NAME.c`, built under its own name `tag` (each test
+/// removes its copy, which `report` still reads to symbolize).
+fn heap_fixture(name: &str, tag: &str) -> PathBuf {
     leakscope_testutil::ensure_shim(Path::new(BIN));
     let out = workspace_root().join("target/fixtures");
     std::fs::create_dir_all(&out).unwrap();
-    let bin = out.join(format!("record-{name}-{}", std::process::id()));
+    let bin = out.join(format!("record-{tag}-{}", std::process::id()));
     let st = Command::new("cc")
         .args(["-g", "-O2", "-fomit-frame-pointer", "-pthread", "-o"])
         .arg(&bin)
@@ -85,7 +87,7 @@ fn counts(r: &Value, names: &[&str]) -> Vec<(String, u64)> {
 /// of it prints the very same bytes, as JSON and as text.
 #[test]
 fn run_and_the_report_of_its_recording_are_identical() {
-    let bin = heap_fixture("nested");
+    let bin = heap_fixture("nested", "identical");
     for format in ["json", "text"] {
         let (live, rec, replay) = (tmp("live"), tmp("run.lsr"), tmp("replay"));
         let o = leakscope(&[
@@ -124,7 +126,7 @@ fn run_and_the_report_of_its_recording_are_identical() {
 /// only its owner can read, also when it replaced a readable one.
 #[test]
 fn record_then_report() {
-    let bin = heap_fixture("nested");
+    let bin = heap_fixture("nested", "record");
     let rec = tmp("nested.lsr");
     std::fs::write(&rec, "old").unwrap();
     std::fs::set_permissions(&rec, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -167,7 +169,7 @@ fn record_then_report() {
 /// committed (11 blocks from leak_early), saying that it ends early.
 #[test]
 fn a_killed_recorder_leaves_a_readable_recording() {
-    let bin = heap_fixture("drip");
+    let bin = heap_fixture("drip", "killed");
     let rec = tmp("killed.lsr");
     let mut ls = Command::new(BIN)
         .args([
@@ -242,7 +244,7 @@ fn a_killed_recorder_leaves_a_readable_recording() {
 /// allocations (thousands) are never written.
 #[test]
 fn growth_per_group_is_recorded() {
-    let bin = heap_fixture("drip");
+    let bin = heap_fixture("drip", "growth");
     let rec = tmp("growth.lsr");
     let o = leakscope(&[
         "record",
@@ -301,7 +303,7 @@ fn growth_per_group_is_recorded() {
 /// its last chunk reads up to the chunk before.
 #[test]
 fn bad_recordings_are_refused_in_one_line() {
-    let bin = heap_fixture("nested");
+    let bin = heap_fixture("nested", "bad");
     let good = tmp("good.lsr");
     let o = leakscope(&[
         "run",
@@ -379,6 +381,18 @@ fn root_record_fds_then_report() {
         .collect();
     want.sort();
     assert_eq!(counts(&r, &["load_config", "scan_dir", "make_pipe"]), want);
+    // The same groups as pprof samples.
+    let p = pprof_of(&rec);
+    let mut got = std::collections::BTreeMap::new();
+    for i in 0..p.sample.len() {
+        let f = sample_functions(&p, i);
+        let who = ["load_config", "scan_dir", "make_pipe"]
+            .into_iter()
+            .find(|n| f.iter().any(|x| x == n))
+            .unwrap_or_else(|| panic!("unexplained sample {f:?}"));
+        *got.entry(who.to_string()).or_insert(0u64) += p.sample[i].value[0] as u64;
+    }
+    assert_eq!(got.into_iter().collect::<Vec<_>>(), want);
     let _ = std::fs::remove_file(rec);
 }
 
@@ -442,4 +456,135 @@ fn root_record_an_attached_process() {
     assert!(before.iter().filter(|p| p["detail"] == "/dev/null").count() >= 3);
     let _ = std::fs::remove_file(rec);
     let _ = std::fs::remove_file(bin);
+}
+
+/// The gzipped pprof profile of a recording, decoded: its raw fields by
+/// their numbers in profile.proto (sample 2, string_table 6), and through
+/// leakscope-report's messages the leak groups as samples.
+fn pprof_of(rec: &Path) -> leakscope_report::pprof::proto::Profile {
+    use prost::Message;
+    let out = tmp("profile.pb.gz");
+    let o = leakscope(&["report", s(rec), "--format", "pprof", "-o", s(&out)]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let gz = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(out);
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut raw).expect("gzip");
+    let p = leakscope_report::pprof::proto::Profile::decode(&raw[..]).expect("profile.proto");
+    // The outer fields as the wire has them, independently of those
+    // message definitions.
+    let (mut samples, mut strings) = (0, Vec::new());
+    let mut b = &raw[..];
+    let varint = |b: &mut &[u8]| -> u64 {
+        let mut v = 0;
+        for shift in (0..64).step_by(7) {
+            let x = b[0];
+            *b = &b[1..];
+            v |= u64::from(x & 0x7f) << shift;
+            if x & 0x80 == 0 {
+                break;
+            }
+        }
+        v
+    };
+    while !b.is_empty() {
+        let key = varint(&mut b);
+        match key & 7 {
+            0 => {
+                varint(&mut b);
+            }
+            2 => {
+                let n = varint(&mut b) as usize;
+                match key >> 3 {
+                    2 => samples += 1,
+                    6 => strings.push(String::from_utf8(b[..n].to_vec()).unwrap()),
+                    _ => {}
+                }
+                b = &b[n..];
+            }
+            w => panic!("wire type {w} at top level"),
+        }
+    }
+    assert_eq!(samples, p.sample.len());
+    assert_eq!(strings, p.string_table);
+    assert_eq!(strings[0], "");
+    p
+}
+
+/// Function names of a sample's stack, leaf first (inlined lines first).
+fn sample_functions(p: &leakscope_report::pprof::proto::Profile, i: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for id in &p.sample[i].location_id {
+        let loc = &p.location[*id as usize - 1];
+        assert_eq!(loc.id, *id);
+        for line in &loc.line {
+            let f = &p.function[line.function_id as usize - 1];
+            out.push(p.string_table[f.name as usize].clone());
+        }
+    }
+    out
+}
+
+/// `report --format pprof` and `--format svg`: nested's 13 x 64 bytes as
+/// one sample valued [13, 832] whose stack reads parse_line, wrapper1,
+/// main from the leaf, labelled heap; the flame graph names them.
+#[test]
+fn report_as_pprof_and_flame_graph() {
+    let bin = heap_fixture("nested", "formats");
+    let rec = tmp("formats.lsr");
+    let o = leakscope(&[
+        "record",
+        "-o",
+        s(&rec),
+        "--backend",
+        "preload",
+        "--track",
+        "heap",
+        "--",
+        s(&bin),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let p = pprof_of(&rec);
+    let st = |i: i64| p.string_table[i as usize].as_str();
+    let types: Vec<(&str, &str)> = p
+        .sample_type
+        .iter()
+        .map(|t| (st(t.r#type), st(t.unit)))
+        .collect();
+    assert_eq!(
+        types,
+        [("leaked_objects", "count"), ("leaked_space", "bytes")]
+    );
+    assert_eq!(p.sample.len(), 1);
+    assert_eq!(p.sample[0].value, [13, 832]);
+    let labels: Vec<(&str, &str)> = p.sample[0]
+        .label
+        .iter()
+        .map(|l| (st(l.key), st(l.str)))
+        .collect();
+    assert_eq!(labels, [("kind", "heap"), ("resource", "heap")]);
+    let f = sample_functions(&p, 0);
+    let at = |n: &str| {
+        f.iter()
+            .position(|x| x == n)
+            .unwrap_or_else(|| panic!("{n}: {f:?}"))
+    };
+    assert!(
+        at("parse_line") < at("wrapper1") && at("wrapper1") < at("main"),
+        "{f:?}"
+    );
+    assert!(!f.iter().any(|x| x == "wrapper2"));
+    let svg = tmp("flame.svg");
+    let o = leakscope(&["report", s(&rec), "--format", "svg", "-o", s(&svg)]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("<svg"), "not an SVG");
+    assert!(text.contains("parse_line") && text.contains("wrapper1"));
+    assert!(!text.contains("wrapper2"));
+    // Binary formats are not written to a terminal by default.
+    let o = leakscope(&["report", s(&rec), "--format", "pprof"]);
+    assert_eq!(o.status.code(), Some(125));
+    for f in [rec, svg, bin] {
+        let _ = std::fs::remove_file(f);
+    }
 }

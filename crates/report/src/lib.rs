@@ -1,10 +1,11 @@
-//! leakscope-report: renders leak groups for people (text) and programs
-//! (JSON, contract v1).
+//! leakscope-report: renders leak groups for people (text, a flame graph)
+//! and programs (JSON, contract v1; pprof).
 //!
 //! Input: a [`Report`] — what was traced, how many events, and symbolized
 //! leak [`Group`]s. Output: text that fits 80 columns, or JSON whose field
 //! names are a contract (fields may be added, never renamed; see
-//! `tests/json_contract.rs`).
+//! `tests/json_contract.rs`), or a gzipped pprof profile
+//! ([`render_pprof`]), or a flame graph SVG ([`render_svg`]).
 //!
 //! ```
 //! use leakscope_report::{Coverage, Report, Target, Counts, render_text};
@@ -30,8 +31,12 @@ use std::fmt::Write;
 use leakscope_symbolize::Frame;
 use serde::Serialize;
 
+pub mod flamegraph;
+pub mod pprof;
 pub mod suppress;
 
+pub use flamegraph::render_svg;
+pub use pprof::render_pprof;
 pub use suppress::{Suppressed, Suppressions};
 
 /// JSON report format version.
