@@ -66,7 +66,10 @@ pub struct Recorder<W: Write> {
     pub maps: ModuleMaps,
     writer: Writer<W>,
     unwinder: Unwinder,
-    stack_of: HashMap<StackId, u32>,
+    /// The recording's stack of each backend stack handle that a written
+    /// resource refers to, and how many do: a handle is dropped with the
+    /// last one (eBPF gives every acquisition its own handle).
+    stack_of: HashMap<StackId, (u32, u64)>,
     interned: HashMap<Stack, u32>,
     written: HashMap<Key, Written>,
     exited_seen: usize,
@@ -102,7 +105,8 @@ impl<W: Write> Recorder<W> {
     /// writing it the first time.
     fn stack(&mut self, backend: &mut dyn Backend, l: &Leak) -> u32 {
         let id = l.resource.stack();
-        if let Some(s) = self.stack_of.get(&id) {
+        if let Some((s, refs)) = self.stack_of.get_mut(&id) {
+            *refs += 1;
             return *s;
         }
         let stack = match backend.raw_stack(id) {
@@ -131,7 +135,7 @@ impl<W: Write> Recorder<W> {
                 n
             }
         };
-        self.stack_of.insert(id, n);
+        self.stack_of.insert(id, (n, 1));
         n
     }
 
@@ -173,6 +177,13 @@ impl<W: Write> Recorder<W> {
 
     fn remove(&mut self, w: &Written) {
         self.writer.remove(w.id);
+        let id = w.leak.resource.stack();
+        if let Some((_, refs)) = self.stack_of.get_mut(&id) {
+            *refs -= 1;
+            if *refs == 0 {
+                self.stack_of.remove(&id);
+            }
+        }
         if let Some(t) = self.totals.get_mut(&w.group) {
             t.0 -= 1;
             t.1 -= w.bytes;
