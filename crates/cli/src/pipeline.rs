@@ -372,6 +372,18 @@ pub(crate) fn group_leaks<'s>(
     tracking: crate::backends::Tracking,
     runtime_kept: bool,
 ) -> (Vec<Group>, Vec<Suppressed>) {
+    let (groups, kept) = group_leaks_sourced(leaks, stack, tracking, runtime_kept);
+    (groups.into_iter().map(|(g, _)| g).collect(), kept)
+}
+
+/// [`group_leaks`], each group with the stack handles of its leaks (a
+/// recording's growth series are per handle).
+pub(crate) fn group_leaks_sourced<'s>(
+    leaks: Vec<(Leak, Option<String>)>,
+    stack: &dyn Fn(StackId) -> &'s Stack,
+    tracking: crate::backends::Tracking,
+    runtime_kept: bool,
+) -> (Vec<(Group, Vec<StackId>)>, Vec<Suppressed>) {
     let mut kept: Vec<Suppressed> = Vec::new();
     let leaks: Vec<Leak> = leaks
         .into_iter()
@@ -441,9 +453,12 @@ pub(crate) fn group_leaks<'s>(
         }
     });
     let mut symbolizer = Symbolizer::new();
-    let groups: Vec<Group> = groups
+    let groups: Vec<(Group, Vec<StackId>)> = groups
         .into_iter()
         .map(|g| {
+            let mut sources: Vec<StackId> = g.leaks.iter().map(|l| l.resource.stack()).collect();
+            sources.sort();
+            sources.dedup();
             let first = &g.leaks[0];
             let Stack { frames, note } = stack(first.resource.stack());
             let stack: Vec<StackFrame> = symbolizer
@@ -503,7 +518,7 @@ pub(crate) fn group_leaks<'s>(
                     },
                 })
                 .collect();
-            Group {
+            let group = Group {
                 kind: g.key.kind.to_string(),
                 resource: g.key.resource.clone(),
                 count: g.count,
@@ -519,44 +534,50 @@ pub(crate) fn group_leaks<'s>(
                 stack_note: note.clone(),
                 change: None,
                 growing_intervals: None,
-            }
+            };
+            (group, sources)
         })
         .collect();
     (merge_same_source(groups), kept)
+}
+
+/// What tells groups apart once symbolized: kind, resource, and per frame
+/// the function, file, line and module (the address when unnamed).
+pub(crate) type SourceKey = (
+    String,
+    String,
+    Vec<(Option<String>, Option<String>, Option<u32>, Option<String>)>,
+);
+
+pub(crate) fn source_key(g: &Group) -> SourceKey {
+    let frames = g
+        .stack
+        .iter()
+        .map(|f| match &f.function {
+            Some(_) => (f.function.clone(), f.file.clone(), f.line, f.module.clone()),
+            None => (None, Some(f.addr.clone()), None, f.module.clone()),
+        })
+        .collect();
+    (g.kind.clone(), g.resource.clone(), frames)
 }
 
 /// Groups whose stacks differ only in addresses that symbolize to the same
 /// source lines (an unrolled loop, two calls on one line) read as one to a
 /// person: merge them. Frames without a name keep their address, so
 /// unknown code never merges by accident.
-fn merge_same_source(groups: Vec<Group>) -> Vec<Group> {
-    type Key = (
-        String,
-        String,
-        Vec<(Option<String>, Option<String>, Option<u32>, Option<String>)>,
-    );
-    let key = |g: &Group| -> Key {
-        let frames = g
-            .stack
-            .iter()
-            .map(|f| match &f.function {
-                Some(_) => (f.function.clone(), f.file.clone(), f.line, f.module.clone()),
-                None => (None, Some(f.addr.clone()), None, f.module.clone()),
-            })
-            .collect();
-        (g.kind.clone(), g.resource.clone(), frames)
-    };
-    let mut out: Vec<Group> = Vec::new();
-    let mut index: HashMap<Key, usize> = HashMap::new();
-    for g in groups {
-        let k = key(&g);
+fn merge_same_source(groups: Vec<(Group, Vec<StackId>)>) -> Vec<(Group, Vec<StackId>)> {
+    let mut out: Vec<(Group, Vec<StackId>)> = Vec::new();
+    let mut index: HashMap<SourceKey, usize> = HashMap::new();
+    for (g, sources) in groups {
+        let k = source_key(&g);
         if g.stack.is_empty() {
-            out.push(g);
+            out.push((g, sources));
             continue;
         }
         match index.get(&k) {
             Some(&i) => {
-                let m = &mut out[i];
+                let (m, ms) = &mut out[i];
+                ms.extend(sources);
                 m.count += g.count;
                 m.bytes += g.bytes;
                 m.min_size = m.min_size.min(g.min_size).or(m.min_size.or(g.min_size));
@@ -577,11 +598,11 @@ fn merge_same_source(groups: Vec<Group>) -> Vec<Group> {
             }
             None => {
                 index.insert(k, out.len());
-                out.push(g);
+                out.push((g, sources));
             }
         }
     }
-    out.sort_by(|a, b| b.count.cmp(&a.count).then(b.bytes.cmp(&a.bytes)));
+    out.sort_by(|(a, _), (b, _)| b.count.cmp(&a.count).then(b.bytes.cmp(&a.bytes)));
     out
 }
 

@@ -8,13 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use leakscope_event::{Backend, Event, Pid};
+use std::collections::HashMap;
+
+use leakscope_event::{Backend, Event, FdKind, Pid, StackId};
 use leakscope_ledger::Leak;
 use leakscope_record::{Recording, Traced as RecTraced};
-use leakscope_report::{Counts, Coverage, Preexisting, Report, Target, Traced};
+use leakscope_report::{Counts, Coverage, Group, Preexisting, Report, Target, Traced};
 
 use crate::backends::{self, Tracking};
-use crate::pipeline::{apply, exec_note, fatal, lost_note, DRAIN};
+use crate::pipeline::{apply, exec_note, fatal, lost_note, source_key, SourceKey, DRAIN};
 use crate::{exit, signals, BackendChoice, Track};
 
 /// `leakscope record` arguments.
@@ -84,6 +86,9 @@ pub enum ReportFormat {
     Pprof,
     /// Flame graph (SVG) of outstanding resources by count.
     Svg,
+    /// One self-contained page: summary, growth chart per top group,
+    /// table of every group with its stack.
+    Html,
 }
 
 /// `90`, `90s`, `30m`, `7h`, `2d`.
@@ -152,6 +157,15 @@ pub fn coverage_to_record(c: &[Coverage]) -> Vec<leakscope_record::Coverage> {
 /// The report of a recording: the same for `run` (of its recording in
 /// memory) and `report` (of a file).
 pub fn report_of(rec: &Recording, suppressions: &leakscope_report::Suppressions) -> Report {
+    report_of_sourced(rec, suppressions).0
+}
+
+/// [`report_of`], with the recording's stacks of each group (in the
+/// report's order), whose growth series the recording holds.
+pub fn report_of_sourced(
+    rec: &Recording,
+    suppressions: &leakscope_report::Suppressions,
+) -> (Report, Vec<Vec<StackId>>) {
     let tracking = Tracking {
         fd: rec.meta.fd,
         heap: rec.meta.heap,
@@ -164,13 +178,26 @@ pub fn report_of(rec: &Recording, suppressions: &leakscope_report::Suppressions)
         .collect();
     // Stable: equal keys keep the order they were recorded in.
     leaks.sort_by_key(|(l, _)| (l.resource.time(), l.holder, l.fd));
-    let (groups, kept) = crate::pipeline::group_leaks(
+    let (sourced, kept) = crate::pipeline::group_leaks_sourced(
         leaks,
         &|id| &rec.stacks[id.0 as usize],
         tracking,
         suppressions.has_defaults(),
     );
+    let mut sources_of: HashMap<SourceKey, Vec<StackId>> = HashMap::new();
+    let mut groups = Vec::with_capacity(sourced.len());
+    for (g, sources) in sourced {
+        sources_of
+            .entry(source_key(&g))
+            .or_default()
+            .extend(sources);
+        groups.push(g);
+    }
     let (groups, mut suppressed) = suppressions.apply(groups);
+    let sources: Vec<Vec<StackId>> = groups
+        .iter()
+        .map(|g| sources_of.get(&source_key(g)).cloned().unwrap_or_default())
+        .collect();
     suppressed.extend(kept);
     let p = &rec.progress;
     let end = rec.end.clone().unwrap_or_default();
@@ -184,7 +211,7 @@ pub fn report_of(rec: &Recording, suppressions: &leakscope_report::Suppressions)
             p.duration_s
         ));
     }
-    Report {
+    let report = Report {
         target: Target {
             command: rec.meta.command.clone(),
             pid: rec.meta.pid,
@@ -228,7 +255,41 @@ pub fn report_of(rec: &Recording, suppressions: &leakscope_report::Suppressions)
                 detail: p.detail.clone(),
             })
             .collect(),
+    };
+    (report, sources)
+}
+
+/// Outstanding count over time of a report group, from the series of its
+/// stacks in the recording (those of its kind): `(seconds, count)` at
+/// each commit where it changed.
+pub fn growth_of(rec: &Recording, group: &Group, sources: &[StackId]) -> Vec<(f64, u64)> {
+    let kind_matches = |code: u8| -> bool {
+        let name = if code == leakscope_record::HEAP {
+            "heap"
+        } else {
+            match FdKind::ALL.get(usize::from(code)) {
+                Some(k) => k.name(),
+                None => return false,
+            }
+        };
+        name == group.resource || (group.kind == "tcp" && name == "socket")
+    };
+    let wanted: HashSet<u32> = sources.iter().map(|s| s.0 as u32).collect();
+    let mut current: HashMap<(u32, u8), u64> = HashMap::new();
+    let mut out: Vec<(f64, u64)> = Vec::new();
+    for p in &rec.growth {
+        let mut changed = false;
+        for e in &p.changed {
+            if wanted.contains(&e.stack) && kind_matches(e.kind) {
+                current.insert((e.stack, e.kind), e.count);
+                changed = true;
+            }
+        }
+        if changed {
+            out.push((p.time.secs(), current.values().sum()));
+        }
     }
+    out
 }
 
 fn choice(b: BackendChoice) -> backends::Choice {
@@ -431,10 +492,14 @@ fn trace_attach(args: &RecordArgs, pid: Pid, out: File, every: Duration) -> anyh
 /// `leakscope report`.
 pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     crate::check_output(args.output.as_deref())?;
-    if matches!(args.format, ReportFormat::Pprof | ReportFormat::Svg) && args.output.is_none() {
+    if matches!(
+        args.format,
+        ReportFormat::Pprof | ReportFormat::Svg | ReportFormat::Html
+    ) && args.output.is_none()
+    {
         return Err(fatal(
             exit::ERROR,
-            "--format pprof and svg write a file: give -o FILE (or -o - for stdout)".into(),
+            "--format pprof, svg and html write a file: give -o FILE (or -o - for stdout)".into(),
         ));
     }
     let suppressions = args.suppress.load()?;
@@ -445,8 +510,18 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
         };
         fatal(code, format!("{}: {e}", args.recording.display()))
     })?;
-    let report = report_of(&rec, &suppressions);
+    let (report, sources) = report_of_sourced(&rec, &suppressions);
     let bytes = match args.format {
+        ReportFormat::Html => {
+            let growth: Vec<Vec<(f64, u64)>> = report
+                .leaks
+                .iter()
+                .zip(&sources)
+                .take(args.top)
+                .map(|(g, s)| growth_of(&rec, g, s))
+                .collect();
+            leakscope_report::render_html(&report, &growth, args.top).into_bytes()
+        }
         ReportFormat::Text => leakscope_report::render_text(&report, args.top).into_bytes(),
         ReportFormat::Json => leakscope_report::render_json(&report).into_bytes(),
         ReportFormat::Pprof => leakscope_report::render_pprof(&report, rec.meta.started_unix_s),

@@ -588,3 +588,47 @@ fn report_as_pprof_and_flame_graph() {
         let _ = std::fs::remove_file(f);
     }
 }
+
+/// `report --format html`: one page, nothing fetched (no scripts, no
+/// links, no sources), the leak groups named, and a growth chart for each
+/// top group: 11 blocks plateaued since leak_early, leak_slowly's 6.
+#[test]
+fn report_as_html() {
+    let bin = heap_fixture("drip", "html");
+    let rec = tmp("html.lsr");
+    let o = leakscope(&[
+        "record",
+        "-o",
+        s(&rec),
+        "--commit-every",
+        "0.1",
+        "--backend",
+        "preload",
+        "--track",
+        "heap",
+        "--",
+        s(&bin),
+        "600",
+        "100",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let html = tmp("report.html");
+    let o = leakscope(&["report", s(&rec), "--format", "html", "-o", s(&html)]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.starts_with("<!DOCTYPE html>") && page.trim_end().ends_with("</html>"));
+    for outside in ["<script", "src=", "href=", "@import", "url("] {
+        assert!(
+            !page.contains(outside),
+            "{outside} in a self-contained page"
+        );
+    }
+    assert!(page.contains("<h3>[1] 11 heap blocks (528 bytes) leaked from leak_early</h3>"));
+    assert!(page.contains("<h3>[2] 6 heap blocks (192 bytes) leaked from leak_slowly</h3>"));
+    assert!(page.contains("plateaued: 11 since"), "leak_early's trend");
+    assert_eq!(page.matches("<polyline").count(), 2, "a chart per group");
+    assert!(!page.contains("balanced_alloc"));
+    for f in [rec, html, bin] {
+        let _ = std::fs::remove_file(f);
+    }
+}

@@ -5,7 +5,8 @@
 //! leak [`Group`]s. Output: text that fits 80 columns, or JSON whose field
 //! names are a contract (fields may be added, never renamed; see
 //! `tests/json_contract.rs`), or a gzipped pprof profile
-//! ([`render_pprof`]), or a flame graph SVG ([`render_svg`]).
+//! ([`render_pprof`]), or a flame graph SVG ([`render_svg`]), or one
+//! self-contained HTML page with growth charts ([`render_html`]).
 //!
 //! ```
 //! use leakscope_report::{Coverage, Report, Target, Counts, render_text};
@@ -32,10 +33,12 @@ use leakscope_symbolize::Frame;
 use serde::Serialize;
 
 pub mod flamegraph;
+pub mod html;
 pub mod pprof;
 pub mod suppress;
 
 pub use flamegraph::render_svg;
+pub use html::render_html;
 pub use pprof::render_pprof;
 pub use suppress::{Suppressed, Suppressions};
 
