@@ -265,6 +265,25 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
     if !alive(pid) {
         return Err(fatal(exit::ERROR, format!("no such process: {}", pid.0)));
     }
+    // /proc/TID exists for every thread too (proc(5)); a process is
+    // traced by its id, the id of its first thread.
+    let tgid = std::fs::read_to_string(format!("/proc/{}/status", pid.0))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        });
+    if let Some(tgid) = tgid.filter(|t| *t != pid.0) {
+        return Err(fatal(
+            exit::ERROR,
+            format!(
+                "{} is a thread of process {tgid}, not a process: attach -p {tgid} traces \
+                 it with all its threads",
+                pid.0
+            ),
+        ));
+    }
     let tracking = Tracking {
         fd: args.track.contains(&crate::Track::Fd),
         heap: args.track.contains(&crate::Track::Heap),

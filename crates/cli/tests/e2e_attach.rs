@@ -10,11 +10,18 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leakscope");
 
-/// Compiles `fixtures/<src>` into target/fixtures with `flags`.
+/// Compiles `fixtures/<src>` into target/fixtures with `flags`, under a
+/// name of its own: tests running at the same time each remove their copy.
 fn compile(src: &str, name: &str, flags: &[&str]) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
     let out = workspace_root().join("target/fixtures");
     std::fs::create_dir_all(&out).unwrap();
-    let bin = out.join(format!("{name}-{}", std::process::id()));
+    let bin = out.join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
     let st = Command::new("cc")
         .args(flags)
         .arg("-o")
@@ -477,6 +484,38 @@ fn attach_to_a_missing_pid_is_a_one_line_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("no such process"), "{err}");
+}
+
+/// `-p` given a thread's id (/proc lists those too) names the process to
+/// attach to instead, in one line.
+#[test]
+fn attach_to_a_thread_id_names_its_process() {
+    let bin = build_target();
+    let Target {
+        child: mut target,
+        mut to,
+        from: _,
+        pid,
+    } = start_target(&bin);
+    let worker = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| t.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|t| *t != pid)
+        .expect("the worker thread");
+    let out = Command::new(BIN)
+        .args(["attach", "--backend", "ptrace", "-p", &worker.to_string()])
+        .output()
+        .unwrap();
+    writeln!(to, "quit").unwrap();
+    assert!(target.wait().unwrap().success());
+    let _ = std::fs::remove_file(&bin);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("{worker} is a thread of process {pid}")),
+        "{err}"
+    );
 }
 
 /// Heap of a running process through allocator uprobes: exact leaks per

@@ -100,6 +100,10 @@ pub(crate) struct AttachFacts {
     pub target_caps: u64,
     pub tracer: (u32, String),
     pub undumpable: bool,
+    /// The target is a kernel thread (PF_KTHREAD): no user space.
+    pub kernel_thread: bool,
+    /// The target is leakscope itself.
+    pub itself: bool,
     pub scope: Option<u32>,
     /// PTRACE_TRACEME works in a child: ptrace itself is allowed.
     pub traceme: bool,
@@ -143,8 +147,18 @@ fn attach_facts(pid: u32, errno: i32) -> AttachFacts {
             .map(|m| m.uid() == 0 && uids[1] != 0)
             .unwrap_or(false)
     };
-    // SAFETY: getuid(2) and getgid(2) cannot fail.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    // PF_KTHREAD (include/linux/sched.h) in the flags, field 9 of
+    // /proc/PID/stat (proc(5)).
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let kernel_thread = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.to_string();
+            after.split_whitespace().nth(6)?.parse::<u64>().ok()
+        })
+        .is_some_and(|flags| flags & PF_KTHREAD != 0);
+    // SAFETY: getuid(2), getgid(2) and getpid(2) cannot fail.
+    let (uid, gid, me) = unsafe { (libc::getuid(), libc::getgid(), libc::getpid()) };
     AttachFacts {
         pid,
         errno,
@@ -156,6 +170,8 @@ fn attach_facts(pid: u32, errno: i32) -> AttachFacts {
         target_caps: hex(field("CapPrm:")),
         tracer: (tracer, tracer_name),
         undumpable,
+        kernel_thread,
+        itself: pid == me as u32,
         scope: ptrace_scope(),
         traceme: probe_traceme().is_ok(),
     }
@@ -188,6 +204,12 @@ pub(crate) fn refusal_of(f: &AttachFacts) -> String {
     let cap = f.caps & (1 << CAP_SYS_PTRACE) != 0;
     if f.errno == libc::ESRCH {
         return format!("no such process: {pid}");
+    }
+    if f.itself {
+        return format!("pid {pid} is leakscope itself, which cannot trace itself");
+    }
+    if f.kernel_thread {
+        return format!("pid {pid} is a kernel thread: it has no user space to trace");
     }
     if f.tracer.0 != 0 {
         return format!(
@@ -365,6 +387,18 @@ mod tests {
             ..AttachFacts::owner(42, 1000)
         };
         assert!(refusal_of(&f).contains("run leakscope as uid 1001"));
+    }
+
+    #[test]
+    fn kernel_threads_and_itself() {
+        let f = AttachFacts {
+            kernel_thread: true,
+            ..AttachFacts::owner(2, 0)
+        };
+        assert!(refusal_of(&f).contains("kernel thread"));
+        let f = attach_facts(std::process::id(), libc::EPERM);
+        assert!(f.itself && !f.kernel_thread);
+        assert!(refusal_of(&f).contains("leakscope itself"));
     }
 
     #[test]
