@@ -290,23 +290,23 @@ pub(crate) fn apply(
 /// A frame as a grouping key: module and file offset when known, so the
 /// same code in different processes (other load addresses) groups together.
 #[derive(Clone, PartialEq, Eq, Hash)]
-enum FrameKey {
-    Module(String, FileOffset),
+enum FrameKey<'s> {
+    Module(&'s str, FileOffset),
     Addr(u64),
 }
 
-fn frame_key(f: &RawFrame) -> FrameKey {
+fn frame_key(f: &RawFrame) -> FrameKey<'_> {
     match &f.module {
-        Some(m) => FrameKey::Module(m.path.clone(), m.offset),
+        Some(m) => FrameKey::Module(&m.path, m.offset),
         None => FrameKey::Addr(f.addr.0),
     }
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
-struct GroupKey {
+struct GroupKey<'s> {
     kind: &'static str,
-    resource: String,
-    frames: Vec<FrameKey>,
+    resource: &'static str,
+    frames: Vec<FrameKey<'s>>,
 }
 
 /// The leak groups of `leaks`, and (with `runtime_kept`, the default
@@ -442,9 +442,9 @@ pub(crate) fn group_leaks_sourced<'s>(
     let groups = group(leaks, |l| {
         let frames = &stack(l.resource.stack()).frames;
         let (kind, resource) = match &l.resource {
-            Resource::Fd(_) if tracking.tcp && close_wait(l) => ("tcp", "tcp".to_string()),
-            Resource::Fd(a) => ("fd", a.kind.name().to_string()),
-            Resource::Heap(_) => ("heap", "heap".to_string()),
+            Resource::Fd(_) if tracking.tcp && close_wait(l) => ("tcp", "tcp"),
+            Resource::Fd(a) => ("fd", a.kind.name()),
+            Resource::Heap(_) => ("heap", "heap"),
         };
         GroupKey {
             kind,
@@ -520,7 +520,7 @@ pub(crate) fn group_leaks_sourced<'s>(
                 .collect();
             let group = Group {
                 kind: g.key.kind.to_string(),
-                resource: g.key.resource.clone(),
+                resource: g.key.resource.to_string(),
                 count: g.count,
                 bytes: g.bytes,
                 min_size: g.size_range.map(|r| r.0),
@@ -541,24 +541,36 @@ pub(crate) fn group_leaks_sourced<'s>(
     (merge_same_source(groups), kept)
 }
 
-/// What tells groups apart once symbolized: kind, resource, and per frame
-/// the function, file, line and module (the address when unnamed).
-pub(crate) type SourceKey = (
-    String,
-    String,
-    Vec<(Option<String>, Option<String>, Option<u32>, Option<String>)>,
-);
-
-pub(crate) fn source_key(g: &Group) -> SourceKey {
-    let frames = g
-        .stack
-        .iter()
-        .map(|f| match &f.function {
-            Some(_) => (f.function.clone(), f.file.clone(), f.line, f.module.clone()),
-            None => (None, Some(f.addr.clone()), None, f.module.clone()),
+/// Whether two groups read the same to a person: kind, resource, and
+/// per frame the function, file, line and module (the address when
+/// unnamed).
+fn same_source(a: &Group, b: &Group) -> bool {
+    a.kind == b.kind
+        && a.resource == b.resource
+        && a.stack.len() == b.stack.len()
+        && a.stack.iter().zip(&b.stack).all(|(x, y)| {
+            x.function == y.function
+                && x.module == y.module
+                && match x.function {
+                    Some(_) => x.file == y.file && x.line == y.line,
+                    None => x.addr == y.addr,
+                }
         })
-        .collect();
-    (g.kind.clone(), g.resource.clone(), frames)
+}
+
+/// A hash of what [`same_source`] compares, without copying it.
+pub(crate) fn source_hash(g: &Group) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&g.kind, &g.resource).hash(&mut h);
+    for f in &g.stack {
+        (&f.function, &f.module).hash(&mut h);
+        match f.function {
+            Some(_) => (&f.file, f.line).hash(&mut h),
+            None => f.addr.hash(&mut h),
+        }
+    }
+    h.finish()
 }
 
 /// Groups whose stacks differ only in addresses that symbolize to the same
@@ -567,15 +579,18 @@ pub(crate) fn source_key(g: &Group) -> SourceKey {
 /// unknown code never merges by accident.
 fn merge_same_source(groups: Vec<(Group, Vec<StackId>)>) -> Vec<(Group, Vec<StackId>)> {
     let mut out: Vec<(Group, Vec<StackId>)> = Vec::new();
-    let mut index: HashMap<SourceKey, usize> = HashMap::new();
+    let mut index: HashMap<u64, Vec<usize>> = HashMap::new();
     for (g, sources) in groups {
-        let k = source_key(&g);
         if g.stack.is_empty() {
             out.push((g, sources));
             continue;
         }
-        match index.get(&k) {
-            Some(&i) => {
+        let h = source_hash(&g);
+        let same = index
+            .get(&h)
+            .and_then(|c| c.iter().copied().find(|i| same_source(&out[*i].0, &g)));
+        match same {
+            Some(i) => {
                 let (m, ms) = &mut out[i];
                 ms.extend(sources);
                 m.count += g.count;
@@ -597,7 +612,7 @@ fn merge_same_source(groups: Vec<(Group, Vec<StackId>)>) -> Vec<(Group, Vec<Stac
                 }
             }
             None => {
-                index.insert(k, out.len());
+                index.entry(h).or_default().push(out.len());
                 out.push((g, sources));
             }
         }

@@ -16,7 +16,7 @@ use leakscope_record::{Recording, Traced as RecTraced};
 use leakscope_report::{Counts, Coverage, Group, Preexisting, Report, Target, Traced};
 
 use crate::backends::{self, Tracking};
-use crate::pipeline::{apply, exec_note, fatal, lost_note, source_key, SourceKey, DRAIN};
+use crate::pipeline::{apply, exec_note, fatal, lost_note, DRAIN};
 use crate::{exit, signals, BackendChoice, Track};
 
 /// `leakscope record` arguments.
@@ -184,20 +184,26 @@ pub fn report_of_sourced(
         tracking,
         suppressions.has_defaults(),
     );
-    let mut sources_of: HashMap<SourceKey, Vec<StackId>> = HashMap::new();
-    let mut groups = Vec::with_capacity(sourced.len());
-    for (g, sources) in sourced {
-        sources_of
-            .entry(source_key(&g))
-            .or_default()
-            .extend(sources);
-        groups.push(g);
-    }
+    let (groups, mut all_sources): (Vec<Group>, Vec<Vec<StackId>>) = sourced.into_iter().unzip();
+    let fingerprints: Vec<(u64, u64, u64)> = groups.iter().map(fingerprint).collect();
     let (groups, mut suppressed) = suppressions.apply(groups);
-    let sources: Vec<Vec<StackId>> = groups
-        .iter()
-        .map(|g| sources_of.get(&source_key(g)).cloned().unwrap_or_default())
-        .collect();
+    // What suppressions keep is a subsequence of what they are given, in
+    // order: walk both to give each kept group its stacks.
+    let mut sources = Vec::with_capacity(groups.len());
+    let mut next = 0;
+    for g in &groups {
+        let f = fingerprint(g);
+        while next < fingerprints.len() && fingerprints[next] != f {
+            next += 1;
+        }
+        sources.push(
+            all_sources
+                .get_mut(next)
+                .map(std::mem::take)
+                .unwrap_or_default(),
+        );
+        next += 1;
+    }
     suppressed.extend(kept);
     let p = &rec.progress;
     let end = rec.end.clone().unwrap_or_default();
@@ -257,6 +263,11 @@ pub fn report_of_sourced(
             .collect(),
     };
     (report, sources)
+}
+
+/// Enough of a group to find it again among those it was kept from.
+fn fingerprint(g: &Group) -> (u64, u64, u64) {
+    (g.count, g.bytes, crate::pipeline::source_hash(g))
 }
 
 /// Outstanding count over time of a report group, from the series of its

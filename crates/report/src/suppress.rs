@@ -28,6 +28,7 @@
 //! never dropped silently.
 
 use serde::Serialize;
+use std::collections::HashMap;
 
 use crate::Group;
 
@@ -225,15 +226,48 @@ impl Suppressions {
     }
 
     fn matching_index(&self, g: &Group) -> Option<usize> {
-        self.rules.iter().position(|r| match &r.init_of {
-            Some(module) => library_init(&g.stack, module),
-            None => g.stack.iter().any(|f| {
-                [&f.function, &f.file, &f.module]
-                    .into_iter()
-                    .flatten()
-                    .any(|s| matches(&r.pattern, s))
-            }),
-        })
+        self.matching_index_memo(g, &mut HashMap::new())
+    }
+
+    /// The first pattern rule that matches `s`.
+    fn first_pattern_match(&self, s: &str) -> Option<usize> {
+        self.rules
+            .iter()
+            .position(|r| r.init_of.is_none() && matches(&r.pattern, s))
+    }
+
+    /// [`Suppressions::matching_index`], remembering in `memo` the first
+    /// pattern rule matching each function, file and module name: the same
+    /// names recur in thousands of stacks (a report of 100k groups matched
+    /// every rule against every frame again).
+    fn matching_index_memo<'g>(
+        &self,
+        g: &'g Group,
+        memo: &mut HashMap<&'g str, Option<usize>>,
+    ) -> Option<usize> {
+        // The first pattern rule matching any name of the stack ...
+        let mut first: Option<usize> = None;
+        for f in &g.stack {
+            for s in [&f.function, &f.file, &f.module].into_iter().flatten() {
+                let i = *memo
+                    .entry(s.as_str())
+                    .or_insert_with(|| self.first_pattern_match(s));
+                first = match (first, i) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        // ... unless an init rule before it matches.
+        let before = first.unwrap_or(self.rules.len());
+        self.rules[..before]
+            .iter()
+            .position(|r| {
+                r.init_of
+                    .as_deref()
+                    .is_some_and(|module| library_init(&g.stack, module))
+            })
+            .or(first)
     }
 
     /// Splits `groups` into those to report and, per rule that matched
@@ -241,8 +275,15 @@ impl Suppressions {
     pub fn apply(&self, groups: Vec<Group>) -> (Vec<Group>, Vec<Suppressed>) {
         let mut kept = Vec::with_capacity(groups.len());
         let mut hits: Vec<Option<Suppressed>> = vec![None; self.rules.len()];
-        for g in groups {
-            let Some(i) = self.matching_index(&g) else {
+        let found: Vec<Option<usize>> = {
+            let mut memo = HashMap::new();
+            groups
+                .iter()
+                .map(|g| self.matching_index_memo(g, &mut memo))
+                .collect()
+        };
+        for (g, i) in groups.into_iter().zip(found) {
+            let Some(i) = i else {
                 kept.push(g);
                 continue;
             };
