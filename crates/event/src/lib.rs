@@ -26,7 +26,7 @@ use std::fmt;
 /// layouts are documented in leakscope-preload.
 pub mod wire {
     /// Format version.
-    pub const VERSION: u16 = 5;
+    pub const VERSION: u16 = 6;
     /// A process image starts (or a fork child connects, or an image
     /// whose connection the program closed connects again).
     pub const T_HELLO: u8 = 1;
@@ -113,7 +113,7 @@ pub mod wire {
     /// Slot header size; the records follow.
     pub const S_HEADER: usize = 4096;
     /// Pending-table entries per slot.
-    pub const TABLE_SLOTS: usize = 2048;
+    pub const TABLE_SLOTS: usize = 131072;
     /// Bytes of one pending-table value.
     pub const TABLE_VAL: usize = 32;
 

@@ -27,9 +27,8 @@ use leakscope_event::wire::{
 /// what it holds when the next one does not fit.
 pub const OUT_CAP: usize = 2 << 20;
 /// A recorder's record capacity: it flushes at 32 KiB and waits for the
-/// flush at 512 KiB, and a record or a spill of its table is far smaller
-/// than the rest.
-pub const BUF_CAP: usize = 1 << 20;
+/// flush at 512 KiB; the rest holds a spill of its full table.
+pub const BUF_CAP: usize = 8 << 20;
 /// Recorders with a slot: threads alive at once (recorders are reused).
 pub const SLOT_CAP: usize = 1024;
 

@@ -66,16 +66,23 @@
 //!   another. A flush happens when a thread's buffer reaches 32 KiB, 10 ms
 //!   after the previous flush, before exec, and at exit (from then on
 //!   every record is sent at once).
-//! - Allocations wait in their thread's pending table (by address) until
-//!   the next flush encodes them (or the thread does, when 1024 are
-//!   waiting). A free of a block still pending there cancels the pair:
-//!   nothing is sent, and the flush only reports how many pairs were
-//!   settled (`PAIRS`). Most blocks die young on their own thread, so
-//!   most pairs never leave the process, and a free takes no shared
-//!   number. A free of a block already sent, or allocated by another
-//!   thread, is sent as before, and raises its address class in `FREED`,
-//!   so that the allocating thread never cancels a stale entry for an
-//!   address that was freed and handed out again elsewhere.
+//! - Allocations wait in their thread's pending table (by address): a
+//!   free of a block still pending there cancels the pair: nothing is
+//!   sent, and the flush only reports how many pairs were settled
+//!   (`PAIRS`). Most blocks die young on their own thread, so most pairs
+//!   never leave the process, and a free takes no shared number. A flush
+//!   sends only the pending allocations that lived through a whole epoch
+//!   (100 ms at least; blocks that live longer than 100-200 ms are sent),
+//!   those named by another thread's FREE in the same batch (so that the
+//!   collector, sorting the batch, sees each ALLOC before its FREE), and
+//!   all of them before exec and at exit. A table starts at 1024 slots and
+//!   doubles, up to 131072, each time half full (its entries encoded
+//!   first: they are sent, no longer cancellable).
+//! - A free of a block already sent, or allocated by another thread, is
+//!   sent, and raises its address class in `FREED`, so that the allocating
+//!   thread never cancels a stale entry for an address that was freed and
+//!   handed out again elsewhere before the next flush (which takes such
+//!   entries out of every table, so only frees since then count).
 //! - The per-thread block (reentrancy flag, recorder) is in static TLS
 //!   reached with the initial-exec model, and event times come from the
 //!   vDSO's `clock_gettime` called directly: a hook makes no call into
@@ -241,9 +248,9 @@ const HARD_BYTES: usize = 512 * 1024;
 const FLUSH_NS: u64 = 10_000_000;
 const HIGH_FD: c_int = 1000;
 // A recorder's buffer never fills: past HARD_BYTES its owner waits for a
-// flush after each record, and one record or table spill is far smaller
-// than the rest.
-const _: () = assert!(HARD_BYTES * 2 <= journal::BUF_CAP);
+// flush after each record, and the rest holds a spill of a full table (an
+// ALLOC is at most 48 bytes) and a stack.
+const _: () = assert!(HARD_BYTES + pending::FULL * 48 + 64 * 1024 <= journal::BUF_CAP);
 
 // ---------------------------------------------------------------------------
 // Per-thread state: plain const TLS (no destructor, so no lazy registration
@@ -675,6 +682,12 @@ struct Enc {
     pending: Pending,
     /// Pairs cancelled since the last flush.
     cancelled: u64,
+    /// Blocks whose FREE this buffer holds: an allocation of one of them
+    /// still pending on another thread goes out in the same batch (see
+    /// [`State::flush`]).
+    freed: Vec<u64>,
+    /// Scratch for [`Pending::spill_old`].
+    keys: Vec<u64>,
 }
 
 impl Enc {
@@ -698,6 +711,8 @@ impl Enc {
             addr: 0,
             pending: Pending::new(),
             cancelled: 0,
+            freed: Vec::new(),
+            keys: Vec::new(),
         }
     }
 
@@ -740,6 +755,15 @@ impl Enc {
     fn spill(&mut self) {
         let mut pending = std::mem::replace(&mut self.pending, Pending::new());
         pending.drain(|a| self.alloc(a));
+        self.pending = pending;
+    }
+    /// Encodes the pending allocations made before epoch `before` (they
+    /// outlived a flush interval: not likely to die soon).
+    fn spill_old(&mut self, before: u32) {
+        let mut pending = std::mem::replace(&mut self.pending, Pending::new());
+        let mut keys = std::mem::take(&mut self.keys);
+        pending.spill_old(before, &mut keys, |a| self.alloc(a));
+        self.keys = keys;
         self.pending = pending;
     }
     fn stack(&mut self, id: u32, frames: &[u64]) {
@@ -1272,13 +1296,13 @@ impl State {
             lost_reported(lost);
         }
         hold_all();
+        settle_pending();
         let mut any = false;
         let mut pairs = 0;
         for t in threads() {
             // SAFETY: held.
             let enc = unsafe { &mut *t.enc.get() };
             pairs += std::mem::take(&mut enc.cancelled);
-            enc.spill();
             if enc.buf.is_empty() {
                 continue;
             }
@@ -1459,6 +1483,78 @@ fn send_bytes(fd: c_int, b: &[u8], pass: c_int) -> isize {
         (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<c_int>() as u32) as usize;
         *(libc::CMSG_DATA(c) as *mut c_int) = pass;
         libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL)
+    }
+}
+
+/// The epoch of new pending allocations (see [`settle_pending`]), and
+/// when it began.
+static EPOCH: AtomicU32 = AtomicU32::new(0);
+static EPOCH_AT: AtomicU64 = AtomicU64::new(0);
+/// An epoch's length: a block that lives longer (100 to 200 ms) is sent;
+/// one that dies sooner on its thread, as request buffers and parse trees
+/// do, never leaves the process. Nothing waits for it: a report reads the
+/// tables too (the journal), and a process that ends sends them all.
+const EPOCH_NS: u64 = 100_000_000;
+
+/// Decides, every recorder held, which pending allocations go out with
+/// this batch: those another thread's FREE in the batch names (so the
+/// collector, sorting the batch, sees the ALLOC before it), those made two
+/// epochs ago or earlier (they lived through a whole one), and all of them
+/// once the process is ending. Younger ones stay, cancellable.
+fn settle_pending() {
+    let all: Vec<&Thread> = threads().collect();
+    for (i, t) in all.iter().enumerate() {
+        // SAFETY: held; `t` and `u` are distinct recorders.
+        let freed = std::mem::take(unsafe { &mut (*t.enc.get()).freed });
+        for &addr in &freed {
+            for (j, u) in all.iter().enumerate() {
+                if i != j {
+                    // SAFETY: as above.
+                    let other = unsafe { &mut *u.enc.get() };
+                    if let Some(a) = other.pending.remove(addr) {
+                        other.alloc(&a);
+                    }
+                }
+            }
+        }
+        // SAFETY: as above; the list keeps its capacity.
+        let keep = unsafe { &mut (*t.enc.get()).freed };
+        *keep = freed;
+        keep.clear();
+    }
+    // An epoch is EPOCH_NS long at least, and a flush moves it on by one
+    // at most: not by size-triggered flushes (frequent on a busy
+    // thread), nor by a jump of the coarse clock (its page is updated by
+    // the collector, which a loaded machine may not run for a while).
+    let now = now_ns();
+    if now >= EPOCH_AT.load(Ordering::Relaxed) + EPOCH_NS {
+        EPOCH.fetch_add(1, Ordering::Relaxed);
+        EPOCH_AT.store(now, Ordering::Relaxed);
+    }
+    let before = EPOCH.load(Ordering::Relaxed).wrapping_sub(1);
+    // Every sent free numbered below `seq` is in this batch or an earlier
+    // one, and was reconciled above. A free without a record holds that
+    // back until the entries it could make stale are spilled below.
+    let seq = SEQ.0.load(Ordering::SeqCst);
+    let unrecorded = UNRECORDED.load(Ordering::SeqCst);
+    if unrecorded != u64::MAX
+        && (before.wrapping_sub(UNRECORDED_EPOCH.load(Ordering::Relaxed)) as i32) > 0
+    {
+        UNRECORDED.store(u64::MAX, Ordering::Relaxed);
+    }
+    RECONCILED.store(
+        seq.min(UNRECORDED.load(Ordering::Relaxed)),
+        Ordering::Relaxed,
+    );
+    let ending = UNBUFFERED.load(Ordering::Relaxed) || SPILL_ALL.load(Ordering::Relaxed);
+    for t in &all {
+        // SAFETY: held.
+        let enc = unsafe { &mut *t.enc.get() };
+        if ending {
+            enc.spill();
+        } else {
+            enc.spill_old(before);
+        }
     }
 }
 
@@ -2078,6 +2174,7 @@ fn on_alloc_inline(p: *mut c_void, size: usize, hook: u64, sp: u64, bp: u64) {
         time,
         size: size as u64,
         stack: id,
+        epoch: EPOCH.load(Ordering::Relaxed),
     });
     let len = enc.buf.len();
     t.end();
@@ -2085,7 +2182,24 @@ fn on_alloc_inline(p: *mut c_void, size: usize, hook: u64, sp: u64, bp: u64) {
 }
 
 /// Address classes of [`Freed`].
-const FREED_SLOTS: usize = 1024;
+/// Many: a pending allocation cannot cancel once any sent free in its
+/// class came after it (and after the last flush, see [`RECONCILED`]), and
+/// with few classes a busy thread's sent frees raise them all within a
+/// block's lifetime (1024 classes let 2% of the blocks of a ring of 4096
+/// cancel, which sent the rest, which raised the classes again). 2 MiB,
+/// touched where used.
+const FREED_SLOTS: usize = 1 << 18;
+
+/// Sent frees numbered below this were in a flushed batch, whose flush
+/// took every pending allocation they name out of every table (see
+/// [`settle_pending`]): an entry still pending cannot be stale by them.
+/// Held lower, until the entries older than it are spilled, by a free no
+/// record was made of ([`UNRECORDED`]).
+static RECONCILED: AtomicU64 = AtomicU64::new(0);
+/// The lowest number a free took without a record since the epoch in
+/// [`UNRECORDED_EPOCH`] (u64::MAX: none).
+static UNRECORDED: AtomicU64 = AtomicU64::new(u64::MAX);
+static UNRECORDED_EPOCH: AtomicU32 = AtomicU32::new(0);
 
 /// For each class of addresses, one more than the highest [`SEQ`] number a
 /// sent FREE of an address in it took (raised before libc gets the block
@@ -2106,7 +2220,8 @@ impl Freed {
 
     #[inline]
     fn class(&self, addr: u64) -> &AtomicU64 {
-        &self.0[((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % FREED_SLOTS]
+        let bits = FREED_SLOTS.trailing_zeros();
+        &self.0[((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize]
     }
 
     /// A free of `addr` that the collector will see (or that nobody will):
@@ -2127,8 +2242,9 @@ impl Enc {
     /// stop every thread), and then flushes by size like any record.
     #[inline(always)]
     fn on_alloc(&mut self, a: Alloc) {
-        if self.pending.len() >= pending::FULL {
+        if self.pending.full() {
             self.spill();
+            self.pending.grow();
         }
         if let Some(old) = self.pending.insert(a) {
             // The old block was freed by another thread and the address
@@ -2160,9 +2276,9 @@ impl Enc {
     #[inline(always)]
     fn cancel_free(&mut self, addr: u64, freed: &Freed) -> Cancel {
         let class = freed.class(addr);
-        let c = self
-            .pending
-            .cancel(addr, |n| class.load(Ordering::Relaxed) <= n);
+        let c = self.pending.cancel(addr, |n| {
+            class.load(Ordering::Relaxed) <= n.max(RECONCILED.load(Ordering::Relaxed))
+        });
         if c == Cancel::Done {
             // Allocated and freed on this thread since the last flush:
             // neither record is sent.
@@ -2187,6 +2303,7 @@ impl Enc {
         }
         let n = freed.raise(seq, addr);
         self.free(n, time, addr);
+        self.freed.push(addr);
         time
     }
 }
@@ -2206,6 +2323,10 @@ fn on_free_inline(p: *mut c_void) {
     let Some(g) = Guard::enter() else {
         // Not recorded (a hook interrupted by a signal handler that frees):
         // a pending allocation of this block must not be cancelled later.
+        // (Lowered before the number is taken: a flush that reads SEQ
+        // after it reads this low enough.)
+        UNRECORDED.fetch_min(SEQ.0.load(Ordering::Relaxed), Ordering::SeqCst);
+        UNRECORDED_EPOCH.store(EPOCH.load(Ordering::Relaxed), Ordering::Relaxed);
         FREED.raise(&SEQ.0, p as u64);
         return;
     };
@@ -2229,13 +2350,20 @@ fn sent_free(t: &Thread, enc: &mut Enc, addr: u64, c: Cancel) {
     after_record(len, time);
 }
 
+/// Flushes everything, pending allocations included (before an exec: the
+/// collector counts what the old image held when exec freed it).
 fn flush_now() {
     if STATE.load(Ordering::Acquire) == ON {
         if let Some(_g) = Guard::enter() {
+            SPILL_ALL.store(true, Ordering::Relaxed);
             flush_all(true);
+            SPILL_ALL.store(false, Ordering::Relaxed);
         }
     }
 }
+
+/// Set while [`flush_now`] flushes.
+static SPILL_ALL: AtomicBool = AtomicBool::new(false);
 
 // ---------------------------------------------------------------------------
 // The interposed API. The allocating functions are naked trampolines that
@@ -2710,7 +2838,12 @@ mod tests {
         fn new() -> World {
             World {
                 seq: AtomicU64::new(1),
-                freed: Box::new(Freed::new()),
+                // 2 MiB: zeroed on the heap, not built on the stack.
+                // SAFETY: all-zero bytes are a valid `Freed` (atomics).
+                freed: unsafe {
+                    let l = std::alloc::Layout::new::<Freed>();
+                    Box::from_raw(std::alloc::alloc_zeroed(l) as *mut Freed)
+                },
             }
         }
         fn alloc(&self, t: &mut Enc, addr: u64, size: u64) {
@@ -2720,6 +2853,7 @@ mod tests {
                 time: 1,
                 size,
                 stack: 1,
+                epoch: 0,
             });
         }
         /// Whether the free was sent.
@@ -2835,7 +2969,7 @@ mod tests {
     fn a_full_table_is_encoded_by_its_owner() {
         let w = World::new();
         let mut a = Enc::on_heap();
-        let n = pending::FULL as u64 + 10;
+        let n = pending::FIRST as u64 / 2 + 10;
         for i in 1..=n {
             w.alloc(&mut a, i * 16, 8);
         }
@@ -2849,7 +2983,7 @@ mod tests {
         let batch = flush(&mut a);
         assert_eq!(
             batch.len(),
-            2 * pending::FULL,
+            pending::FIRST,
             "encoded allocations and their frees"
         );
         assert!(live(&[batch]).is_empty());

@@ -31,17 +31,22 @@ pub struct Alloc {
     pub size: u64,
     /// Stack id.
     pub stack: u32,
+    /// The flush epoch it was made in (see `EPOCH` in lib.rs).
+    pub epoch: u32,
 }
 
-/// Slots of a table (a power of two): 80 KiB per thread, touched only
-/// where used.
-pub const CAP: usize = 2048;
+/// Slots a table may grow to (a power of two): 5 MiB per thread at most,
+/// touched only as far as it grew. Room for blocks that live a few
+/// milliseconds on a busy thread (a ring of tens of thousands of request
+/// buffers) to die here.
+pub const CAP: usize = 131072;
+/// Slots a table starts with (40 KiB touched at most).
+pub const FIRST: usize = 1024;
 /// Entries at which the owner encodes the whole table into its buffer
 /// (they are sent with the next flush, no longer cancellable), so that
-/// probes stay short.
-pub const FULL: usize = CAP / 2;
-
-const MASK: usize = CAP - 1;
+/// probes stay short: half the table's slots, after which the table
+/// doubles, and three quarters of the largest one.
+pub const FULL: usize = CAP / 4 * 3;
 
 /// The rest of an entry, apart from its key (layout: `wire::TABLE_VAL`).
 #[derive(Clone, Copy, Default)]
@@ -51,12 +56,12 @@ struct Val {
     time: u64,
     size: u64,
     stack: u32,
-    pad: u32,
+    epoch: u32,
 }
 
 /// The slots: keys and values apart, so that a probe reads only keys,
-/// eight to a cache line. Fixed-size arrays: indices masked by `MASK` need
-/// no bounds checks.
+/// eight to a cache line. Fixed-size arrays: indices masked by the used
+/// size (a power of two, at most `CAP`) need no bounds checks.
 #[repr(C)]
 pub struct Table {
     /// Block addresses, 0: empty.
@@ -77,6 +82,8 @@ pub struct Pending {
     /// recorders of short-lived threads never need it); null: not yet.
     table: *mut Table,
     len: usize,
+    /// The slots in use: `1 << bits`.
+    bits: u32,
 }
 
 /// What [`Pending::cancel`] did.
@@ -91,10 +98,11 @@ pub enum Cancel {
     Absent,
 }
 
+/// The home slot of `addr` in a table of `1 << bits` slots.
 #[inline]
-fn home(addr: u64) -> usize {
+fn home(addr: u64, bits: u32) -> usize {
     // Blocks are 16-byte aligned; Fibonacci hashing spreads the rest.
-    ((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - CAP.trailing_zeros())) as usize
+    ((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize
 }
 
 /// A zeroed table from the global allocator (calloc: pages of a large
@@ -131,13 +139,15 @@ impl Table {
             time: v.time,
             size: v.size,
             stack: v.stack,
+            epoch: v.epoch,
         }
     }
 
-    /// The slot holding `addr` (not 0), if any.
+    /// The slot holding `addr` (not 0), if any, among `1 << bits`.
     #[inline]
-    fn find(&self, addr: u64) -> Option<usize> {
-        let mut i = home(addr);
+    fn find(&self, addr: u64, bits: u32) -> Option<usize> {
+        let mask = (1usize << bits) - 1;
+        let mut i = home(addr, bits);
         loop {
             let k = self.keys[i];
             if k == addr {
@@ -146,7 +156,7 @@ impl Table {
             if k == 0 {
                 return None;
             }
-            i = (i + 1) & MASK;
+            i = (i + 1) & mask;
         }
     }
 
@@ -155,17 +165,18 @@ impl Table {
     /// The hole's key is cleared before its value is overwritten; a moved
     /// entry is in two slots until its old one becomes the next hole.
     #[inline]
-    fn remove_at(&mut self, mut i: usize) {
+    fn remove_at(&mut self, mut i: usize, bits: u32) {
+        let mask = (1usize << bits) - 1;
         self.keys[i] = 0;
         ordered();
         let mut j = i;
         loop {
-            j = (j + 1) & MASK;
+            j = (j + 1) & mask;
             let k = self.keys[j];
             if k == 0 {
                 break;
             }
-            let h = home(k);
+            let h = home(k, bits);
             // Is h cyclically in (i, j]? Then the entry must stay.
             let stays = if i <= j {
                 i < h && h <= j
@@ -192,6 +203,7 @@ impl Pending {
         Pending {
             table: std::ptr::null_mut(),
             len: 0,
+            bits: FIRST.trailing_zeros(),
         }
     }
 
@@ -201,6 +213,7 @@ impl Pending {
         Pending {
             table: table as *mut Table,
             len: 0,
+            bits: FIRST.trailing_zeros(),
         }
     }
 
@@ -215,9 +228,24 @@ impl Pending {
     }
 
     /// Entries held.
-    #[inline]
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Whether the table is full enough to encode it (and grow it).
+    #[inline]
+    pub fn full(&self) -> bool {
+        let cap = 1usize << self.bits;
+        self.len >= if cap == CAP { FULL } else { cap / 2 }
+    }
+
+    /// Doubles the slots in use, up to [`CAP`]; only when empty (after a
+    /// spill), so that no entry has to move.
+    pub fn grow(&mut self) {
+        if self.len == 0 && (1usize << self.bits) < CAP {
+            self.bits += 1;
+        }
     }
 
     /// Adds `a`. An entry already held for the same address is replaced
@@ -226,7 +254,8 @@ impl Pending {
     /// Uses the shim's heap (libc) on first use.
     #[inline]
     pub fn insert(&mut self, a: Alloc) -> Option<Alloc> {
-        debug_assert!(a.addr != 0 && self.len < CAP - 1);
+        debug_assert!(a.addr != 0 && self.len < (1usize << self.bits) - 1);
+        let (bits, mask) = (self.bits, (1usize << self.bits) - 1);
         // SAFETY: a live table only this recorder's owner (or a holder of
         // every recorder) touches.
         let t = unsafe { &mut *self.table() };
@@ -235,9 +264,9 @@ impl Pending {
             time: a.time,
             size: a.size,
             stack: a.stack,
-            pad: 0,
+            epoch: a.epoch,
         };
-        let mut i = home(a.addr);
+        let mut i = home(a.addr, bits);
         loop {
             let k = t.keys[i];
             if k == 0 {
@@ -256,7 +285,7 @@ impl Pending {
                 t.keys[i] = a.addr;
                 return Some(old);
             }
-            i = (i + 1) & MASK;
+            i = (i + 1) & mask;
         }
     }
 
@@ -272,7 +301,7 @@ impl Pending {
         let Some(t) = (unsafe { self.table.as_mut() }) else {
             return Cancel::Absent;
         };
-        let Some(i) = t.find(addr) else {
+        let Some(i) = t.find(addr, self.bits) else {
             return Cancel::Absent;
         };
         let r = if may(t.vals[i].seq) {
@@ -280,17 +309,42 @@ impl Pending {
         } else {
             Cancel::Kept(t.entry(i))
         };
-        t.remove_at(i);
+        t.remove_at(i, self.bits);
         self.len -= 1;
         r
     }
 
     /// Takes the entry for `addr` out, if held.
-    #[cfg(test)]
     pub fn remove(&mut self, addr: u64) -> Option<Alloc> {
         match self.cancel(addr, |_| false) {
             Cancel::Kept(a) => Some(a),
             _ => None,
+        }
+    }
+
+    /// Hands every entry made before epoch `before` to `f` and takes it
+    /// out; younger ones stay, cancellable. `keys` is scratch space.
+    pub fn spill_old(&mut self, before: u32, keys: &mut Vec<u64>, mut f: impl FnMut(&Alloc)) {
+        if self.len == 0 {
+            return;
+        }
+        // SAFETY: as in `insert`.
+        let Some(t) = (unsafe { self.table.as_mut() }) else {
+            return;
+        };
+        keys.clear();
+        keys.extend(
+            (0..1usize << self.bits)
+                .filter(|&i| t.keys[i] != 0 && (before.wrapping_sub(t.vals[i].epoch) as i32) > 0)
+                .map(|i| t.keys[i]),
+        );
+        for &k in keys.iter() {
+            if let Some(i) = t.find(k, self.bits) {
+                f(&t.entry(i));
+                ordered();
+                t.remove_at(i, self.bits);
+                self.len -= 1;
+            }
         }
     }
 
@@ -319,7 +373,7 @@ impl Pending {
         if self.len != 0 {
             // SAFETY: as in `insert`.
             if let Some(t) = unsafe { self.table.as_mut() } {
-                t.keys.fill(0);
+                t.keys[..1usize << self.bits].fill(0);
             }
             self.len = 0;
         }
@@ -337,6 +391,7 @@ mod tests {
             time: seq * 10,
             size: 16,
             stack: 1,
+            epoch: 0,
         }
     }
 
@@ -367,7 +422,10 @@ mod tests {
         let base = 0x5555_0000_0000u64;
         let mut same: Vec<u64> = (0..200_000u64)
             .map(|i| base + i * 16)
-            .filter(|&x| home(x) == home(base) || home(x) == (home(base) + 1) & MASK)
+            .filter(|&x| {
+                let (b, mask) = (FIRST.trailing_zeros(), FIRST - 1);
+                home(x, b) == home(base, b) || home(x, b) == (home(base, b) + 1) & mask
+            })
             .take(12)
             .collect();
         same.extend((1..40u64).map(|i| base + i * 16));
