@@ -31,6 +31,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 OUT=$ROOT/bench/out
 mkdir -p "$OUT"
 N=${N:-1000000}
@@ -69,7 +71,6 @@ if have memleak-bpfcc; then
 	if [[ $(id -u) == 0 ]]; then tools+=(memleak); else echo "skipping memleak-bpfcc: needs root"; fi
 fi
 
-now() { date +%s.%N; }
 # run TOOL BUILD -> prints "seconds found" and logs to $OUT
 run() {
 	local tool=$1 b=$2 bin=$OUT/heap_stress_$2 log=$OUT/heap_$1_$2.log t0 t1 ok=-
@@ -114,27 +115,6 @@ for ((r = 1; r <= ROUNDS; r++)); do
 	echo "round $r/$ROUNDS done"
 done
 
-# Peak RSS (KiB) of the tree under $1 while it runs: "tracer target".
-tree() { echo "$1"; local c; for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do tree "$c"; done; }
-sample_rss() {
-	local root=$1 target_pid=${2:-} tmax=0 gmax=0 sum p comm hwm
-	while kill -0 "$root" 2>/dev/null; do
-		sum=0
-		for p in $(tree "$root") $target_pid; do
-			comm=$(cat /proc/"$p"/comm 2>/dev/null) || continue
-			hwm=$(awk '/^VmHWM/{print $2}' /proc/"$p"/status 2>/dev/null)
-			[[ -n $hwm ]] || continue
-			if [[ $comm == heap_stress* || $comm == memcheck* || $p == "$target_pid" ]]; then
-				((hwm > gmax)) && gmax=$hwm
-			elif [[ $comm != timeout ]]; then
-				sum=$((sum + hwm))
-			fi
-		done
-		((sum > tmax)) && tmax=$sum
-		sleep 0.02
-	done
-	echo "$tmax $gmax"
-}
 # rss TOOL BUILD -> "tracer_kib target_kib"
 rss() {
 	local tool=$1 bin=$OUT/heap_stress_$2 pid tpid
@@ -146,9 +126,9 @@ rss() {
 	memleak)
 		"$bin" "$N_SMALL" & tpid=$!
 		timeout 60 memleak-bpfcc -p "$tpid" >/dev/null 2>&1 & pid=$!
-		sample_rss "$pid" "$tpid"; wait "$pid" "$tpid" 2>/dev/null || true; return ;;
+		peak_rss "$pid" '^(heap_stress|memcheck)' "$tpid"; wait "$pid" "$tpid" 2>/dev/null || true; return ;;
 	esac
-	sample_rss "$pid"
+	peak_rss "$pid" '^(heap_stress|memcheck)'
 	wait "$pid" 2>/dev/null || true
 	rm -f "$OUT"/heaptrack.rss*
 }
@@ -159,7 +139,6 @@ for b in fp nofp; do
 	done
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
 printf '\n%-10s %-5s %8s %10s %8s %11s %11s  %s\n' tool build n median_s ratio tracer_MiB target_MiB leaks
 for b in fp nofp; do
 	for tool in "${tools[@]}"; do
@@ -168,7 +147,6 @@ for b in fp nofp; do
 		m=$(echo "${T[$tool.$b]}" | median)
 		mb=$(echo "${T[$base.$b]}" | median)
 		read -r tr tg <<<"${R[$tool.$b]}"
-		mib() { if (($1 > 0)); then printf '%.1f' "$(echo "$1 / 1024" | bc -l)"; else echo -; fi; }
 		printf '%-10s %-5s %8s %10.3f %8.1f %11s %11s  %s\n' "$tool" "$b" "$n" "$m" "$(echo "$m / $mb" | bc -l)" \
 			"$(mib "$tr")" "$(mib "$tg")" "${F[$tool.$b]}"
 	done
