@@ -151,7 +151,8 @@ pub fn trace<W: std::io::Write>(
     };
     let writer = leakscope_record::Writer::new(out, &meta)
         .map_err(|e| anyhow::anyhow!("writing the recording: {e}"))?;
-    let mut rec = leakscope_record::Recorder::new(writer);
+    let mut rec = leakscope_record::Recorder::new(writer)
+        .with_min_age(leakscope_event::TimeNs(every.as_nanos() as u64));
     let mut live: HashSet<Pid> = HashSet::from([root]);
     let mut status = None;
     let mut gone_since: Option<Instant> = None;
@@ -559,14 +560,14 @@ fn same_source(a: &Group, b: &Group) -> bool {
 }
 
 /// A hash of what [`same_source`] compares, without copying it.
-pub(crate) fn source_hash(g: &Group) -> u64 {
+fn source_hash(g: &Group) -> u64 {
     use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = leakscope_ledger::WordHasher::default();
     (&g.kind, &g.resource).hash(&mut h);
+    // Enough to tell most groups apart; same_source compares the rest.
     for f in &g.stack {
-        (&f.function, &f.module).hash(&mut h);
-        match f.function {
-            Some(_) => (&f.file, f.line).hash(&mut h),
+        match &f.function {
+            Some(name) => (name, f.line).hash(&mut h),
             None => f.addr.hash(&mut h),
         }
     }
@@ -579,7 +580,7 @@ pub(crate) fn source_hash(g: &Group) -> u64 {
 /// unknown code never merges by accident.
 fn merge_same_source(groups: Vec<(Group, Vec<StackId>)>) -> Vec<(Group, Vec<StackId>)> {
     let mut out: Vec<(Group, Vec<StackId>)> = Vec::new();
-    let mut index: HashMap<u64, Vec<usize>> = HashMap::new();
+    let mut index: leakscope_ledger::WordMap<u64, Vec<usize>> = Default::default();
     for (g, sources) in groups {
         if g.stack.is_empty() {
             out.push((g, sources));

@@ -185,7 +185,7 @@ pub fn report_of_sourced(
         suppressions.has_defaults(),
     );
     let (groups, mut all_sources): (Vec<Group>, Vec<Vec<StackId>>) = sourced.into_iter().unzip();
-    let fingerprints: Vec<(u64, u64, u64)> = groups.iter().map(fingerprint).collect();
+    let fingerprints: Vec<(u64, u64, u64, u64, usize)> = groups.iter().map(fingerprint).collect();
     let (groups, mut suppressed) = suppressions.apply(groups);
     // What suppressions keep is a subsequence of what they are given, in
     // order: walk both to give each kept group its stacks.
@@ -265,9 +265,16 @@ pub fn report_of_sourced(
     (report, sources)
 }
 
-/// Enough of a group to find it again among those it was kept from.
-fn fingerprint(g: &Group) -> (u64, u64, u64) {
-    (g.count, g.bytes, crate::pipeline::source_hash(g))
+/// Enough of a group to find it again among those it was kept from
+/// (suppressions move groups, they never change them).
+fn fingerprint(g: &Group) -> (u64, u64, u64, u64, usize) {
+    (
+        g.count,
+        g.bytes,
+        g.first_s.to_bits(),
+        g.last_s.to_bits(),
+        g.stack.len(),
+    )
 }
 
 /// Outstanding count over time of a report group, from the series of its
@@ -393,7 +400,8 @@ fn trace_attach(args: &RecordArgs, pid: Pid, out: File, every: Duration) -> anyh
     };
     let writer = leakscope_record::Writer::new(out, &meta)
         .map_err(|e| anyhow::anyhow!("writing the recording: {e}"))?;
-    let mut rec = leakscope_record::Recorder::new(writer);
+    let mut rec = leakscope_record::Recorder::new(writer)
+        .with_min_age(leakscope_event::TimeNs(every.as_nanos() as u64));
     backend
         .attach(pid)
         .map_err(|e| fatal(exit::ERROR, format!("cannot attach to {}: {e}", pid.0)))?;

@@ -76,6 +76,7 @@ pub struct Recorder<W: Write> {
     commits: u64,
     totals: HashMap<(u32, KindCode), (u64, u64)>,
     reported: HashMap<(u32, KindCode), (u64, u64)>,
+    min_age: TimeNs,
 }
 
 impl<W: Write> Recorder<W> {
@@ -93,7 +94,18 @@ impl<W: Write> Recorder<W> {
             commits: 0,
             totals: HashMap::new(),
             reported: HashMap::new(),
+            min_age: TimeNs(0),
         }
+    }
+
+    /// Commits leave out live resources younger than `age` (the last
+    /// commit writes everything): a program that holds each resource
+    /// briefly (a pool, a request's buffers) would otherwise have every
+    /// one caught by a commit written and removed again. Resources found
+    /// at exits are written at once.
+    pub fn with_min_age(mut self, age: TimeNs) -> Self {
+        self.min_age = age;
+        self
     }
 
     /// Bytes committed so far.
@@ -199,7 +211,18 @@ impl<W: Write> Recorder<W> {
         duration_s: f64,
         settled: u64,
     ) -> io::Result<()> {
+        self.commit_all(backend, duration_s, settled, false)
+    }
+
+    fn commit_all(
+        &mut self,
+        backend: &mut dyn Backend,
+        duration_s: f64,
+        settled: u64,
+        last: bool,
+    ) -> io::Result<()> {
         self.commits += 1;
+        let young = TimeNs(self.ledger.now().0.saturating_sub(self.min_age.0));
         // Found at exits since the last commit: final, written once.
         let exited: Vec<Leak> = self.ledger.exited()[self.exited_seen..].to_vec();
         self.exited_seen += exited.len();
@@ -210,6 +233,9 @@ impl<W: Write> Recorder<W> {
             self.add(backend, l, false)?;
         }
         for l in self.ledger.outstanding() {
+            if !last && l.resource.time() > young {
+                continue;
+            }
             let k = key(&l);
             let kept = Self::kept(backend, &l);
             let mut norm = l.clone();
@@ -272,7 +298,7 @@ impl<W: Write> Recorder<W> {
     ) -> io::Result<W> {
         let settled = backend.settled();
         end.freed_by_exec = self.ledger.freed_by_exec();
-        self.commit(backend, duration_s, settled)?;
+        self.commit_all(backend, duration_s, settled, true)?;
         self.writer.end(&end);
         self.writer.commit()?;
         Ok(self.writer.into_inner())
