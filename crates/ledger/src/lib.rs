@@ -133,6 +133,44 @@ impl Hasher for IntHasher {
 
 type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 
+/// A hasher for keys made of strings and numbers (grouping keys: stacks
+/// of module paths and offsets), taking 8 bytes at a time. SipHash over
+/// every frame's module path was a quarter of the time of a report of
+/// 100k groups; these keys are ours, not an adversary's.
+#[derive(Default, Clone, Copy)]
+pub struct WordHasher(u64);
+
+impl Hasher for WordHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.write_u64(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        let mut last = [0u8; 8];
+        let rest = chunks.remainder();
+        last[..rest.len()].copy_from_slice(rest);
+        self.write_u64(u64::from_le_bytes(last) ^ (rest.len() as u64) << 59);
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(u64::from(x));
+    }
+    fn write_u8(&mut self, x: u8) {
+        self.write_u64(u64::from(x));
+    }
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+}
+
+/// A `HashMap` with [`WordHasher`].
+pub type WordMap<K, V> = HashMap<K, V, BuildHasherDefault<WordHasher>>;
+
 /// Hashes heap block addresses keeping their neighbourhoods together: the
 /// low 12 bits of the hash (the table takes the bucket from the low bits)
 /// are the block's offset in its 64 KiB region, in 16-byte units, and the
@@ -521,7 +559,7 @@ pub fn group<K: Hash + Eq + Clone>(
     leaks: Vec<Leak>,
     mut key: impl FnMut(&Leak) -> K,
 ) -> Vec<LeakGroup<K>> {
-    let mut index: HashMap<K, usize> = HashMap::new();
+    let mut index: WordMap<K, usize> = WordMap::default();
     let mut groups: Vec<LeakGroup<K>> = Vec::new();
     for leak in leaks {
         let k = key(&leak);
