@@ -373,7 +373,8 @@ pub(crate) fn group_leaks<'s>(
     tracking: crate::backends::Tracking,
     runtime_kept: bool,
 ) -> (Vec<Group>, Vec<Suppressed>) {
-    let (groups, kept) = group_leaks_sourced(leaks, stack, tracking, runtime_kept);
+    let mut symbolizer = Symbolizer::new();
+    let (groups, kept) = group_leaks_sourced(leaks, stack, tracking, runtime_kept, &mut symbolizer);
     (groups.into_iter().map(|(g, _)| g).collect(), kept)
 }
 
@@ -384,6 +385,7 @@ pub(crate) fn group_leaks_sourced<'s>(
     stack: &dyn Fn(StackId) -> &'s Stack,
     tracking: crate::backends::Tracking,
     runtime_kept: bool,
+    symbolizer: &mut Symbolizer,
 ) -> (Vec<(Group, Vec<StackId>)>, Vec<Suppressed>) {
     let mut kept: Vec<Suppressed> = Vec::new();
     let leaks: Vec<Leak> = leaks
@@ -453,7 +455,6 @@ pub(crate) fn group_leaks_sourced<'s>(
             frames: frames.iter().map(frame_key).collect(),
         }
     });
-    let mut symbolizer = Symbolizer::new();
     let groups: Vec<(Group, Vec<StackId>)> = groups
         .into_iter()
         .map(|g| {

@@ -69,6 +69,11 @@ pub struct ReportArgs {
     /// Show at most N leak groups in text output.
     #[arg(long, default_value_t = 20, value_name = "N")]
     top: usize,
+    /// Also look for the debug information of stripped modules in DIR,
+    /// by build id (`DIR/.build-id/ab/cdef....debug`) or by
+    /// `.gnu_debuglink` under DIR; repeatable.
+    #[arg(long = "debug-dir", value_name = "DIR")]
+    debug_dirs: Vec<PathBuf>,
     #[command(flatten)]
     suppress: crate::SuppressArgs,
 }
@@ -157,7 +162,7 @@ pub fn coverage_to_record(c: &[Coverage]) -> Vec<leakscope_record::Coverage> {
 /// The report of a recording: the same for `run` (of its recording in
 /// memory) and `report` (of a file).
 pub fn report_of(rec: &Recording, suppressions: &leakscope_report::Suppressions) -> Report {
-    report_of_sourced(rec, suppressions).0
+    report_of_sourced(rec, suppressions, &[]).0
 }
 
 /// [`report_of`], with the recording's stacks of each group (in the
@@ -165,6 +170,7 @@ pub fn report_of(rec: &Recording, suppressions: &leakscope_report::Suppressions)
 pub fn report_of_sourced(
     rec: &Recording,
     suppressions: &leakscope_report::Suppressions,
+    debug_dirs: &[PathBuf],
 ) -> (Report, Vec<Vec<StackId>>) {
     let tracking = Tracking {
         fd: rec.meta.fd,
@@ -183,6 +189,7 @@ pub fn report_of_sourced(
         &|id| &rec.stacks[id.0 as usize],
         tracking,
         suppressions.has_defaults(),
+        &mut leakscope_symbolize::Symbolizer::with_debug_dirs(debug_dirs.to_vec()),
     );
     let (groups, mut all_sources): (Vec<Group>, Vec<Vec<StackId>>) = sourced.into_iter().unzip();
     let fingerprints: Vec<(u64, u64, u64, u64, usize)> = groups.iter().map(fingerprint).collect();
@@ -529,7 +536,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
         };
         fatal(code, format!("{}: {e}", args.recording.display()))
     })?;
-    let (report, sources) = report_of_sourced(&rec, &suppressions);
+    let (report, sources) = report_of_sourced(&rec, &suppressions, &args.debug_dirs);
     let bytes = match args.format {
         ReportFormat::Html => {
             let growth: Vec<Vec<(f64, u64)>> = report

@@ -632,3 +632,82 @@ fn report_as_html() {
         let _ = std::fs::remove_file(f);
     }
 }
+
+/// `report --debug-dir`: a module stripped after recording (same build
+/// id) is symbolized from its debug file in DIR/.build-id/ab/cdef.debug;
+/// without it the leaking function has no name.
+#[test]
+fn report_finds_debug_files_by_build_id() {
+    let bin = heap_fixture("nested", "debugdir");
+    let rec = tmp("debugdir.lsr");
+    let o = leakscope(&[
+        "record",
+        "-o",
+        s(&rec),
+        "--backend",
+        "preload",
+        "--track",
+        "heap",
+        "--",
+        s(&bin),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let build_id = leakscope_record::read_file(&rec)
+        .unwrap()
+        .stacks
+        .iter()
+        .flat_map(|st| &st.frames)
+        .filter_map(|f| f.module.as_ref())
+        .find(|m| Path::new(&m.path) == bin)
+        .and_then(|m| m.build_id.clone())
+        .expect("the fixture's build id was recorded");
+    let dir = tmp("debug-dir");
+    let at = dir.join(".build-id").join(&build_id[..2]);
+    std::fs::create_dir_all(&at).unwrap();
+    let debug = at.join(format!("{}.debug", &build_id[2..]));
+    let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+        assert!(
+            Command::new(cmd).args(args).status().unwrap().success(),
+            "{cmd}"
+        );
+    };
+    run(
+        "objcopy",
+        &[
+            "--only-keep-debug".as_ref(),
+            bin.as_os_str(),
+            debug.as_os_str(),
+        ],
+    );
+    run("strip", &["--strip-all".as_ref(), bin.as_os_str()]);
+    let names = |extra: &[&str]| -> Vec<String> {
+        let out = tmp("debugdir.json");
+        let mut args = vec!["report", s(&rec), "--format", "json", "-o", s(&out)];
+        args.extend_from_slice(extra);
+        assert_eq!(leakscope(&args).status.code(), Some(0));
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let _ = std::fs::remove_file(out);
+        r["leaks"][0]["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| format!("{}:{}", f["function"].as_str().unwrap_or("?"), f["line"]))
+            .collect()
+    };
+    let stripped = names(&[]);
+    assert!(
+        !stripped.iter().any(|f| f.starts_with("parse_line:")),
+        "{stripped:?}"
+    );
+    let found = names(&["--debug-dir", s(&dir)]);
+    assert!(
+        found
+            .iter()
+            .any(|f| f.starts_with("parse_line:") && !f.ends_with("null")),
+        "{found:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    for f in [rec, bin] {
+        let _ = std::fs::remove_file(f);
+    }
+}
