@@ -74,6 +74,11 @@ pub struct ReportArgs {
     /// `.gnu_debuglink` under DIR; repeatable.
     #[arg(long = "debug-dir", value_name = "DIR")]
     debug_dirs: Vec<PathBuf>,
+    /// Instead of the report, print a suppression file with one
+    /// `leak:FUNCTION` rule per reported group (the function the report
+    /// names it after), for `--suppressions` once the leaks are known.
+    #[arg(long, conflicts_with = "format")]
+    gen_suppressions: bool,
     #[command(flatten)]
     suppress: crate::SuppressArgs,
 }
@@ -270,6 +275,29 @@ pub fn report_of_sourced(
             .collect(),
     };
     (report, sources)
+}
+
+/// A suppression file for `report`'s groups: a comment saying what each
+/// rule stands for, then `leak:FUNCTION` (the group's culprit), once per
+/// function. Groups without a named frame get no rule (a comment says so).
+fn suppressions_for(report: &Report) -> String {
+    let mut out = format!(
+        "# leakscope --gen-suppressions: a rule per leak group of `{}`\n",
+        report.target.command.join(" ")
+    );
+    let mut seen = HashSet::new();
+    for g in &report.leaks {
+        let name = leakscope_report::culprit(&g.stack).and_then(|f| f.function.clone());
+        let what = format!("{} {} ({} bytes)", g.count, g.resource, g.bytes);
+        match name {
+            Some(n) if seen.insert(n.clone()) => {
+                out.push_str(&format!("# {what}\nleak:{n}\n"));
+            }
+            Some(n) => out.push_str(&format!("# {what}: leak:{n} above\n")),
+            None => out.push_str(&format!("# {what}: no named frame, no rule\n")),
+        }
+    }
+    out
 }
 
 /// Enough of a group to find it again among those it was kept from
@@ -537,6 +565,11 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
         fatal(code, format!("{}: {e}", args.recording.display()))
     })?;
     let (report, sources) = report_of_sourced(&rec, &suppressions, &args.debug_dirs);
+    if args.gen_suppressions {
+        let text = suppressions_for(&report);
+        crate::write_report(Some(args.output.as_deref().unwrap_or(Path::new("-"))), text)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let bytes = match args.format {
         ReportFormat::Html => {
             let growth: Vec<Vec<(f64, u64)>> = report
