@@ -222,7 +222,11 @@ impl<W: Write> Recorder<W> {
         last: bool,
     ) -> io::Result<()> {
         self.commits += 1;
-        let young = TimeNs(self.ledger.now().0.saturating_sub(self.min_age.0));
+        // The clock, not the last event: a program whose events stopped
+        // (or whose backend sends blocks after they lived a while, as the
+        // heap shim does) still ages what it holds.
+        let now = self.ledger.now().0.max((duration_s * 1e9) as u64);
+        let young = TimeNs(now.saturating_sub(self.min_age.0));
         // Found at exits since the last commit: final, written once.
         let exited: Vec<Leak> = self.ledger.exited()[self.exited_seen..].to_vec();
         self.exited_seen += exited.len();

@@ -2781,6 +2781,11 @@ mod tests {
     /// taken and decoded.
     fn flush(enc: &mut Enc) -> Vec<Rec> {
         enc.spill();
+        flush_buf(enc)
+    }
+
+    /// The records in a thread's buffer, which is emptied.
+    fn flush_buf(enc: &mut Enc) -> Vec<Rec> {
         let b = enc.buf.as_slice().to_vec();
         enc.buf.clear();
         let (mut i, mut seq, mut addr) = (0, 0u64, 0u64);
@@ -2961,6 +2966,46 @@ mod tests {
         let second = flush(&mut a);
         assert_eq!(second.len(), 2, "{second:?}");
         assert_eq!(live(&[first, second]), [(0x3000, 128)]);
+    }
+
+    /// Entries that lived through a whole epoch are encoded at a flush;
+    /// younger ones stay pending, cancellable.
+    #[test]
+    fn old_entries_are_spilled_young_ones_stay() {
+        let w = World::new();
+        let mut a = Enc::on_heap();
+        for (i, epoch) in [(1u64, 0u32), (2, 0), (3, 1), (4, 2)] {
+            a.on_alloc(Alloc {
+                addr: i * 16,
+                seq: w.seq.load(Ordering::Acquire),
+                time: 1,
+                size: 8,
+                stack: 1,
+                epoch,
+            });
+        }
+        a.spill_old(1);
+        let sent = flush_buf(&mut a);
+        let mut sent = sent;
+        sent.sort_by_key(|r| match *r {
+            Rec::Alloc { addr, .. } | Rec::Free { addr, .. } => addr,
+        });
+        assert_eq!(
+            sent,
+            [
+                Rec::Alloc {
+                    seq: 1,
+                    addr: 16,
+                    size: 8
+                },
+                Rec::Alloc {
+                    seq: 1,
+                    addr: 32,
+                    size: 8
+                }
+            ]
+        );
+        assert_eq!(a.pending.len(), 2);
     }
 
     /// A full table is encoded into the thread's buffer: those allocations
