@@ -130,6 +130,10 @@ pub fn open(
     let mut reaped = None;
     let mut fallback = None;
     let mut ebpf_refused = None;
+    // The defaults with eBPF: leaked sockets also say their last TCP state
+    // (a CLOSE_WAIT socket is its own `tcp` group). Only eBPF sees TCP
+    // states: without it the defaults do not include them.
+    let tcp_default = defaults && tracking.fd && !tracking.tcp && choice != Choice::Ptrace;
     let fd: Option<Box<dyn Backend>> = if !tracking.needs_fd_backend() {
         None
     } else if choice == Choice::Ptrace {
@@ -137,8 +141,17 @@ pub fn open(
         reaped = Some(t.reaped());
         Some(Box::new(t))
     } else {
-        match leakscope_ebpf::Tracer::new(leakscope_ebpf::Config { tcp: tracking.tcp }) {
-            Ok(t) => Some(Box::new(t)),
+        let open = |tcp| leakscope_ebpf::Tracer::new(leakscope_ebpf::Config { tcp });
+        // The TCP program failing alone must not cost the defaults their fds.
+        let (opened, tcp) = match open(tracking.tcp || tcp_default) {
+            Err(_) if tcp_default => (open(false), false),
+            r => (r, tracking.tcp || tcp_default),
+        };
+        match opened {
+            Ok(t) => {
+                tracking.tcp = tcp;
+                Some(Box::new(t))
+            }
             // --backend auto: without eBPF, fds are traced with ptrace,
             // and the report's first lines say why (issue 13).
             Err(e) if choice == Choice::Auto && !tracking.tcp => match leakscope_ptrace::check() {
@@ -218,6 +231,10 @@ pub fn open(
         (Some(_), None, _) | (_, Some(_), Mode::Attach { .. }) => "ebpf",
         (None, Some(_), Mode::Launch) => "preload",
         (None, None, _) => return Err(fatal(exit::ERROR, "nothing to track".into())),
+    };
+    let asked = Tracking {
+        tcp: asked.tcp || (tcp_default && tracking.tcp),
+        ..asked
     };
     Ok(Combined {
         fd,
@@ -360,6 +377,11 @@ impl Combined {
         }
     }
 
+    /// What is traced (the defaults include TCP states when eBPF loaded).
+    pub fn tracking(&self) -> Tracking {
+        self.tracking
+    }
+
     /// What was traced and what was not, per kind, and why (see
     /// [`Coverage`]). Final once the trace has ended.
     pub fn coverage(&self) -> Vec<Coverage> {
@@ -384,6 +406,9 @@ impl Combined {
                                            launched command (the preload shim does: \
                                            --backend auto)"
                             .into(),
+                        ("tcp", false) if self.fallback.is_some() => {
+                            "TCP states need eBPF, which could not be used".into()
+                        }
                         _ => format!("not asked for (--track {kind})"),
                     };
                     return none(false, why);

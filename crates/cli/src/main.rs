@@ -195,8 +195,8 @@ pub struct RunArgs {
     /// keeps its own exit status.
     #[arg(long)]
     fail_on_leak: bool,
-    /// What to track (comma-separated) [default: fd,heap; without
-    /// permission for eBPF the heap alone, and the report says so].
+    /// What to track (comma-separated) [default: fd,heap,tcp with eBPF;
+    /// without it fd (ptrace),heap, and the report says what was not traced].
     #[arg(long, value_enum, value_delimiter = ',')]
     track: Option<Vec<Track>>,
     /// Show at most N leak groups in text output.

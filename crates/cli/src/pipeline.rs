@@ -146,7 +146,7 @@ pub fn trace<W: std::io::Write>(
         attach: false,
         fd: config.tracking.fd,
         heap: config.tracking.heap,
-        tcp: config.tracking.tcp,
+        tcp: backend.tracking().tcp,
         started_unix_s,
     };
     let writer = leakscope_record::Writer::new(out, &meta)

@@ -33,8 +33,8 @@ pub struct RecordArgs {
     /// default: until the process exits or Ctrl-C.
     #[arg(long, value_name = "D", value_parser = parse_duration, requires = "pid")]
     duration: Option<Duration>,
-    /// What to track (comma-separated) [default: fd,heap for a command,
-    /// fd with -p].
+    /// What to track (comma-separated) [default: as `run` for a command
+    /// (fd,heap, and tcp with eBPF), fd with -p].
     #[arg(long, value_enum, value_delimiter = ',')]
     track: Option<Vec<Track>>,
     /// Tracing backend.

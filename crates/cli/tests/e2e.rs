@@ -524,6 +524,55 @@ fn root_tcp_close_wait() {
     );
 }
 
+/// A plain `run` (no --track) with eBPF tells leaked sockets whose peer
+/// closed apart, as `tcp` groups in CLOSE_WAIT, like `--track tcp`.
+#[test]
+fn root_a_plain_run_shows_close_wait() {
+    if !require_root("root_a_plain_run_shows_close_wait") {
+        return;
+    }
+    let bin = fixture("net_leak");
+    let dir = tempfile_dir();
+    let out_path = dir.join("plain.json");
+    let out = leakscope(&[
+        "run",
+        "--format",
+        "json",
+        "-o",
+        out_path.to_str().unwrap(),
+        "--",
+        bin.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let tcp = r["coverage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "tcp")
+        .unwrap();
+    assert_eq!(tcp["requested"], true, "{tcp}");
+    assert_eq!(tcp["traced"], "all", "{tcp}");
+    let mut got = BTreeMap::new();
+    for g in r["leaks"].as_array().unwrap() {
+        assert_eq!(
+            (&g["kind"], &g["state"]),
+            (&"tcp".into(), &"CLOSE_WAIT".into()),
+            "{g}"
+        );
+        let f = ["serve_clients", "connect_peer"]
+            .into_iter()
+            .find(|f| stack_has(g, f))
+            .unwrap_or_else(|| panic!("unexpected stack: {g}"));
+        *got.entry(f).or_insert(0) += g["count"].as_u64().unwrap();
+    }
+    assert_eq!(
+        got,
+        BTreeMap::from([("connect_peer", 7), ("serve_clients", 11)])
+    );
+}
+
 /// A library dlopen()ed, leaking fds, and dlclose()d before exit: its
 /// frames still unwind and symbolize after the process and the mapping are
 /// gone, because mappings are recorded as they happen (bpftrace issue 246).

@@ -542,7 +542,7 @@ fn root_a_static_program_has_its_fds_traced_and_not_its_heap() {
     let mut lines = text.lines();
     assert_eq!(
         lines.next(),
-        Some("leakscope: `./static` exited with 0; traced fds (ebpf), NOT the heap")
+        Some("leakscope: `./static` exited with 0; traced fds and TCP states (ebpf), NOT the heap")
     );
     let why = lines.next().unwrap();
     assert!(
@@ -624,7 +624,8 @@ fn root_a_static_child_leaves_part_of_the_heap_untraced() {
     assert!(
         first.starts_with("leakscope: `./launch")
             && first.ends_with(
-                "` exited with 0; traced fds and heap (ebpf+preload), NOT all of the heap"
+                "` exited with 0; traced fds, heap and TCP states (ebpf+preload), NOT all of \
+                 the heap"
             ),
         "{err}"
     );
@@ -639,7 +640,7 @@ fn root_a_static_child_leaves_part_of_the_heap_untraced() {
     );
     assert!(
         text.contains(&format!(
-            "\nNo fd or heap leaks found; {}.\n",
+            "\nNo fd, heap or TCP leaks found; {}.\n",
             why.trim_start()
         )),
         "{err}"
@@ -660,6 +661,7 @@ fn root_a_static_child_leaves_part_of_the_heap_untraced() {
             .starts_with(&format!("`{}` (pid ", noop.display())),
         "{heap}"
     );
-    assert_eq!(coverage(&r, "tcp")["requested"], false);
+    // With eBPF, the defaults include TCP states.
+    assert_eq!(coverage(&r, "tcp")["requested"], true);
     let _ = std::fs::remove_dir_all(&dir);
 }
