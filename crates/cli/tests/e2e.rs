@@ -470,30 +470,33 @@ fn missing_command_is_a_one_line_error() {
     assert!(err.contains("command not found"), "{err}");
 }
 
-/// Seed 004: sockets whose peer closed while we never did, with their
-/// owning pid, fd, addresses and the accept/connect stack.
-#[test]
-fn root_tcp_close_wait() {
-    if !require_root("root_tcp_close_wait") {
-        return;
-    }
+/// Runs net_leak with `track` (none: the defaults) and checks its report:
+/// only CLOSE_WAIT `tcp` groups, 7 from connect_peer and 11 from
+/// serve_clients, each example with its owner and "CLOSE_WAIT for"; the
+/// `tcp` kind asked for and traced.
+fn check_close_wait(track: &[&str]) {
     let bin = fixture("net_leak");
     let dir = tempfile_dir();
     let out_path = dir.join("tcp.json");
-    let out = leakscope(&[
-        "run",
-        "--track",
-        "tcp",
-        "--format",
-        "json",
-        "-o",
-        out_path.to_str().unwrap(),
-        "--",
-        bin.to_str().unwrap(),
-    ]);
+    let mut args = vec!["run"];
+    args.extend_from_slice(track);
+    args.extend(["--format", "json", "-o", out_path.to_str().unwrap(), "--"]);
+    args.push(bin.to_str().unwrap());
+    let out = leakscope(&args);
     assert_eq!(out.status.code(), Some(0));
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+    let tcp = r["coverage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "tcp")
+        .unwrap();
+    assert_eq!(
+        (&tcp["requested"], &tcp["traced"]),
+        (&true.into(), &"all".into()),
+        "{tcp}"
+    );
     let pid = r["target"]["pid"].as_u64().unwrap();
     let mut got = BTreeMap::new();
     for g in r["leaks"].as_array().unwrap() {
@@ -507,13 +510,10 @@ fn root_tcp_close_wait() {
                 "{d}"
             );
         }
-        let f = if stack_has(g, "serve_clients") {
-            "serve_clients"
-        } else if stack_has(g, "connect_peer") {
-            "connect_peer"
-        } else {
-            panic!("unexpected stack: {g}")
-        };
+        let f = ["serve_clients", "connect_peer"]
+            .into_iter()
+            .find(|f| stack_has(g, f))
+            .unwrap_or_else(|| panic!("unexpected stack: {g}"));
         *got.entry(f).or_insert(0) += g["count"].as_u64().unwrap();
     }
     // 11 accepted sockets whose clients closed; 7 client sockets whose
@@ -524,6 +524,16 @@ fn root_tcp_close_wait() {
     );
 }
 
+/// Seed 004: sockets whose peer closed while we never did, with their
+/// owning pid, fd, addresses and the accept/connect stack.
+#[test]
+fn root_tcp_close_wait() {
+    if !require_root("root_tcp_close_wait") {
+        return;
+    }
+    check_close_wait(&["--track", "tcp"]);
+}
+
 /// A plain `run` (no --track) with eBPF tells leaked sockets whose peer
 /// closed apart, as `tcp` groups in CLOSE_WAIT, like `--track tcp`.
 #[test]
@@ -531,46 +541,7 @@ fn root_a_plain_run_shows_close_wait() {
     if !require_root("root_a_plain_run_shows_close_wait") {
         return;
     }
-    let bin = fixture("net_leak");
-    let dir = tempfile_dir();
-    let out_path = dir.join("plain.json");
-    let out = leakscope(&[
-        "run",
-        "--format",
-        "json",
-        "-o",
-        out_path.to_str().unwrap(),
-        "--",
-        bin.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(0));
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    let tcp = r["coverage"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["kind"] == "tcp")
-        .unwrap();
-    assert_eq!(tcp["requested"], true, "{tcp}");
-    assert_eq!(tcp["traced"], "all", "{tcp}");
-    let mut got = BTreeMap::new();
-    for g in r["leaks"].as_array().unwrap() {
-        assert_eq!(
-            (&g["kind"], &g["state"]),
-            (&"tcp".into(), &"CLOSE_WAIT".into()),
-            "{g}"
-        );
-        let f = ["serve_clients", "connect_peer"]
-            .into_iter()
-            .find(|f| stack_has(g, f))
-            .unwrap_or_else(|| panic!("unexpected stack: {g}"));
-        *got.entry(f).or_insert(0) += g["count"].as_u64().unwrap();
-    }
-    assert_eq!(
-        got,
-        BTreeMap::from([("connect_peer", 7), ("serve_clients", 11)])
-    );
+    check_close_wait(&[]);
 }
 
 /// A library dlopen()ed, leaking fds, and dlclose()d before exit: its

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use leakscope_testutil::{require_root, workspace_root};
+use leakscope_testutil::{heap_fixture, require_root, workspace_root};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leakscope");
@@ -29,26 +29,6 @@ fn temp_dir(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// `fixtures/heap/NAME.c`, compiled once per test process.
-fn heap_fixture(name: &str) -> PathBuf {
-    let out = workspace_root().join("target/fixtures");
-    std::fs::create_dir_all(&out).unwrap();
-    let bin = out.join(format!("verdicts-{name}-{}", std::process::id()));
-    if !bin.exists() {
-        let tmp = bin.with_extension("tmp");
-        let src = workspace_root().join(format!("fixtures/heap/{name}.c"));
-        let st = Command::new("cc")
-            .args(["-g", "-O2", "-pthread", "-o"])
-            .arg(&tmp)
-            .arg(&src)
-            .status()
-            .expect("run cc");
-        assert!(st.success(), "compiling {}", src.display());
-        std::fs::rename(&tmp, &bin).unwrap();
-    }
-    bin
 }
 
 const HEAP: [&str; 4] = ["--backend", "preload", "--track", "heap"];
