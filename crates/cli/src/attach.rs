@@ -398,22 +398,9 @@ pub fn run(args: AttachArgs) -> anyhow::Result<ExitCode> {
             .poll(Duration::from_millis(50), &mut |ev| s.batch.push(ev))
             .map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
         for ev in std::mem::take(&mut s.batch) {
-            if let Event::Exit {
-                pid: p,
-                status: Some(st),
-                ..
-            } = &ev
-            {
-                if *p == pid {
-                    // wait(2) status: the signal in the low 7 bits, else
-                    // the exit code above them.
-                    exit_code = Some(if st & 0x7f == 0 {
-                        (st >> 8) & 0xff
-                    } else {
-                        killed_by = Some(signals::name(st & 0x7f));
-                        128 + (st & 0x7f)
-                    });
-                }
+            if let Some((code, signal)) = signals::exit_of(&ev, pid) {
+                exit_code = Some(code);
+                killed_by = signal;
             }
             apply(&ev, &mut s.backend, &mut s.ledger, &mut s.maps, &mut s.live);
         }

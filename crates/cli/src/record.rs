@@ -458,22 +458,9 @@ fn trace_attach(args: &RecordArgs, pid: Pid, out: File, every: Duration) -> anyh
             .map_err(|e| anyhow::anyhow!("reading events: {e}"))?;
         let n = batch.len();
         for ev in batch.drain(..) {
-            if let Event::Exit {
-                pid: p,
-                status: Some(st),
-                ..
-            } = &ev
-            {
-                if *p == pid {
-                    // wait(2) status: the signal in the low 7 bits, else
-                    // the exit code above them.
-                    exit_code = Some(if st & 0x7f == 0 {
-                        (st >> 8) & 0xff
-                    } else {
-                        killed_by = Some(signals::name(st & 0x7f));
-                        128 + (st & 0x7f)
-                    });
-                }
+            if let Some((code, signal)) = signals::exit_of(&ev, pid) {
+                exit_code = Some(code);
+                killed_by = signal;
             }
             apply(&ev, backend, &mut rec.ledger, &mut rec.maps, live);
         }

@@ -50,6 +50,27 @@ pub fn die_by(sig: i32) {
     }
 }
 
+/// If `ev` is the exit of process `pid` with a wait(2) status: its exit
+/// code (128 + N for a death by signal N) and the signal's name.
+pub fn exit_of(
+    ev: &leakscope_event::Event,
+    pid: leakscope_event::Pid,
+) -> Option<(i32, Option<String>)> {
+    let leakscope_event::Event::Exit {
+        pid: p,
+        status: Some(st),
+        ..
+    } = ev
+    else {
+        return None;
+    };
+    // The signal in the low 7 bits, else the exit code above them.
+    (*p == pid).then(|| match st & 0x7f {
+        0 => ((st >> 8) & 0xff, None),
+        sig => (128 + sig, Some(name(sig))),
+    })
+}
+
 /// The name of signal `sig` as kill(1) and shells print it: `SIGABRT`,
 /// `SIGRTMIN+3`; a number nothing names stays a number (`signal 99`).
 pub fn name(sig: i32) -> String {
