@@ -194,7 +194,18 @@ pub fn report_of_sourced(
         &|id| &rec.stacks[id.0 as usize],
         tracking,
         suppressions.has_defaults(),
-        &mut leakscope_symbolize::Symbolizer::with_debug_dirs(debug_dirs.to_vec()),
+        // --debug-dir first, then the system's (Debian's -dbgsym packages).
+        &mut leakscope_symbolize::Symbolizer::with_debug_dirs(
+            debug_dirs
+                .iter()
+                .cloned()
+                .chain(
+                    leakscope_symbolize::DEFAULT_DEBUG_DIRS
+                        .iter()
+                        .map(PathBuf::from),
+                )
+                .collect(),
+        ),
     );
     let (groups, mut all_sources): (Vec<Group>, Vec<Vec<StackId>>) = sourced.into_iter().unzip();
     let fingerprints: Vec<(u64, u64, u64, u64, usize)> = groups.iter().map(fingerprint).collect();
