@@ -211,9 +211,23 @@ pub struct RunArgs {
     /// 0600), for `leakscope report FILE` later.
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
+    /// Report when every process the command started has exited (`all`,
+    /// the default), or when the command itself has (`main`: processes it
+    /// left running, a daemon, are listed as still running).
+    #[arg(long, value_enum, default_value_t = Wait::All)]
+    wait: Wait,
     /// The command to run, after `--`.
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+/// `--wait`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Every process the command started.
+    All,
+    /// The command's own process.
+    Main,
 }
 
 /// Which leak groups not to report (run and attach).
@@ -309,6 +323,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             BackendChoice::Ptrace => backends::Choice::Ptrace,
         },
         suppressions: args.suppress.load()?,
+        wait_main: args.wait == Wait::Main,
     };
     let outcome = pipeline::run(&config, args.record.as_deref())?;
     let leaks_found = !outcome.report.leaks.is_empty();

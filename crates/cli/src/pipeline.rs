@@ -45,7 +45,14 @@ pub struct Config {
     pub suppressions: leakscope_report::Suppressions,
     /// fds were not asked for by name: without eBPF, trace the rest.
     pub fd_optional: bool,
+    /// Stop when the launched process exits, not when every process it
+    /// started has (`--wait main`).
+    pub wait_main: bool,
 }
+
+/// How long processes the command started may outlive it before
+/// leakscope says on stderr that it waits for them.
+const WAIT_NOTICE: Duration = Duration::from_secs(1);
 
 pub enum Status {
     Code(i32),
@@ -156,6 +163,11 @@ pub fn trace<W: std::io::Write>(
     let mut live: HashSet<Pid> = HashSet::from([root]);
     let mut status = None;
     let mut gone_since: Option<Instant> = None;
+    // When the command exited, and whether the wait for what it left
+    // running was announced / given up (Ctrl-C, --wait main).
+    let mut exited_at: Option<Instant> = None;
+    let mut announced = false;
+    let mut stop_waiting = false;
     let mut last_commit = Instant::now();
     let mut batch = Vec::new();
     loop {
@@ -180,18 +192,32 @@ pub fn trace<W: std::io::Write>(
             if signals::forwarded(sig) && status.is_none() {
                 // SAFETY: sending a signal to our own child.
                 unsafe { libc::kill(child.id() as i32, sig) };
+            } else if status.is_some() && sig == libc::SIGINT {
+                // Ctrl-C while waiting for what the command left running.
+                stop_waiting = true;
             }
         }
         if status.is_none() {
             if let Some(s) = backend.try_wait(&mut child)? {
                 status = Some(s);
+                exited_at = Some(Instant::now());
+                stop_waiting |= config.wait_main;
             }
         }
         if status.is_some() {
             // Descendants may live on; the trace ends when all are gone.
             // Exits we did not see (lost events) are found through /proc.
             live.retain(|p| *p == root || Path::new(&format!("/proc/{}", p.0)).exists());
-            let done = live.is_empty() || live == HashSet::from([root]);
+            let running: Vec<Pid> = live.iter().copied().filter(|p| *p != root).collect();
+            if !announced
+                && !stop_waiting
+                && !running.is_empty()
+                && exited_at.is_some_and(|t| t.elapsed() >= WAIT_NOTICE)
+            {
+                announced = true;
+                eprintln!("{}", waiting_notice(&config.command[0], &running));
+            }
+            let done = stop_waiting || live.is_empty() || live == HashSet::from([root]);
             if done {
                 let since = *gone_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= DRAIN {
@@ -214,6 +240,12 @@ pub fn trace<W: std::io::Write>(
         }
     }
     let duration = start.elapsed();
+    live.remove(&root);
+    let mut still_running: Vec<Pid> = live
+        .into_iter()
+        .filter(|p| Path::new(&format!("/proc/{}", p.0)).exists())
+        .collect();
+    still_running.sort();
     backend.stop();
     let status = status.expect("the loop ends after the child was reaped");
     let status = match (status.code(), status.signal()) {
@@ -231,7 +263,11 @@ pub fn trace<W: std::io::Write>(
             Status::Signal(s) => Some(signals::name(s)),
         },
         backend: backend.name().to_string(),
-        notes: backend.notes(),
+        notes: backend
+            .notes()
+            .into_iter()
+            .chain(running_note(&still_running))
+            .collect(),
         coverage: crate::record::coverage_to_record(&backend.coverage()),
         preexisting: Vec::new(),
         freed_by_exec: (0, 0),
@@ -240,6 +276,54 @@ pub fn trace<W: std::io::Write>(
         .finish(&mut backend, duration.as_secs_f64(), end)
         .map_err(|e| anyhow::anyhow!("writing the recording: {e}"))?;
     Ok((out, status))
+}
+
+/// The line leakscope prints when the command exited and processes it
+/// started keep running (a daemon): whom it waits for and how to stop.
+fn waiting_notice(command: &str, running: &[Pid]) -> String {
+    format!(
+        "leakscope: `{command}` exited; waiting for {} {} it started that still {} \
+         ({}): Ctrl-C stops waiting and reports (--wait main does not wait)",
+        running.len(),
+        if running.len() == 1 {
+            "process"
+        } else {
+            "processes"
+        },
+        if running.len() == 1 { "runs" } else { "run" },
+        pid_list(running)
+    )
+}
+
+/// "pid 12 (nginx), pid 13 (nginx)", at most 8 named.
+fn pid_list(pids: &[Pid]) -> String {
+    let mut parts: Vec<String> = pids
+        .iter()
+        .take(8)
+        .map(|p| {
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", p.0)).unwrap_or_default();
+            match comm.trim() {
+                "" => format!("pid {p}"),
+                c => format!("pid {p} ({c})"),
+            }
+        })
+        .collect();
+    if pids.len() > 8 {
+        parts.push(format!("{} more", pids.len() - 8));
+    }
+    parts.join(", ")
+}
+
+/// What the reader must know of processes still running when tracing
+/// stopped: what they hold is listed, but they may still release it.
+fn running_note(running: &[Pid]) -> Option<String> {
+    (!running.is_empty()).then(|| {
+        format!(
+            "still running when tracing stopped: {}; what they hold is listed as \
+             outstanding: not leaked yet, they may still release it",
+            pid_list(running)
+        )
+    })
 }
 
 /// What the reader must know when events were lost.

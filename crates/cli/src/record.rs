@@ -44,6 +44,10 @@ pub struct RecordArgs {
     /// is killed loses, and the resolution of growth over time.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     commit_every: f64,
+    /// With a command: end when every process it started has exited
+    /// (`all`), or when it has (`main`).
+    #[arg(long, value_enum, default_value_t = crate::Wait::All)]
+    wait: crate::Wait,
     /// The command to run, after `--`.
     #[arg(
         trailing_var_arg = true,
@@ -390,6 +394,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
                 backend: choice(args.backend),
                 suppressions: leakscope_report::Suppressions::none(),
                 fd_optional: args.track.is_none(),
+                wait_main: args.wait == crate::Wait::Main,
             };
             let (file, status) = crate::pipeline::trace(&config, file, every)?;
             let code = match status {

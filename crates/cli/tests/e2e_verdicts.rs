@@ -645,3 +645,86 @@ fn root_a_static_child_leaves_part_of_the_heap_untraced() {
     assert_eq!(coverage(&r, "tcp")["requested"], true);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The pid of the process a "still running" note or the waiting notice
+/// names first, killed so that nothing outlives the test.
+fn kill_named(text: &str) -> u32 {
+    let at = text.find("(pid ").expect("a pid") + 5;
+    let pid: u32 = text[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // SAFETY: a signal to a process the test's command started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    pid
+}
+
+/// A command that exits leaving a daemon behind: `--wait main` reports at
+/// once, and names the daemon as still running; without it leakscope says
+/// on stderr whom it waits for, and Ctrl-C stops the wait and reports.
+#[test]
+fn a_command_that_leaves_a_process_running() {
+    let dir = temp_dir("daemon");
+    let json = dir.join("r.json");
+    let daemon = ["--", "sh", "-c", "sleep 300 & exit 0"];
+    let mut args = vec!["run", "--wait", "main", "--format", "json", "-o"];
+    args.push(json.to_str().unwrap());
+    args.extend(HEAP);
+    args.extend(daemon);
+    // Not output(): the daemon holds stdout and stderr open.
+    leakscope_testutil::ensure_shim(Path::new(BIN));
+    let status = Command::new(BIN)
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let notes = json_report(&json)["notes"].to_string();
+    assert!(
+        notes.contains("still running when tracing stopped: pid "),
+        "{notes}"
+    );
+    assert!(
+        notes.contains(" (sleep); what they hold is listed as outstanding"),
+        "{notes}"
+    );
+    kill_named(&notes.replace("pid ", "(pid "));
+
+    // Without --wait main: the notice, then Ctrl-C.
+    use std::io::{BufRead, BufReader};
+    let mut args = vec!["run", "--format", "json", "-o"];
+    args.push(json.to_str().unwrap());
+    args.extend(HEAP);
+    args.extend(daemon);
+    let mut ls = Command::new(BIN)
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(ls.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("waiting for") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "no waiting notice");
+    }
+    assert!(
+        line.starts_with(
+            "leakscope: `sh` exited; waiting for 1 process it started that still runs (pid "
+        ) && line.contains(" (sleep)): Ctrl-C stops waiting"),
+        "{line}"
+    );
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(ls.id() as i32, libc::SIGINT) };
+    assert_eq!(ls.wait().unwrap().code(), Some(0));
+    let notes = json_report(&json)["notes"].to_string();
+    assert!(
+        notes.contains("still running when tracing stopped"),
+        "{notes}"
+    );
+    kill_named(&line);
+    let _ = std::fs::remove_dir_all(&dir);
+}
