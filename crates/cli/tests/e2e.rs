@@ -151,6 +151,33 @@ fn root_deep_stack_keeps_its_outer_frames() {
     );
 }
 
+/// A leak under a frame whose pages were never touched (fixtures/
+/// stack_hole.c: a 64 KiB array never written), so they are not in
+/// memory: the stack is copied past them, and unwound through to main.
+#[test]
+fn root_stack_is_copied_past_pages_never_touched() {
+    if !require_root("root_stack_is_copied_past_pages_never_touched") {
+        return;
+    }
+    let bin = fixture("stack_hole");
+    let r = report(&[bin.to_str().unwrap()]);
+    let groups = r["leaks"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "one call site, one group: {groups:#?}");
+    let g = &groups[0];
+    assert_eq!(g["count"], 3);
+    let names = function_names(g);
+    let at = names
+        .iter()
+        .position(|f| *f == "leak_below_hole")
+        .unwrap_or_else(|| panic!("{g:#}"));
+    assert_eq!(
+        names.get(at..at + 3),
+        Some(&["leak_below_hole", "over_hole", "main"][..]),
+        "the frames above the hole: {g:#}"
+    );
+    assert!(g["stack_note"].is_null(), "{}", g["stack_note"]);
+}
+
 /// The functions of a group's stack, innermost first (`?` for a frame
 /// without one).
 fn function_names(g: &Value) -> Vec<&str> {

@@ -69,6 +69,8 @@ pub const BASE_CFLAGS: &[&str] = &[
 pub fn default_flags(name: &str) -> &'static [&'static str] {
     match name {
         "static_leak" => &["-static"],
+        // Its hole must stay one: no probe of every page of a big frame.
+        "stack_hole" => &["-fno-stack-clash-protection"],
         _ => &[],
     }
 }
@@ -389,6 +391,7 @@ pub fn expected_leaks(name: &str) -> &'static [ExpectedLeak] {
         "close_range" => const { &[leak("open_many", "file", 2)] },
         "short_lived" => const { &[leak("quick_leak", "file", 3)] },
         "deep_stack" => const { &[leak("leak_deep", "file", 3)] },
+        "stack_hole" => const { &[leak("leak_below_hole", "file", 3)] },
         "coroutine" => {
             const {
                 &[

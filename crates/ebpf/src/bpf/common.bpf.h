@@ -72,6 +72,39 @@ static __always_inline long output(void *data, __u64 size)
 	return r;
 }
 
+/* Copies n bytes (at most cap) of the user stack at src into dst one page
+ * at a time, for when one read of them all failed. A read fails as a whole
+ * when any page in it is not in memory, and a tracing program cannot fault
+ * one in: a page the program never touched, in a big frame whose array was
+ * never written (fixtures/stack_hole.c; fixtures/fork_exec.c's main, in
+ * some runs), is such a page, and lies between frames that are. It reads
+ * as zeros once touched, and the helper leaves zeros in its place. dst has
+ * COPY_PAGE bytes to spare after cap: the verifier bounds a read at a
+ * variable offset by the buffer, not by the part of it the stack takes.
+ * Returns the bytes up to the end of the last page read (0: none): where a
+ * copy past the end of the mapping has to end. 4 KiB: the smallest page
+ * size, a divisor of every larger one. */
+#define COPY_PAGE 4096
+static __always_inline __u64 copy_pages(__u8 *dst, __u64 src, __u64 n, __u64 cap)
+{
+	__u64 off = 0, got = 0;
+	for (int i = 0; i <= cap / COPY_PAGE; i++) {
+		if (off >= n)
+			break;
+		__u64 piece = COPY_PAGE - ((src + off) & (COPY_PAGE - 1));
+		if (piece > n - off)
+			piece = n - off;
+		barrier_var(off);
+		barrier_var(piece);
+		if (off > cap || piece > COPY_PAGE)
+			break;
+		if (bpf_probe_read_user(dst + off, piece, (void *)(src + off)) == 0)
+			got = off + piece;
+		off += piece;
+	}
+	return got;
+}
+
 /* Global functions: the verifier checks each once, on its own, knowing
  * nothing of its arguments. A static function is checked again at every
  * call, and a bpf_loop or bpf_for_each_map_elem callback again until its

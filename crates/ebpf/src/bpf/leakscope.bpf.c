@@ -153,9 +153,19 @@ struct {
 
 #include "common.bpf.h"
 
-PERCPU_SCRATCH(held_scratch, struct held);
-PERCPU_SCRATCH(blob_scratch, struct blob);
-PERCPU_SCRATCH(chunk_scratch, struct blob);
+/* Stacks are copied into these, some page by page: each has a page to
+ * spare after the stack (copy_pages()). */
+struct held_buf {
+	struct held h;
+	__u8 spare[COPY_PAGE];
+};
+struct blob_buf {
+	struct blob b;
+	__u8 spare[COPY_PAGE];
+};
+PERCPU_SCRATCH(held_scratch, struct held_buf);
+PERCPU_SCRATCH(blob_scratch, struct blob_buf);
+PERCPU_SCRATCH(chunk_scratch, struct blob_buf);
 PERCPU_SCRATCH(pending_scratch, struct pending);
 /* Per-CPU halves of the blob keys: no shared counter to bounce between CPUs. */
 PERCPU_SCRATCH(seq_percpu, __u64);

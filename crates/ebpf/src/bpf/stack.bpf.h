@@ -23,13 +23,13 @@ static long vma_span_of(struct task_struct *task, struct vm_area_struct *vma, st
  * mapping of the program break), where a malloc'd stack's top can be
  * anywhere below the mapping's end. bpf_find_vma (5.17) is a helper of
  * tracing programs; it fails (-EBUSY) when the mm's lock is contended,
- * and then STACK_MAX is tried as before it. Global: checked once. */
+ * and then 0 is returned: the mapping is not known. Global: checked once. */
 GLOBAL __u64 vma_len(__u64 sp)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct vma_span s = { 0, 0 };
 	if (bpf_find_vma(task, sp, vma_span_of, &s, 0) || s.end <= sp)
-		return STACK_MAX;
+		return 0;
 	struct mm_struct *mm = task->mm;
 	__u64 cap = s.start <= mm->brk && s.end > mm->start_brk ? STACK_MAX : STACK_DEEP_MAX;
 	__u64 n = s.end - sp;
@@ -43,7 +43,8 @@ GLOBAL __u64 vma_len(__u64 sp)
  * thread's stack ends just below its thread control block, where the fs
  * base points (not the main thread's: ld.so maps its TLS block anywhere,
  * and a coroutine stack mapped below it is not below its top). Else the
- * stack is one the program allocated: up to the end of its mapping. */
+ * stack is one the program allocated: up to the end of its mapping, or
+ * STACK_MAX when that is not known. */
 static __always_inline __u64 stack_len(struct task_struct *task, __u64 sp)
 {
 	__u64 top = task->mm->start_stack;
@@ -52,12 +53,39 @@ static __always_inline __u64 stack_len(struct task_struct *task, __u64 sp)
 	top = task->thread.fsbase;
 	if (task->pid != task->tgid && top > sp && top - sp <= STACK_DEEP_MAX)
 		return top - sp;
-	return vma_len(sp);
+	__u64 n = vma_len(sp);
+	return n ? n : STACK_MAX;
+}
+
+/* copy_pages() into the stack of held_scratch (COPY_SMALL, at most
+ * STACK_M bytes), blob_scratch (COPY_BIG) or chunk_scratch (COPY_CHUNK).
+ * `mapped`: the n bytes are inside sp's mapping, so a page not read is a
+ * page not in memory, and all n count (a stack none of whose pages could
+ * be read is not read at all, though). */
+#define COPY_SMALL 0
+#define COPY_BIG 1
+#define COPY_CHUNK 2
+GLOBAL __u64 copy_paged(__u32 which, __u64 src, __u64 n, __u32 mapped)
+{
+	__u32 zero = 0;
+	__u64 got = 0;
+	if (which == COPY_SMALL) {
+		struct held *h = bpf_map_lookup_elem(&held_scratch, &zero);
+		if (h)
+			got = copy_pages(h->stack.data, src, n, STACK_M);
+	} else {
+		struct blob *b = which == COPY_BIG ? bpf_map_lookup_elem(&blob_scratch, &zero)
+						   : bpf_map_lookup_elem(&chunk_scratch, &zero);
+		if (b)
+			got = copy_pages(b->data, src, n, STACK_MAX);
+	}
+	return mapped && (got || which == COPY_CHUNK) ? n : got;
 }
 
 /* Registers and the user stack of the current thread: into `small` when
  * the stack fits in 4 KiB (returns STACK_IN_SMALL), else into the per-CPU
- * 8 KiB scratch (STACK_IN_BIG), or nowhere (STACK_NONE). */
+ * 8 KiB scratch (STACK_IN_BIG), or nowhere (STACK_NONE). Both have
+ * COPY_PAGE bytes to spare (copy_paged()). */
 #define STACK_IN_SMALL 1
 #define STACK_IN_BIG 2
 #define STACK_NONE 0
@@ -67,10 +95,14 @@ static __always_inline int read_stack(struct blob_m *small)
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	__u64 sp = regs->sp;
 	__u64 len = stack_len(task, sp);
-	/* A top that is not the top of the stack sp is on (a coroutine's
-	 * stack mapped just below a thread's) or a guess can cross the end of
-	 * the mapping, and the copy faults: then copy to the end of sp's
-	 * mapping, or shorter copies (verified on this kernel). */
+	/* When one read fails, a page in it is not in memory, or the top is
+	 * past the end of sp's mapping: a top that is not the top of the stack
+	 * sp is on (a coroutine's stack mapped just below a thread's) or a
+	 * guess. Then the stack is copied page by page, up to the end of sp's
+	 * mapping, its pages not in memory left zero (see copy_paged()); when
+	 * the mapping is not known, up to the last page that could be read. The
+	 * bounds are said again on the registers the helper gets, for 6.1's
+	 * verifier, which learns nothing from comparing two registers. */
 	if (len <= STACK_M) {
 		small->ip = regs->ip;
 		small->sp = sp;
@@ -80,21 +112,13 @@ static __always_inline int read_stack(struct blob_m *small)
 			small->len = len;
 			return STACK_IN_SMALL;
 		}
-		/* Shorter than len, so at most STACK_M: said again on the
-		 * register the helper gets, for 6.1's verifier, which learns
-		 * nothing from comparing two registers. */
-		__u64 n = vma_len(sp);
-		if (n >= len)
-			n = 0;
+		__u64 n = vma_len(sp), known = n;
+		if (!n || n > len)
+			n = len;
 		barrier_var(n);
 		if (n > STACK_M)
 			n = STACK_M;
-		if (n && bpf_probe_read_user(small->data, n, (void *)sp) == 0)
-			small->len = n;
-		else if (bpf_probe_read_user(small->data, 256, (void *)sp) == 0)
-			small->len = 256;
-		else
-			small->len = 0;
+		small->len = copy_paged(COPY_SMALL, sp, n, known != 0);
 		return STACK_IN_SMALL;
 	}
 	__u32 zero = 0;
@@ -117,19 +141,16 @@ static __always_inline int read_stack(struct blob_m *small)
 		big->len = len;
 		return STACK_IN_BIG;
 	}
-	len = vma_len(sp);
-	first = len;
+	__u64 n = vma_len(sp), known = n;
+	if (!n || n > len)
+		n = len;
+	first = n;
 	barrier_var(first);
 	if (first > STACK_MAX)
 		first = STACK_MAX;
-	if (first && bpf_probe_read_user(big->data, first, (void *)sp) == 0)
-		big->len = len;
-	else if (bpf_probe_read_user(big->data, 1024, (void *)sp) == 0)
-		big->len = 1024;
-	else if (bpf_probe_read_user(big->data, 256, (void *)sp) == 0)
-		big->len = 256;
-	else
-		big->len = 0;
+	__u64 got = copy_paged(COPY_BIG, sp, first, known != 0);
+	/* Cut short (past the end of a mapping not known): no chunks. */
+	big->len = got < first ? got : n;
 	return STACK_IN_BIG;
 }
 
@@ -186,8 +207,10 @@ static __always_inline __u64 stored(long err, __u64 seq, __u32 *flags)
 struct chunk_copy {
 	__u64 seq;
 	__u64 sp;
-	__u32 len;  /* bytes of stack wanted in all */
-	__u32 done; /* bytes stored so far */
+	__u32 len;    /* bytes of stack wanted in all */
+	__u32 done;   /* bytes stored so far */
+	__u32 mapped; /* len is inside sp's mapping */
+	__u32 _pad;
 };
 
 static long copy_chunk(__u64 i, struct chunk_copy *c)
@@ -201,17 +224,26 @@ static long copy_chunk(__u64 i, struct chunk_copy *c)
 		n = STACK_MAX;
 	__u32 zero = 0;
 	struct blob *b = bpf_map_lookup_elem(&chunk_scratch, &zero);
-	if (!b || bpf_probe_read_user(b->data, n, (void *)(c->sp + off)) != 0)
+	if (!b)
+		return 1;
+	/* A page not in memory: page by page, the missing ones left zero
+	 * (copy_pages()). Only inside sp's mapping; else what can be read. */
+	__u32 got = n;
+	if (bpf_probe_read_user(b->data, n, (void *)(c->sp + off)) != 0)
+		got = copy_paged(COPY_CHUNK, c->sp + off, n, c->mapped);
+	if (!got)
 		return 1;
 	b->refs = 0;
-	b->len = n;
+	b->len = got;
 	b->ip = b->sp = b->bp = 0;
 	struct chunk_key k = { .seq = c->seq, .idx = i + 1, ._pad = 0 };
 	if (bpf_map_update_elem(&chunks, &k, b, BPF_NOEXIST) != 0) {
 		count(CNT_BLOB_FULL);
 		return 1;
 	}
-	c->done = off + n;
+	c->done = off + got;
+	if (got < n)
+		return 1; /* cut short: nothing beyond */
 	return 0;
 }
 
@@ -219,7 +251,14 @@ static long copy_chunk(__u64 i, struct chunk_copy *c)
  * `seq`; returns how many bytes of stack the blob and its chunks hold. */
 GLOBAL int store_chunks(__u64 seq, __u64 sp, __u32 len)
 {
-	struct chunk_copy c = { .seq = seq, .sp = sp, .len = len, .done = STACK_MAX };
+	/* Not past the end of sp's mapping (a top that is not the top of sp's
+	 * stack), when that is known. */
+	__u64 end = vma_len(sp);
+	if (end && end < len)
+		len = end;
+	struct chunk_copy c = {
+		.seq = seq, .sp = sp, .len = len, .done = STACK_MAX, .mapped = end != 0
+	};
 	bpf_loop(CHUNKS_MAX - 1, copy_chunk, &c, 0);
 	return c.done;
 }

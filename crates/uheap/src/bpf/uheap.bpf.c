@@ -84,7 +84,12 @@ struct {
 
 #include "common.bpf.h"
 
-PERCPU_SCRATCH(blob_scratch, struct blob);
+/* A page to spare after the stack (copy_pages()). */
+struct blob_buf {
+	struct blob b;
+	__u8 spare[COPY_PAGE];
+};
+PERCPU_SCRATCH(blob_scratch, struct blob_buf);
 
 static __always_inline int is_traced(__u32 tgid)
 {
@@ -234,18 +239,16 @@ int on_return(struct pt_regs *ctx)
 	b->ip = PT_REGS_IP(ctx);
 	b->sp = sp;
 	b->bp = ctx->bp;
-	/* Near the top of the main thread's stack a long read faults: fall
-	 * back to shorter copies (verified on this kernel). */
+	/* Near the top of the main thread's stack the read runs past the end
+	 * of the mapping, and a page the program never touched is not in
+	 * memory: either fails it as a whole. Then page by page, up to the
+	 * last page that could be read. */
 	if (bpf_probe_read_user(b->data, STACK_MAX, (void *)sp) == 0)
 		b->len = STACK_MAX;
-	else if (bpf_probe_read_user(b->data, 4096, (void *)sp) == 0)
-		b->len = 4096;
-	else if (bpf_probe_read_user(b->data, 1024, (void *)sp) == 0)
-		b->len = 1024;
-	else {
-		b->len = 0;
+	else
+		b->len = copy_pages(b->data, sp, STACK_MAX, STACK_MAX);
+	if (!b->len)
 		flags |= ALLOC_NO_STACK;
-	}
 	struct blob_key key = { .tgid = tgid, .addr = addr };
 	if (bpf_map_update_elem(&blobs, &key, b, BPF_ANY) != 0) {
 		count(CNT_BLOB_FULL);
