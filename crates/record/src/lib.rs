@@ -29,7 +29,7 @@
 //! impl leakscope_event::Backend for NoStacks {
 //!     fn name(&self) -> &'static str { "test" }
 //!     fn spawn(&mut self, _: &mut std::process::Command) -> std::io::Result<std::process::Child> {
-//!         unimplemented!()
+//!         Err(std::io::Error::other("this example launches nothing"))
 //!     }
 //!     fn poll(&mut self, _: std::time::Duration, _: &mut dyn FnMut(Event))
 //!         -> Result<(), Box<dyn std::error::Error + Send + Sync>> { Ok(()) }
