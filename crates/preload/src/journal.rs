@@ -150,6 +150,7 @@ impl Journal {
             let keys = at + S_HEADER + buf_cap;
             let vals = keys + TABLE_SLOTS * 8;
             let mut pending = Vec::new();
+            let mut seen = std::collections::HashSet::new();
             for k in 0..TABLE_SLOTS {
                 let addr = self.word(keys + k * 8);
                 if addr == 0 {
@@ -164,7 +165,7 @@ impl Journal {
                     stack: self.word(v + 24) as u32,
                 };
                 // An entry moved by a removal may be there twice.
-                if !pending.contains(&e) {
+                if seen.insert((e.addr, e.seq)) {
                     pending.push(e);
                 }
             }

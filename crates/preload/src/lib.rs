@@ -620,13 +620,15 @@ impl Preload {
                 continue;
             }
             let c = &mut self.conns[i];
+            // A table entry caught while it was being encoded is in the
+            // records too.
+            let encoded: HashSet<(u64, u64)> = c.pending[before..]
+                .iter()
+                .filter(|p| p.size.is_some())
+                .map(|p| (p.addr, p.seq))
+                .collect();
             for e in slot.pending {
-                // A table entry caught while it was being encoded is in
-                // the records too.
-                let dup = c.pending[before..]
-                    .iter()
-                    .any(|p| p.size.is_some() && p.addr == e.addr && p.seq == e.seq);
-                if !dup {
+                if !encoded.contains(&(e.addr, e.seq)) {
                     c.pending.push(Pending {
                         seq: e.seq,
                         time: e.time,
